@@ -1,0 +1,1 @@
+"""Command-line interface (``scatstore``): a thin layer over the library."""
