@@ -1,0 +1,241 @@
+"""A trained, frozen codec: network weights + integer entropy tables + content hash."""
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .bitstream import BITSTREAM_VERSION, CODER, EntropyTables
+from .fileformat import FORMAT_VERSION, read_codec, write_codec
+from .model import CAE
+
+STRIDE = 8
+
+
+class CodecMismatchError(ValueError):
+    """A dataset was encoded with another codec (or with none) than the one offered."""
+
+
+def _as_images(images) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
+    if t.dtype != torch.uint8 or t.ndim != 4 or t.shape[1] != 3:
+        raise ValueError(f"expected uint8 images (B, 3, S, S), got {tuple(t.shape)} {t.dtype}")
+    if t.shape[2] % STRIDE or t.shape[3] % STRIDE:
+        raise ValueError(f"image size {tuple(t.shape[2:])} is not a multiple of {STRIDE}")
+    return t
+
+
+def _find_key(obj, key: str):
+    """First value of ``key`` anywhere in a nested dict/list (the manifest layout is the stores')."""
+    if isinstance(obj, Mapping):
+        if key in obj:
+            return obj[key]
+        for v in obj.values():
+            found = _find_key(v, key)
+            if found is not None:
+                return found
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            found = _find_key(v, key)
+            if found is not None:
+                return found
+    return None
+
+
+class Codec:
+    """Encoder/decoder network and frozen integer CDF tables, identified by ``hash``."""
+
+    def __init__(self, model: CAE, tables: EntropyTables, config: dict, hash: str | None = None,
+                 info: dict | None = None, device: str | torch.device = "cpu", path: str | None = None):
+        self.model = model.eval()
+        self.tables = tables
+        self.config = dict(config)
+        self.info = dict(info or {})
+        self.hash = hash
+        self.path = path
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    # ------------------------------------------------------------------ facts
+
+    @property
+    def channels(self) -> int:
+        return self.tables.channels
+
+    format_version = FORMAT_VERSION
+    stride = STRIDE
+
+    def latent_shape(self, size: int | tuple[int, int]) -> tuple[int, int, int]:
+        h, w = (size, size) if isinstance(size, int) else size
+        return (self.channels, h // STRIDE, w // STRIDE)
+
+    @property
+    def params(self) -> dict:
+        """What a dataset manifest records about this codec."""
+        return {
+            "codec_hash": self.hash,
+            "codec_format_version": FORMAT_VERSION,
+            "bitstream_version": BITSTREAM_VERSION,
+            "entropy_coder": CODER,
+            "table_precision": self.tables.precision,
+            "channels": self.channels,
+            "hidden": int(self.config.get("hidden", 0)),
+            "stride": STRIDE,
+            "codec_path": str(Path(self.path).resolve()) if self.path else None,
+        }
+
+    def check_compatible(self, manifest: Mapping) -> None:
+        """Refuse a dataset whose recorded codec hash differs from ours (or that records none)."""
+        stored = _find_key(manifest, "codec_hash")
+        if stored is None:
+            raise CodecMismatchError("the dataset manifest records no codec hash: it was not "
+                                     "encoded with method 'cae', or the manifest is damaged")
+        if stored != self.hash:
+            raise CodecMismatchError(f"codec hash mismatch: the dataset was encoded with {stored}, "
+                                     f"this codec ({self.path or 'in memory'}) is {self.hash}; "
+                                     "decode it with the codec file it was encoded with")
+
+    # ------------------------------------------------------------------ network
+
+    @torch.no_grad()
+    def latents(self, images, batch_size: int = 32) -> torch.Tensor:
+        """Unquantized encoder output (B, C, S/8, S/8), float32 on CPU."""
+        x = _as_images(images)
+        outs = []
+        for i in range(0, x.shape[0], batch_size):
+            xb = CAE.preprocess(x[i:i + batch_size].to(self.device))
+            outs.append(self.model.encoder(xb).float().cpu())
+        return torch.cat(outs) if outs else torch.zeros(0, self.channels, x.shape[2] // 8, x.shape[3] // 8)
+
+    def quantize(self, images, batch_size: int = 32) -> tuple[np.ndarray, int]:
+        """Integer symbols (B, C, h, w), clamped into the tables' range, and the clamp count."""
+        y = self.latents(images, batch_size)
+        return self.tables.clamp(torch.round(y).to(torch.int64).numpy())
+
+    def encode(self, images, batch_size: int = 32) -> list[bytes]:
+        symbols, _ = self.quantize(images, batch_size)
+        return self.tables.encode(symbols)
+
+    def encode_symbols(self, symbols: np.ndarray) -> list[bytes]:
+        return self.tables.encode(self.tables.clamp(symbols)[0])
+
+    def decode_symbols(self, blobs: Sequence[bytes], names: Sequence[str] | None = None) -> np.ndarray:
+        """Bitstreams -> int32 symbols (B, C, h, w); CorruptBitstreamError on damage."""
+        return self.tables.decode(blobs, names)
+
+    def dequantize(self, symbols, device: str | torch.device | None = None) -> torch.Tensor:
+        """Symbols -> the exact float32 latents (B, C, h, w) the decoder and cResNet consume.
+
+        Quantization step is 1 with no offset, so latents are the integers themselves:
+        exact on every device.
+        """
+        t = torch.as_tensor(np.asarray(symbols) if not isinstance(symbols, torch.Tensor) else symbols)
+        return t.to(device if device is not None else "cpu", dtype=torch.float32)
+
+    @torch.no_grad()
+    def decode_images(self, symbols, batch_size: int = 16) -> np.ndarray:
+        """Symbols -> reconstructed uint8 images (B, 3, 8h, 8w)."""
+        y = self.dequantize(symbols)
+        outs = []
+        for i in range(0, y.shape[0], batch_size):
+            xb = self.model.decoder(y[i:i + batch_size].to(self.device))
+            outs.append(CAE.postprocess(xb).cpu())
+        if not outs:
+            return np.zeros((0, 3, y.shape[2] * 8, y.shape[3] * 8), dtype=np.uint8)
+        return torch.cat(outs).numpy()
+
+    @torch.no_grad()
+    def estimated_bits(self, images, source: str = "model", batch_size: int = 32) -> np.ndarray:
+        """Estimated bits per image.
+
+        ``source="model"``: the learned density's code length of the rounded latents (the rate
+        term of the training loss, evaluated on what is actually coded, tails included);
+        ``source="tables"``: the ideal code length under the frozen integer tables, after
+        clamping (what an ideal entropy coder would spend).
+        """
+        if source == "tables":
+            symbols, _ = self.quantize(images, batch_size)
+            return self.tables.ideal_bits(symbols)
+        if source != "model":
+            raise ValueError("source is 'model' or 'tables'")
+        y = torch.round(self.latents(images, batch_size))
+        if getattr(self, "_density64", None) is None:
+            self._density64 = copy.deepcopy(self.model.density).to("cpu", torch.float64)
+        p = self._density64.likelihood(y.double()).clamp_min(1e-12)
+        return (-torch.log2(p)).sum(dim=(1, 2, 3)).numpy()
+
+    # ------------------------------------------------------------------ file
+
+    def save(self, path: str | os.PathLike) -> str:
+        arrays = {f"weights.{k}": v.detach().cpu().float().numpy()
+                  for k, v in self.model.state_dict().items()}
+        arrays["tables.counts"] = self.tables.counts
+        arrays["tables.offset"] = self.tables.offset
+        arrays["tables.length"] = self.tables.length
+        tables_meta = {"precision": self.tables.precision, "kind": "per-channel categorical",
+                       "coder": CODER, "arrays": ["tables.counts", "tables.offset", "tables.length"]}
+        self.hash = write_codec(path, self.config, tables_meta, arrays, self.info)
+        self.path = str(path)
+        return self.hash
+
+
+def load_codec(path: str | os.PathLike, device: str | torch.device = "cpu") -> Codec:
+    """Read a codec file (verifying its hash) and return a ready :class:`Codec`."""
+    header, arrays = read_codec(path)
+    cfg = header["config"]
+    model = CAE(int(cfg["channels"]), int(cfg["hidden"]))
+    state = {k[len("weights."):]: torch.from_numpy(np.array(v)) for k, v in arrays.items()
+             if k.startswith("weights.")}
+    model.load_state_dict(state, strict=True)
+    tables = EntropyTables(arrays["tables.counts"], arrays["tables.offset"], arrays["tables.length"],
+                           int(header["tables"]["precision"]))
+    return Codec(model, tables, cfg, header["hash"], header.get("info"), device, str(path))
+
+
+class CaeMethod:
+    """The ``cae`` encode method: uint8 images -> one self-delimiting bitstream per image.
+
+    Picklable (for process workers): the codec is re-read from ``codec_path`` in each process.
+    """
+
+    name = "cae"
+    dtype = "bytes"
+    output_kind = "bytes"
+
+    def __init__(self, codec_path: str | os.PathLike, device: str = "cpu"):
+        self.codec_path = str(codec_path)
+        self.device = device
+        self._codec: Codec | None = None
+        self.clamped_symbols = 0  # symbols clamped into the table range by this process
+        self.params = dict(self.codec.params)
+
+    @property
+    def codec(self) -> Codec:
+        if self._codec is None:
+            self._codec = load_codec(self.codec_path, self.device)
+        return self._codec
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_codec"] = None
+        return state
+
+    def sample_shape(self, size) -> None:
+        return None  # variable-length bitstreams
+
+    def latent_shape(self, size) -> tuple[int, int, int]:
+        return self.codec.latent_shape(size)
+
+    def encode(self, images) -> list[bytes]:
+        symbols, n = self.codec.quantize(images)
+        self.clamped_symbols += n
+        return self.codec.tables.encode(symbols)
+
+    def estimated_bits(self, images, source: str = "model") -> np.ndarray:
+        return self.codec.estimated_bits(images, source=source)

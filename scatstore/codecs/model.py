@@ -1,0 +1,155 @@
+"""The compressive autoencoder: stride-8 encoder, decoder and per-channel factorized density.
+
+Architecture (``N`` hidden channels, ``C`` latent channels)::
+
+    encoder: conv5x5/2 3->N, SGDN, conv5x5/2 N->N, SGDN, conv5x5/2 N->C       (stride 8)
+    decoder: deconv5x5/2 C->N, ISGDN, deconv5x5/2 N->N, ISGDN, deconv5x5/2 N->3
+
+SGDN is the simplified generalized divisive normalization of Johnston et al. (2019),
+``x / (beta + gamma |x|)`` with a 1x1 ``gamma``; ISGDN its inverse ``x * (beta + gamma |x|)``.
+Images enter as ``x/255 - 0.5``. Latents are quantized by rounding (step 1).
+
+The density is Ballé et al.'s (2018, appendix 6.1) non-parametric factorized model: per
+channel a monotone function ``f_c`` (a small MLP with positive weights) gives the cumulative
+``F_c = sigmoid(f_c)``; the probability of a quantized value ``k`` is ``F_c(k+½) − F_c(k−½)``.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class SGDN(nn.Module):
+    def __init__(self, ch: int, inverse: bool = False):
+        super().__init__()
+        self.inverse = inverse
+        self.beta = nn.Parameter(torch.ones(ch))
+        self.gamma = nn.Parameter(0.1 * torch.eye(ch).reshape(ch, ch, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        beta = self.beta.abs() + 1e-6
+        gamma = self.gamma.abs()
+        norm = F.conv2d(x.abs(), gamma, beta)
+        return x * norm if self.inverse else x / norm
+
+
+def _deconv(cin: int, cout: int) -> nn.ConvTranspose2d:
+    return nn.ConvTranspose2d(cin, cout, 5, stride=2, padding=2, output_padding=1)
+
+
+class Encoder(nn.Module):
+    def __init__(self, channels: int, hidden: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(3, hidden, 5, stride=2, padding=2), SGDN(hidden),
+            nn.Conv2d(hidden, hidden, 5, stride=2, padding=2), SGDN(hidden),
+            nn.Conv2d(hidden, channels, 5, stride=2, padding=2),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class Decoder(nn.Module):
+    def __init__(self, channels: int, hidden: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            _deconv(channels, hidden), SGDN(hidden, inverse=True),
+            _deconv(hidden, hidden), SGDN(hidden, inverse=True),
+            _deconv(hidden, 3),
+        )
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.net(y)
+
+
+class FactorizedDensity(nn.Module):
+    """Per-channel learned univariate density (Ballé et al. 2018), evaluated via its CDF."""
+
+    def __init__(self, channels: int, filters: tuple[int, ...] = (3, 3, 3), init_scale: float = 10.0):
+        super().__init__()
+        self.channels = channels
+        dims = (1, *filters, 1)
+        scale = init_scale ** (1.0 / (len(filters) + 1))
+        self.matrices = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        self.factors = nn.ParameterList()
+        for i in range(len(filters) + 1):
+            init = math.log(math.expm1(1.0 / scale / dims[i + 1]))
+            self.matrices.append(nn.Parameter(torch.full((channels, dims[i + 1], dims[i]), init)))
+            self.biases.append(nn.Parameter(torch.empty(channels, dims[i + 1], 1).uniform_(-0.5, 0.5)))
+            if i < len(filters):
+                self.factors.append(nn.Parameter(torch.zeros(channels, dims[i + 1], 1)))
+
+    def logits_cdf(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (C, 1, N) -> logits of the CDF, (C, 1, N)."""
+        logits = x
+        for i in range(len(self.matrices)):
+            m = F.softplus(self.matrices[i]).to(x.dtype)
+            logits = torch.matmul(m, logits) + self.biases[i].to(x.dtype)
+            if i < len(self.factors):
+                logits = logits + torch.tanh(self.factors[i].to(x.dtype)) * torch.tanh(logits)
+        return logits
+
+    def likelihood(self, y: torch.Tensor) -> torch.Tensor:
+        """Probability mass of the unit interval around each value of ``y`` (B, C, h, w)."""
+        B, C, h, w = y.shape
+        v = y.permute(1, 0, 2, 3).reshape(C, 1, -1)
+        lower = self.logits_cdf(v - 0.5)
+        upper = self.logits_cdf(v + 0.5)
+        sign = -torch.sign(lower + upper).detach()
+        p = torch.abs(torch.sigmoid(sign * upper) - torch.sigmoid(sign * lower))
+        return p.reshape(C, B, h, w).permute(1, 0, 2, 3)
+
+    @torch.no_grad()
+    def pmfs(self, lo: int = -512, hi: int = 512, tail: float = 1e-7
+             ) -> tuple[list[np.ndarray], np.ndarray]:
+        """Per-channel PMFs over a trimmed symbol range, tails folded into the end symbols.
+
+        Computed in float64 once, when the codec is frozen; the result is turned into integer
+        tables and the density is never consulted by the entropy coder again.
+        """
+        grid = torch.arange(lo, hi + 1, dtype=torch.float64)
+        v = grid.reshape(1, 1, -1).expand(self.channels, 1, -1)
+        cdf_hi = torch.sigmoid(self.logits_cdf(v + 0.5))[:, 0].numpy()  # F(k + 1/2)
+        pmfs, offsets = [], []
+        for c in range(self.channels):
+            F_up = cdf_hi[c]
+            F_low = np.concatenate([[0.0], F_up[:-1]])
+            # trimmed range: drop symbols whose cumulative tails are below `tail`
+            ok_lo = np.nonzero(F_up >= tail)[0]
+            ok_hi = np.nonzero(F_low <= 1.0 - tail)[0]
+            a = int(ok_lo[0]) if ok_lo.size else 0
+            b = int(ok_hi[-1]) if ok_hi.size else len(grid) - 1
+            if b <= a:
+                b = min(a + 1, len(grid) - 1)
+                a = b - 1
+            p = np.clip(F_up[a:b + 1] - F_low[a:b + 1], 0.0, None)
+            p[0] = F_up[a]                  # fold the lower tail into the first symbol
+            p[-1] = 1.0 - F_low[b]          # and the upper tail into the last
+            pmfs.append(np.clip(p, 0.0, None))
+            offsets.append(int(grid[a]))
+        return pmfs, np.array(offsets, dtype=np.int32)
+
+
+class CAE(nn.Module):
+    def __init__(self, channels: int, hidden: int = 64, density_init_scale: float = 10.0):
+        super().__init__()
+        self.channels = channels
+        self.hidden = hidden
+        self.encoder = Encoder(channels, hidden)
+        self.decoder = Decoder(channels, hidden)
+        self.density = FactorizedDensity(channels, init_scale=density_init_scale)
+
+    @staticmethod
+    def preprocess(images_uint8: torch.Tensor) -> torch.Tensor:
+        return images_uint8.float() / 255.0 - 0.5
+
+    @staticmethod
+    def postprocess(x: torch.Tensor) -> torch.Tensor:
+        """Decoder output -> uint8 images (round half to even on the 0..255 scale)."""
+        return torch.clamp((x + 0.5) * 255.0, 0.0, 255.0).round().to(torch.uint8)

@@ -1,0 +1,623 @@
+"""The streaming loader: shuffled, sharded batches of stored coefficients on a torch device.
+
+``loader(path, batch_size, ...)`` returns a :class:`StoreLoader`. Iterating it yields ``(x, y)``:
+``x`` float32 ``(B, C·K, h, w)`` (scattering, codes dequantized) or ``(B, 3, S, S)`` (raw pixels,
+normalised like the JPEG baseline), ``y`` int64 ``(B,)``, both on ``device``. Calling it with an
+epoch, ``loader(epoch)``, returns that epoch's iterable (the training engine's *batches factory*
+contract); plain iteration runs ``loader.epoch`` and then advances it.
+
+How an epoch is planned (a pure function of ``seed``, ``epoch``, ``rank``, ``world_size`` and the
+store, computed before any data is read, so that a run can resume at any step without reading
+the batches it skips):
+
+1. **Variants.** An augmented store (``encode --augment K``) holds K variants per source image in
+   consecutive slots. Each epoch keeps one variant per source, drawn from a hash of
+   ``(seed, epoch, crc32(source key))``: an epoch has ``n_images`` samples, not ``n_images·K``,
+   and every rank, worker count and resume point agrees on the draw.
+2. **Unit order.** Samples are grouped into *units* of consecutive slots read together (a zarr
+   inner chunk; ~1 MiB runs for webdataset and HDF5). With ``shuffle`` the units are permuted
+   (``rng(seed, epoch)``), otherwise kept in slot order.
+3. **Ranks.** The unit-ordered sample list is cut into ``world_size`` contiguous blocks (sizes
+   differ by at most one), so ranks read disjoint units, apart from at most one shared unit at
+   each cut. Every rank then gets the same number of samples: ``drop_last`` trims all ranks to a
+   whole number of batches of the smallest block; otherwise the shorter blocks are padded by
+   wrapping around to their own first samples (at most one repeated sample per rank), and the last
+   batch may be short but has the same size on every rank. Equal batch counts: no rank waits for
+   another at epoch end.
+4. **Buffer shuffle.** The rank's list is cut into windows of ``buffer_size`` samples (~128 MB by
+   default); with ``shuffle`` each window is permuted (``rng(seed, epoch, rank, window)``). A
+   window is read with bulk reads (``scatstore.loaders.readers``) into a reusable buffer, and
+   batches are gathered from it with one ``index_select``.
+
+Work is done by threads, not processes: ``num_workers`` reader threads (file reads, zstd and
+numpy/torch copies release the GIL) fill the next window while one assembler thread gathers,
+converts and (for CUDA) stages batches in pinned memory, ``prefetch`` batches ahead. On CUDA
+the stored dtype (float16, or uint8 codes with their scales) is copied with ``non_blocking=True``
+and converted / dequantized on the device; on CPU the conversion is done by the assembler into
+recycled output buffers (a buffer is reused only once nothing outside the loader refers to it).
+
+Optional augmentation, applied per batch on the device with a generator seeded by
+``(seed, epoch, rank, step)``: ``flip=True`` (coefficient-space horizontal flip of half the
+samples, :mod:`scatstore.transforms.flip`) and ``crop_cells=c`` (random crop of whole coefficient
+cells, output ``h - c``; centred when ``shuffle`` is off).
+"""
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_BUFFER_BYTES = 128 << 20
+
+_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser on uint64 arrays (wrapping arithmetic)."""
+    x = np.asarray(x, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def _seed(*parts: int) -> int:
+    h = np.uint64(0x5CA7)
+    for p in parts:
+        h = _mix(np.uint64(h) ^ np.uint64(int(p) & 0xFFFFFFFFFFFFFFFF))
+    return int(h) & 0x7FFFFFFFFFFFFFFF
+
+
+def _storage_count(t: torch.Tensor) -> int | None:
+    try:
+        return int(torch._C._storage_Use_Count(t.untyped_storage()._cdata))
+    except Exception:  # noqa: BLE001 - private API: without it buffers are never recycled
+        return None
+
+
+class _Pool:
+    """Recycles large tensors whose storage nobody else holds any more (fresh 60 MB allocations
+    cost more than the copy into them: page faults)."""
+
+    def __init__(self, cap: int):
+        self.cap = cap
+        self.items: list[tuple[torch.Tensor, int | None]] = []
+        self.allocated = 0
+        self.lock = threading.Lock()
+
+    def get(self, shape, dtype, pin: bool = False) -> torch.Tensor:
+        shape = tuple(shape)
+        with self.lock:
+            for i, (t, base) in enumerate(self.items):
+                if base is not None and tuple(t.shape) == shape and t.dtype == dtype \
+                        and _storage_count(t) == base:
+                    return t
+            t = torch.empty(shape, dtype=dtype, pin_memory=pin)
+            self.allocated += 1
+            base = _storage_count(t)
+            self.items.append((t, base))
+            if len(self.items) > self.cap:
+                self.items.pop(0)
+            return t
+
+
+_GRAIN = 32768  # at::internal::GRAIN_SIZE: smaller copies run on the calling thread only
+
+
+def _serial_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)`` (with dtype conversion) in pieces that torch runs without its intra-op
+    thread pool: the loader's threads already keep the cores busy, and OpenMP workers spinning
+    beside them cost more than they bring (measured: 2-4x slower on 2 cores)."""
+    d, s = dst.reshape(-1), src.reshape(-1)
+    n = d.numel()
+    for a in range(0, n, _GRAIN):
+        d[a:a + _GRAIN].copy_(s[a:a + _GRAIN])
+
+
+@dataclass
+class EpochPlan:
+    """This rank's sample order for one epoch and its windows."""
+
+    order: np.ndarray          # dataset indices, length = n_batches·B (or less, last batch short)
+    windows: np.ndarray        # window start positions in ``order`` (plus the end)
+    n_batches: int
+
+
+class StoreLoader:
+    """See the module docstring. Build it with :func:`loader`."""
+
+    def __init__(self, path, batch_size: int, shuffle: bool = True, seed: int = 0,
+                 num_workers: int | None = None, drop_last: bool | None = None,
+                 device: str | torch.device = "cpu", *, dtype: torch.dtype | None = torch.float32,
+                 rank: int | None = None, world_size: int | None = None, epoch: int = 0,
+                 start_step: int = 0, buffer_size: int | None = None, prefetch: int = 2,
+                 variants: str = "draw", flip: bool = False, flip_align: str = "interp",
+                 crop_cells: int = 0, normalize_pixels: bool = True, codec=None):
+        from scatstore.stores import open_dataset
+
+        from .readers import make_reader
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if variants not in ("draw", "all"):
+            raise ValueError("variants must be 'draw' (one per image per epoch) or 'all'")
+        self.path = Path(path)
+        self.dataset = open_dataset(self.path, raw=True)
+        self.manifest = self.dataset.manifest
+        self.spec = self.dataset.spec
+        self.reader = make_reader(self.dataset)
+        self.batch_size = int(batch_size)
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        self.num_workers = max(1, int(num_workers if num_workers is not None else
+                                      min(2, os.cpu_count() or 1)))
+        self.drop_last = self.shuffle if drop_last is None else bool(drop_last)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        if rank is None or world_size is None:
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                rank = torch.distributed.get_rank() if rank is None else rank
+                world_size = torch.distributed.get_world_size() if world_size is None else world_size
+            else:
+                rank, world_size = rank or 0, world_size or 1
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"bad rank {rank} / world_size {world_size}")
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.epoch, self.start_step = int(epoch), int(start_step)
+        self.prefetch = max(1, int(prefetch))
+        self.variants = variants
+        self.flip, self.flip_align, self.crop_cells = bool(flip), flip_align, int(crop_cells)
+        self.bytes_read = 0
+        self._lock = threading.Lock()
+        self._step = self.start_step
+        self.slots = np.asarray(self.dataset.slots, dtype=np.int64)
+        self.labels = np.asarray(self.dataset.labels, dtype=np.int64)
+        self.class_names = list(self.manifest.get("class_names") or [])
+        self.num_classes = len(self.class_names)
+        method = self.manifest.get("method") or {}
+        self.method = method.get("name")
+        self.method_params = method.get("params") or {}
+        self.is_bytes = self.spec.dtype == "bytes"
+        self.is_pixels = self.method == "raw" or (self.spec.dtype == "uint8" and not self.spec.quantized)
+        self.normalize_pixels = normalize_pixels
+        self.quant_scheme = (self.manifest.get("quantization") or {}).get("scheme", self.spec.quant_scheme)
+        if self.flip and self.method not in ("scat1", "scat2"):
+            raise ValueError(f"flip=True needs a scattering store (method scat1/scat2), not "
+                             f"{self.method!r}")
+        shape = self.spec.sample_shape
+        self.sample_nbytes = self.spec.sample_nbytes or 0
+        if self.is_bytes:
+            self._codec = codec
+            self._init_codec()
+            self.out_shape = tuple(self._codec.latent_shape(
+                int((self.manifest.get("preprocess") or {}).get("size", 224))))
+        else:
+            self.out_shape = (int(np.prod(shape[:-2])), *shape[-2:]) if len(shape) >= 3 else tuple(shape)
+        self.in_channels = self.out_shape[0]
+        self.input_size = self.out_shape[-1] - self.crop_cells
+        if buffer_size is None:
+            per = max(self.sample_nbytes, 4096)
+            buffer_size = max(self.batch_size, DEFAULT_BUFFER_BYTES // per)
+        self.buffer_size = max(1, int(buffer_size))
+        self.unit_size = self.reader.unit_size()
+        self._init_variants()
+        self._win_pool: list = []
+        # buffers alive at once: two windows of batches, the queue, the consumer's batch
+        cap = 2 * max(1, self.buffer_size // self.batch_size) + self.prefetch + 4
+        self._out_pool = _Pool(cap)
+        self._pin_pool = _Pool(cap)
+
+    # ------------------------------------------------------------------ setup
+    def _init_codec(self):
+        if self.method != "cae":
+            raise ValueError(f"bitstream store with method {self.method!r}: no decoder known")
+        if self._codec is None:
+            from scatstore.codecs import load_codec
+
+            p = self.method_params.get("codec_path")
+            if not p or not Path(p).exists():
+                raise FileNotFoundError(
+                    f"{self.path}: the codec recorded in the manifest ({p!r}) is not there; pass "
+                    "codec=load_codec(PATH) to the loader")
+            self._codec = load_codec(p)
+        check = getattr(self._codec, "check_compatible", None)
+        if check is not None:
+            check(self.manifest)
+
+    def _init_variants(self):
+        pre = self.manifest.get("preprocess") or {}
+        K = max(1, int(pre.get("augment") or 0))
+        self.n_variants = K
+        self._groups = None
+        if K <= 1 or self.variants == "all" or len(self.slots) == 0:
+            return
+        src = self.slots // K
+        starts = np.flatnonzero(np.concatenate([[True], np.diff(src) != 0]))
+        crc = np.empty(len(starts), dtype=np.uint64)
+        keys = self.dataset.keys
+        for g, s in enumerate(starts.tolist()):
+            k = keys[s]
+            suffix = f"_a{int(self.slots[s]) % K}"
+            sk = k[: -len(suffix)] if k.endswith(suffix) else f"#{int(src[s])}"
+            crc[g] = zlib.crc32(sk.encode("utf-8"))
+        counts = np.diff(np.concatenate([starts, [len(src)]]))
+        self._groups = (starts, counts, crc)
+
+    # ------------------------------------------------------------------ planning
+    def selected(self, epoch: int) -> np.ndarray:
+        """Sorted dataset indices used in ``epoch`` (one variant per source image when augmented)."""
+        n = len(self.slots)
+        if self._groups is None:
+            return np.arange(n, dtype=np.int64)
+        starts, counts, crc = self._groups
+        h = _mix(_mix(np.uint64(_seed(self.seed, epoch)) ^ crc))
+        pick = (h % counts.astype(np.uint64)).astype(np.int64)
+        return starts.astype(np.int64) + pick
+
+    def plan(self, epoch: int) -> EpochPlan:
+        sel = self.selected(epoch)
+        B, W, r = self.batch_size, self.world_size, self.rank
+        if self.shuffle and len(sel):
+            units = self.slots[sel] // self.unit_size
+            first = np.concatenate([[True], np.diff(units) != 0])
+            uid = np.cumsum(first) - 1
+            n_units = int(uid[-1]) + 1
+            rng = np.random.default_rng([self.seed, epoch, 0x5EED])
+            rank_of = np.empty(n_units, dtype=np.int64)
+            rank_of[rng.permutation(n_units)] = np.arange(n_units)
+            order = sel[np.argsort(rank_of[uid], kind="stable")]
+        else:
+            order = sel
+        N = len(order)
+        mine = order[r * N // W:(r + 1) * N // W]
+        if self.drop_last:
+            T = (N // W) // B * B
+            mine = mine[:T]
+        else:
+            T = -(-N // W) if W > 1 else N
+            if len(mine) < T:
+                pool = mine if len(mine) else order
+                mine = np.resize(pool, T) if len(pool) else mine
+                if len(mine) < T:  # empty store
+                    T = len(mine)
+        n_batches = T // B if self.drop_last else -(-T // B)
+        wsize = max(1, self.buffer_size // B) * B  # windows of whole batches
+        wins = np.arange(0, T, wsize, dtype=np.int64)
+        if self.shuffle:
+            mine = mine.copy()
+            for w, a in enumerate(wins.tolist()):
+                b = min(a + wsize, T)
+                rng = np.random.default_rng([self.seed, epoch, r, w, 0xB0F])
+                mine[a:b] = mine[a:b][rng.permutation(b - a)]
+        return EpochPlan(order=mine, windows=np.concatenate([wins, [T]]).astype(np.int64),
+                         n_batches=int(n_batches))
+
+    # ------------------------------------------------------------------ public API
+    def __call__(self, epoch: int, start_step: int = 0) -> "LoaderEpoch":
+        return LoaderEpoch(self, int(epoch), int(start_step))
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        ep = LoaderEpoch(self, self.epoch, self.start_step, track=True)
+        yield from ep
+        self.epoch += 1
+        self.start_step = 0
+        self._step = 0
+
+    def __len__(self) -> int:
+        return self.plan(self.epoch).n_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.start_step, self._step = int(epoch), 0, 0
+
+    def state_dict(self) -> dict:
+        """Where plain iteration stands: resume with :meth:`load_state_dict` (the next epoch /
+        step is produced without reading the batches before it)."""
+        return {"epoch": self.epoch, "step": self._step, "seed": self.seed,
+                "world_size": self.world_size, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k in ("seed", "world_size", "batch_size"):
+            if k in state and state[k] != getattr(self, k):
+                raise ValueError(f"state_dict has {k}={state[k]}, the loader {getattr(self, k)}")
+        self.epoch, self.start_step = int(state["epoch"]), int(state["step"])
+        self._step = self.start_step
+
+    def _add_bytes(self, n: int) -> None:
+        with self._lock:
+            self.bytes_read += int(n)
+
+    def close(self) -> None:
+        self.reader.close()
+        self.dataset.close()
+
+    def __repr__(self) -> str:
+        return (f"StoreLoader({str(self.path)!r}, n={len(self.slots)}, batch_size={self.batch_size}, "
+                f"format={self.spec.format}, dtype={self.spec.dtype}, rank={self.rank}/"
+                f"{self.world_size}, shuffle={self.shuffle})")
+
+    # ------------------------------------------------------------------ batch finishing
+    def _finish(self, x: torch.Tensor, q: torch.Tensor | None, y: torch.Tensor, epoch: int,
+                step: int, out: torch.Tensor | None):
+        """Stored-dtype batch (on CPU, or already on the device) -> model input on the device."""
+        dev = self.device
+        B = x.shape[0]
+        if self.spec.quantized:
+            from scatstore.transforms.quantize import dequantize_uint8
+
+            qs, qo = q[:, 0], q[:, 1]
+            if out is not None and self.quant_scheme == "affine" and x.device.type == "cpu":
+                o = out.view(x.shape)
+                o.copy_(x)
+                o.mul_(qs[..., None, None]).add_(qo[..., None, None])
+                xf = out
+            else:
+                xf = dequantize_uint8(x, qs, qo, scheme=self.quant_scheme)
+                if self.dtype is not None and self.dtype != torch.float32:
+                    xf = xf.to(self.dtype)
+        elif self.is_pixels:
+            xf = out if out is not None else torch.empty(x.shape, dtype=self.dtype or torch.float32,
+                                                         device=x.device)
+            xf = xf.view(x.shape)
+            xf.copy_(x)
+            xf.mul_(1.0 / 255.0)
+            if self.normalize_pixels and x.shape[1] == 3:
+                mean = torch.tensor(IMAGENET_MEAN, dtype=xf.dtype, device=xf.device).view(1, 3, 1, 1)
+                std = torch.tensor(IMAGENET_STD, dtype=xf.dtype, device=xf.device).view(1, 3, 1, 1)
+                xf.sub_(mean).div_(std)
+        else:
+            want = self.dtype or x.dtype
+            if x.dtype == want:
+                xf = x
+            elif out is not None:
+                out.view(x.shape).copy_(x)
+                xf = out
+            else:
+                xf = x.to(want)
+        xf = xf.reshape(B, *self.out_shape)
+        if self.flip or self.crop_cells:
+            g = torch.Generator().manual_seed(_seed(self.seed, epoch, self.rank, step, 0xF11B))
+            if self.flip:
+                from scatstore.transforms.flip import random_flip
+
+                p = self.method_params
+                xf = random_flip(xf, int(p.get("J", 3)), int(p.get("L", 8)), int(p.get("max_order", 1)),
+                                 generator=g, align=self.flip_align,
+                                 size=(self.manifest.get("preprocess") or {}).get("size"))
+            if self.crop_cells:
+                from scatstore.transforms.flip import crop_cells
+
+                xf = crop_cells(xf, self.crop_cells, generator=g, random=self.shuffle)
+        return xf, y
+
+
+class LoaderEpoch:
+    """One epoch of one rank: iterable of ``(x, y)`` with ``len`` and ``bytes_read``."""
+
+    def __init__(self, owner: StoreLoader, epoch: int, start_step: int = 0, track: bool = False):
+        self.owner, self.epoch, self.start_step, self.track = owner, epoch, start_step, track
+        self.plan = owner.plan(epoch)
+        if not 0 <= start_step <= self.plan.n_batches:
+            raise ValueError(f"start_step {start_step} outside 0..{self.plan.n_batches}")
+
+    def __len__(self) -> int:
+        return self.plan.n_batches - self.start_step
+
+    @property
+    def bytes_read(self) -> int:
+        return self.owner.bytes_read
+
+    def batch_indices(self, step: int) -> np.ndarray:
+        """Dataset indices of batch ``step`` (no reading)."""
+        B = self.owner.batch_size
+        return self.plan.order[step * B:(step + 1) * B]
+
+    def __iter__(self):
+        o = self.owner
+        if len(self) <= 0:
+            return
+        if o.is_bytes:
+            yield from self._iter_bytes()
+            return
+        stop = threading.Event()
+        q: queue.Queue = queue.Queue(maxsize=o.prefetch)
+        th = threading.Thread(target=self._assemble, args=(q, stop), daemon=True,
+                              name="scatstore-assembler")
+        th.start()
+        cuda = o.device.type == "cuda"
+        try:
+            step = self.start_step
+            while True:
+                item = q.get()
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                if item[0] == "stage":
+                    _, x, qp, y, ev, st = item
+                    x = x.to(o.device, non_blocking=True)
+                    qp = qp.to(o.device, non_blocking=True) if qp is not None else None
+                    y = y.to(o.device, non_blocking=True)
+                    ev.record()
+                    del item
+                    xf, yy = o._finish(x, qp, y, self.epoch, st, None)
+                else:
+                    _, xf, yy = item
+                    del item
+                step += 1
+                if self.track:
+                    o._step = step
+                yield xf, yy
+        finally:
+            stop.set()
+            while th.is_alive():
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    pass
+                th.join(timeout=0.05)
+
+    # ------------------------------------------------------------------ assembler thread
+    def _assemble(self, q: queue.Queue, stop: threading.Event):
+        o = self.owner
+        try:
+            self._assemble_inner(q, stop)
+            q.put(None)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            if not stop.is_set():
+                q.put(e)
+
+    def _assemble_inner(self, q: queue.Queue, stop: threading.Event):
+        """Windows are read straight into the batches' buffers (the reads scatter each sample to
+        its shuffled row), then the batches are finished in order."""
+        o = self.owner
+        plan, B = self.plan, o.batch_size
+        order, wins = plan.order, plan.windows
+        T = len(order)
+        p0 = self.start_step * B
+        first_w = int(np.searchsorted(wins, p0, side="right") - 1)
+        n_w = len(wins) - 1
+        cuda = o.device.type == "cuda"
+        pin = cuda and torch.cuda.is_available()
+        xdt = {"float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}[o.spec.dtype]
+        shape = tuple(o.spec.sample_shape)
+        direct = not cuda and not (o.spec.quantized or o.is_pixels) and xdt == self._out_dtype()
+        pool = ThreadPoolExecutor(max_workers=o.num_workers, thread_name_prefix="scatstore-read")
+        loaded: dict = {}
+
+        def submit(w):
+            a, b = max(int(wins[w]), p0), int(wins[w + 1])
+            seg = order[a:b]
+            u, first, inv = np.unique(seg, return_index=True, return_inverse=True)
+            batches = []  # (step, x staging/out tensor, rows)
+            dst = [None] * len(seg)
+            for st in range(a // B, -(-b // B)):
+                ba, bb = st * B, min((st + 1) * B, T)
+                n = bb - ba
+                if direct:
+                    xt = self._out_buffer(n).view(n, *shape)
+                else:
+                    xt = o._pin_pool.get((n, *shape), xdt, pin=pin)
+                    ev = getattr(xt, "_scatstore_event", None)
+                    if ev is not None:
+                        ev.synchronize()  # the last copy out of this pinned buffer is done
+                flat = xt.numpy().reshape(n, -1).view(np.uint8)
+                for r in range(n):
+                    dst[ba - a + r] = memoryview(flat[r]).cast("B")
+                batches.append((st, xt, ba - a, n))
+            udst = [dst[i] for i in first.tolist()]
+            qb = np.empty((len(u), 2, *o.spec.qparam_shape), dtype=np.float32) \
+                if o.spec.quantized else None
+            nu = len(u)
+            n_pieces = max(1, min(2 * o.num_workers, nu // max(1, o.unit_size)))
+            cuts = np.linspace(0, nu, n_pieces + 1).astype(int)
+            futs = [pool.submit(o.reader.read, u[c0:c1], udst[c0:c1],
+                                qb[c0:c1] if qb is not None else None)
+                    for c0, c1 in zip(cuts[:-1], cuts[1:]) if c1 > c0]
+            dup = np.setdiff1d(np.arange(len(seg)), first) if len(first) < len(seg) else None
+            loaded[w] = dict(a=a, inv=inv, first=first, dst=dst, dup=dup, qb=qb, futs=futs,
+                             batches=batches)
+
+        def wait(w):
+            d = loaded.pop(w)
+            for f in d["futs"]:
+                o._add_bytes(f.result())
+            if d["dup"] is not None:  # wrap-around padding: a sample twice in one window
+                for i in d["dup"].tolist():
+                    d["dst"][i][:] = d["dst"][int(d["first"][d["inv"][i]])]
+            return d
+
+        try:
+            if first_w < n_w:
+                submit(first_w)
+            for w in range(first_w, n_w):
+                if w + 1 < n_w:
+                    submit(w + 1)  # read ahead while this window's batches are finished
+                d = wait(w)
+                for st, xt, off, n in d["batches"]:
+                    if stop.is_set():
+                        return
+                    a = st * B
+                    y = torch.from_numpy(o.labels[order[a:a + n]])
+                    qs = None
+                    if d["qb"] is not None:
+                        qs = o._pin_pool.get((n, 2, *o.spec.qparam_shape), torch.float32, pin=pin)
+                        np.take(d["qb"], d["inv"][off:off + n], axis=0, out=qs.numpy())
+                    if cuda:
+                        ev = getattr(xt, "_scatstore_event", None)
+                        if ev is None:
+                            ev = xt._scatstore_event = torch.cuda.Event()
+                        q.put(("stage", xt, qs, y, ev, st))
+                        continue
+                    # CPU: finish here, off the consumer's thread, into a recycled output buffer
+                    if direct:
+                        xf, yy = o._finish(xt, None, y, self.epoch, st, None)
+                    elif o.spec.quantized or o.is_pixels:
+                        xf, yy = o._finish(xt, qs, y, self.epoch, st, self._out_buffer(n))
+                    else:
+                        out = self._out_buffer(n)
+                        _serial_copy(out, xt)
+                        xf, yy = o._finish(out.view(n, *shape), None, y, self.epoch, st, None)
+                        del out
+                    del xt, qs
+                    q.put(("done", xf, yy))
+                del d
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _out_dtype(self):
+        o = self.owner
+        if o.spec.quantized or o.is_pixels:
+            return None  # always converted
+        return o.dtype or {"float16": torch.float16, "float32": torch.float32}[o.spec.dtype]
+
+    def _out_buffer(self, n: int):
+        o = self.owner
+        dt = o.dtype or (torch.float32 if (o.spec.quantized or o.is_pixels) else
+                         {"float16": torch.float16, "float32": torch.float32}[o.spec.dtype])
+        return o._out_pool.get((n, *o.out_shape), dt)
+
+    # ------------------------------------------------------------------ bitstreams
+    def _iter_bytes(self):
+        o = self.owner
+        codec = o._codec
+        for step in range(self.start_step, self.plan.n_batches):
+            idx = self.batch_indices(step)
+            b = o.dataset.get_batch(idx)
+            blobs = b["x"]
+            o._add_bytes(sum(len(x) for x in blobs))
+            sym = codec.decode_symbols(blobs)
+            x = codec.dequantize(sym, device=o.device)
+            if o.dtype is not None and x.dtype != o.dtype:
+                x = x.to(o.dtype)
+            y = torch.from_numpy(o.labels[idx]).to(o.device)
+            if self.track:
+                o._step = step + 1
+            yield x, y
+
+
+def loader(path, batch_size: int, shuffle: bool = True, seed: int = 0,
+           num_workers: int | None = None, drop_last: bool | None = None,
+           device: str | torch.device = "cpu", **kw) -> StoreLoader:
+    """A streaming loader over the store at ``path`` (see :mod:`scatstore.loaders.stream`).
+
+    ``num_workers``: reader threads (default ``min(2, cpus)``). ``drop_last``: default ``shuffle``.
+    Keyword options: ``dtype`` (output dtype, default float32; ``None`` keeps float16 as stored),
+    ``rank``/``world_size`` (default: from ``torch.distributed`` when initialised), ``epoch``,
+    ``start_step`` (resume), ``buffer_size`` (samples per shuffle window), ``prefetch`` (batches),
+    ``variants`` (``"draw"``: one augment variant per image per epoch; ``"all"``), ``flip``,
+    ``flip_align``, ``crop_cells``, ``normalize_pixels``, ``codec`` (a loaded codec for ``cae``
+    stores).
+    """
+    return StoreLoader(path, batch_size, shuffle=shuffle, seed=seed, num_workers=num_workers,
+                       drop_last=drop_last, device=device, **kw)

@@ -1,0 +1,203 @@
+"""Map-style reading of a finished store: ``open_dataset(OUT)`` for zarr, webdataset and HDF5.
+
+Index ``i`` runs over the stored samples (``len(ds) == manifest["count"]``) in slot order; empty
+slots (rejected sources) are skipped. ``ds[i]`` returns ``(x, label, meta)``:
+
+- ``x``: float32 ``np.ndarray`` of ``sample_shape``: float16/float32 samples converted, quantized
+  ones dequantized; raw uint8 pixels are returned as uint8 (there is nothing to decode); bitstream
+  (``bytes``) samples as ``bytes``. With ``raw=True`` the stored array (uint8 codes, float16) is
+  returned and ``meta`` carries ``qscale``/``qoffset``.
+- ``label``: int (-1 when unlabeled).
+- ``meta``: the sample's stored meta dict plus ``key``, ``slot`` and (COCO canvases) ``hw``.
+
+``get_batch(indices)`` returns stacked *stored* arrays for fast loaders (dequantize on the GPU with
+``scatstore.transforms.quantize.dequantize_uint8``). Handles are opened lazily per process (a fork
+after open reopens them) and the object pickles without them, so it can go to DataLoader workers.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from .base import StoreError, StoreSpec
+from .manifest import read_manifest
+
+
+class ScatDataset:
+    """Base of the per-format readers (see the module docstring)."""
+
+    def __init__(self, root, manifest: dict | None = None, raw: bool = False):
+        self.root = Path(root)
+        self.manifest = manifest if manifest is not None else read_manifest(self.root)
+        store = self.manifest["store"]
+        if "spec" not in store:
+            raise StoreError(f"{self.root}: manifest.store has no spec (pre-v1 store?)")
+        self.spec = StoreSpec.from_dict(store["spec"])
+        self.raw = raw
+        q = self.manifest.get("quantization") or {}
+        self.quant_scheme = q.get("scheme", self.spec.quant_scheme)
+        self._pid = None
+        self._h: dict = {}
+        self._lock = threading.Lock()
+        self._load_index()
+        if len(self.slots) != self.manifest["count"]:
+            raise StoreError(f"{self.root}: index holds {len(self.slots)} samples, manifest count "
+                             f"is {self.manifest['count']}")
+        self._shard_of = (self.slots // self.spec.shard_size).astype(np.int64)
+
+    # ---------------------------------------------------------------- per-process handles
+    def _handles(self) -> dict:
+        pid = os.getpid()
+        if self._pid != pid:  # first use, or we are a forked child: never share parent handles
+            with self._lock:
+                if self._pid != pid:
+                    self._h = {}
+                    self._pid = pid
+        return self._h
+
+    def close(self) -> None:
+        for v in list(self._h.values()):
+            close = getattr(v, "close", None)
+            if callable(close) and self._pid == os.getpid():
+                try:
+                    close()
+                except Exception:  # noqa: BLE001
+                    pass
+        self._h = {}
+
+    def __getstate__(self):
+        d = self.__dict__.copy()
+        d["_h"] = {}
+        d["_pid"] = None
+        d.pop("_lock", None)
+        return d
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        self._lock = threading.Lock()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---------------------------------------------------------------- map-style API
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    @property
+    def labels_list(self) -> list:
+        return self.labels.tolist()
+
+    @property
+    def n_shards(self) -> int:
+        return self.spec.n_shards
+
+    def shard_indices(self, shard: int) -> np.ndarray:
+        """Dataset indices of the samples of encode shard ``shard`` (contiguous, in slot order)."""
+        lo = np.searchsorted(self._shard_of, shard, side="left")
+        hi = np.searchsorted(self._shard_of, shard, side="right")
+        return np.arange(lo, hi, dtype=np.int64)
+
+    def _index(self, i) -> int:
+        i = int(i)
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"index {i} out of range for a dataset of {n} samples")
+        return i
+
+    def __getitem__(self, i):
+        return self.get(i)
+
+    def get(self, i, raw: bool | None = None):
+        raw = self.raw if raw is None else raw
+        i = self._index(i)
+        x, qs, qo, hw = self._read(np.asarray([i]))
+        meta = dict(self._meta(i))
+        meta["key"] = self.keys[i]
+        meta["slot"] = int(self.slots[i])
+        if hw is not None:
+            meta["hw"] = [int(v) for v in hw[0]]
+        x = x[0]
+        if self.spec.dtype != "bytes":
+            if raw:
+                if qs is not None:
+                    meta["qscale"], meta["qoffset"] = qs[0], qo[0]
+            elif self.spec.quantized:
+                x = self.dequantize(x[None], qs[:1], qo[:1])[0]
+            elif x.dtype != np.float32 and x.dtype.kind == "f":
+                x = x.astype(np.float32)
+        return x, int(self.labels[i]), meta
+
+    def get_batch(self, indices, dequantize: bool = False) -> dict:
+        """Stacked stored arrays: ``x`` (B, ...) (a list of bytes for bitstreams), ``y`` int64,
+        ``slot`` int64, ``key`` list, and ``qscale``/``qoffset``/``hw`` when the store has them."""
+        idx = np.asarray([self._index(i) for i in np.asarray(indices).reshape(-1)], dtype=np.int64)
+        x, qs, qo, hw = self._read(idx)
+        out = {"x": x, "y": self.labels[idx].copy(), "slot": self.slots[idx].copy(),
+               "key": [self.keys[i] for i in idx]}
+        if qs is not None:
+            out["qscale"], out["qoffset"] = qs, qo
+            if dequantize:
+                out["x"] = self.dequantize(x, qs, qo)
+        if hw is not None:
+            out["hw"] = hw
+        return out
+
+    def iter_shard(self, shard: int):
+        """Yield ``self[i]`` for the samples of one shard, in order (reads each chunk once)."""
+        for i in self.shard_indices(shard):
+            yield self[i]
+
+    def dequantize(self, q, qscale, qoffset):
+        from scatstore.transforms.quantize import dequantize_uint8
+
+        return dequantize_uint8(q, qscale, qoffset, scheme=self.quant_scheme)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({str(self.root)!r}, n={len(self)}, format={self.spec.format}, "
+                f"dtype={self.spec.dtype}, sample_shape={self.spec.sample_shape})")
+
+    # ---------------------------------------------------------------- format hooks
+    def _load_index(self) -> None:  # sets slots, keys, labels
+        raise NotImplementedError
+
+    def _read(self, idx: np.ndarray):  # -> x, qscale, qoffset, hw
+        raise NotImplementedError
+
+    def _meta(self, i: int) -> dict:
+        raise NotImplementedError
+
+
+def load_index_npy(root: Path, manifest: dict) -> np.ndarray:
+    """The structured ``index.npy`` of wds/h5 stores (never unpickled)."""
+    p = root / manifest["store"].get("index", "index.npy")
+    try:
+        a = np.load(p, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise StoreError(f"cannot read {p}: {e}") from None
+    if a.dtype.names is None or not {"slot", "shard", "pos", "y", "key"} <= set(a.dtype.names):
+        raise StoreError(f"{p} is not a scatstore index")
+    return a
+
+
+def open_dataset(path, raw: bool = False) -> ScatDataset:
+    """Open a finished store (the directory holding ``manifest.json``) as a map-style dataset."""
+    root = Path(path)
+    m = read_manifest(root)
+    fmt = m["store"]["format"]
+    if fmt == "zarr":
+        from .zarr_store import ZarrDataset as cls
+    elif fmt == "wds":
+        from .wds_store import WdsDataset as cls
+    elif fmt == "h5":
+        from .h5_store import H5Dataset as cls
+    else:
+        raise StoreError(f"{root}: unknown store format {fmt!r}")
+    return cls(root, m, raw=raw)

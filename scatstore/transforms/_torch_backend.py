@@ -1,0 +1,213 @@
+"""PyTorch implementation of the 2D scattering transform (CPU and CUDA, device-agnostic).
+
+Computes exactly what kymatio 0.3 computes (see :mod:`scatstore.transforms.filters`), organised
+for speed:
+
+* the input is padded once by reflection and Fourier-transformed once (full complex spectrum);
+* for each scale ``j1`` the L wavelet products are one broadcast multiply; kymatio's Fourier
+  subsampling (the *mean* of the ``2**j1 x 2**j1`` aliased blocks) is fused with the product as a
+  multiply-accumulate over the blocks, the ``1 / 4**j1`` folded into the cached filter, so the
+  full-resolution product is never stored for ``j1 > 0``;
+* one batched inverse FFT on the coarse grid, then the modulus as ``sqrt(re**2 + im**2)`` on the
+  real view (torch's complex ``abs`` is several times slower on CPU);
+* the low-pass ``phi_J`` is separable, so "FFT, multiply by phi, subsample by 2**(J-j), inverse
+  FFT, unpad" is two small dense matrix products in space, ``A @ U @ B.T``, exact up to rounding
+  (no FFT of the modulus is needed at order 1, and the zeroth order is ``A0 @ x @ B0.T`` with the
+  reflection padding folded into ``A0`` and ``B0``);
+* order 2 takes one FFT of each ``U1`` (``j1 < J - 1``) and reuses it for every ``j2 > j1``;
+* the batch is cut into chunks whose working set stays under a memory bound.
+
+Filters are converted to tensors once per (device, dtype) and cached in :class:`TorchPlan`.
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+
+from . import filters as fb
+
+
+def _complex_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.complex128 if dtype == torch.float64 else torch.complex64
+
+
+class Geometry:
+    """Sizes, padding and output layout shared by the backends."""
+
+    def __init__(self, M: int, N: int, J: int, L: int, max_order: int):
+        self.M, self.N, self.J, self.L, self.max_order = M, N, J, L, max_order
+        self.Mp, self.Np = fb.compute_padding(M, N, J)
+        self.pads = fb.pad_widths(M, N, J)
+        self.Mo, self.No = self.Mp // 2**J - 2, self.Np // 2**J - 2  # == M // 2**J, N // 2**J
+        self.K1 = 1 + L * J
+        self.K = self.K1 + (L * L * J * (J - 1) // 2 if max_order == 2 else 0)
+        # channel offset of the order-2 block that starts at scale j1
+        self.off2 = []
+        off = self.K1
+        for j1 in range(J):
+            self.off2.append(off)
+            off += L * L * (J - 1 - j1)
+
+    def grid(self, j: int) -> tuple[int, int]:
+        return self.Mp // 2**j, self.Np // 2**j
+
+    def working_bytes(self, real_bytes: int) -> tuple[int, int]:
+        """Upper estimate of the working set: (bytes per input map, fixed bytes per theta1 block).
+
+        Per input map (one channel of one image) at order 1: the padded input and its spectrum,
+        the L products / inverse FFTs / moduli at full resolution (j1 = 0 dominates), and the
+        low-pass intermediates. Order 2 adds the spectra of the L moduli at j1 = 0 and, per
+        theta1, the L products and inverse FFTs at j2 = 1.
+        """
+        c, r = 2 * real_bytes, real_bytes
+        P = self.Mp * self.Np
+        L = self.L
+        per_map = P * (r + c) + L * P * (2 * c + 2 * r) + L * self.Mp * self.No * r
+        if self.max_order == 2 and self.J > 1:
+            per_map += L * P * c
+            per_theta = L * (P // 4) * (2 * c + 2 * r)
+        else:
+            per_theta = 0
+        return per_map, per_theta
+
+
+class TorchPlan:
+    """Filters and matrices of one geometry on one device in one dtype."""
+
+    def __init__(self, geo: Geometry, device: torch.device, dtype: torch.dtype):
+        self.geo, self.device, self.dtype = geo, device, dtype
+        self.cdtype = _complex_dtype(dtype)
+        g = geo
+        J, L = g.J, g.L
+
+        def tt(a, complex_=False):
+            a = np.asarray(a)
+            if complex_:  # real filter duplicated on a trailing axis: interleaved (re, im) layout
+                a = np.repeat(a[..., None], 2, axis=-1)
+            return torch.tensor(a, dtype=dtype, device=device)
+
+        psi = fb.wavelet_bank(g.Mp, g.Np, J, L)  # (J, L, Mp, Np) float64
+        # first order: level-0 filters, 1/4**j1 of the Fourier-domain mean folded in, laid out as
+        # (s, M1, s, N1) blocks so the alias sum is a multiply-accumulate over blocks.
+        self.psi1 = [tt(psi[j1] / 4.0**j1, complex_=True) for j1 in range(J)]
+        self.blocks1 = [fb.significant_blocks(psi[j1], 2**j1) for j1 in range(J)]
+        self.blocks2: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        # second order: psi_{j2} cropped at resolution j1 (kymatio: psi['levels'][j1]),
+        # divided by 4**(j2 - j1).
+        self.psi2: dict[tuple[int, int], torch.Tensor] = {}
+        if g.max_order == 2:
+            for j1 in range(J - 1):
+                for j2 in range(j1 + 1, J):
+                    f = fb.periodize_filter_fft(psi[j2], j1) / 4.0 ** (j2 - j1)
+                    self.psi2[(j1, j2)] = tt(f, complex_=True)
+                    self.blocks2[(j1, j2)] = fb.significant_blocks(f, 2 ** (j2 - j1))
+        # low-pass matrices per resolution; order 0 gets the reflection padding folded in
+        self.lp: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for res in range(J):
+            A, B = fb.lowpass_matrices(g.Mp, g.Np, J, res)
+            self.lp.append((tt(A), tt(B.T)))
+        A0, B0 = fb.lowpass_matrices(g.Mp, g.Np, J, 0)
+        top, bottom, left, right = g.pads
+        self.lp0 = (tt(fb.fold_padding(A0, fb.reflect_index(g.M, top, bottom))),
+                    tt(fb.fold_padding(B0, fb.reflect_index(g.N, left, right)).T))
+
+    # ---- building blocks -------------------------------------------------------------------
+    @staticmethod
+    def _modulus(W: torch.Tensor) -> torch.Tensor:
+        """|W| for complex W, as sqrt(re^2 + im^2) on the real view (fast on CPU)."""
+        if W.device.type != "cpu":
+            return W.abs()
+        sq = torch.view_as_real(W)
+        sq = sq * sq
+        out = sq[..., 0] + sq[..., 1]
+        return out.sqrt_()
+
+    @staticmethod
+    def _filter_periodize(U: torch.Tensor, F: torch.Tensor, s: int,
+                          blocks: list[tuple[int, int]]) -> torch.Tensor:
+        """mean over the s x s aliased blocks of ``U[..., None, :, :] * F`` (1/s^2 is in F).
+
+        U: (n, [extra,] M, N) complex, F: (L, M, N, 2) real with F[..., 0] == F[..., 1] (the
+        real filter duplicated so that complex x real is a plain real multiply on the
+        interleaved view) -> (n, [extra,] L, M/s, N/s) complex. Only the aliased ``blocks``
+        listed are summed (see ``filters.significant_blocks``).
+        """
+        Ue = torch.view_as_real(U).unsqueeze(-4)  # (..., 1, M, N, 2)
+        if s == 1:
+            return torch.view_as_complex(Ue * F)
+        M, N = U.shape[-2:]
+        m, k = M // s, N // s
+        Ub = Ue.unflatten(-3, (s, m)).unflatten(-2, (s, k))  # (..., 1, s, m, s, k, 2)
+        Fb = F.unflatten(-3, (s, m)).unflatten(-2, (s, k))  # (L, s, m, s, k, 2)
+        (a, b), rest = blocks[0], blocks[1:]
+        out = Ub[..., a, :, b, :, :] * Fb[..., a, :, b, :, :]
+        for a, b in rest:
+            out.addcmul_(Ub[..., a, :, b, :, :], Fb[..., a, :, b, :, :])
+        return torch.view_as_complex(out)
+
+    def _lowpass(self, U: torch.Tensor, res: int) -> torch.Tensor:
+        A, Bt = self.lp[res]
+        return torch.matmul(torch.matmul(A, U), Bt)
+
+    # ---- the transform on one chunk ----------------------------------------------------------
+    def forward_chunk(self, x: torch.Tensor, out: torch.Tensor, theta_block: int) -> None:
+        """x: (n, M, N) real in self.dtype; out: (n, K, Mo, No) to fill (any float dtype)."""
+        g = self.geo
+        J, L = g.J, g.L
+        A0, B0t = self.lp0
+        out[:, 0] = torch.matmul(torch.matmul(A0, x), B0t)
+        top, bottom, left, right = g.pads
+        xp = torch.nn.functional.pad(x.unsqueeze(1), (left, right, top, bottom), mode="reflect")
+        U0 = torch.fft.fft2(xp.squeeze(1).to(self.cdtype))
+        del xp
+        for j1 in range(J):
+            Z = self._filter_periodize(U0, self.psi1[j1], 2**j1, self.blocks1[j1])
+            W = torch.fft.ifft2(Z, out=Z)
+            U1 = self._modulus(W)
+            del Z, W
+            out[:, 1 + j1 * L:1 + (j1 + 1) * L] = self._lowpass(U1, j1)
+            if g.max_order < 2 or j1 == J - 1:
+                continue
+            V = torch.fft.fft2(U1.to(self.cdtype))  # (n, L, M1, N1)
+            del U1
+            nj2 = J - 1 - j1
+            o2 = out[:, g.off2[j1]:g.off2[j1] + L * L * nj2].unflatten(1, (L, nj2, L))
+            for t0 in range(0, L, theta_block):
+                Vb = V[:, t0:t0 + theta_block]
+                for j2 in range(j1 + 1, J):
+                    Z2 = self._filter_periodize(Vb, self.psi2[(j1, j2)], 2 ** (j2 - j1),
+                                                self.blocks2[(j1, j2)])
+                    W2 = torch.fft.ifft2(Z2, out=Z2)
+                    U2 = self._modulus(W2)
+                    del Z2, W2
+                    o2[:, t0:t0 + theta_block, j2 - j1 - 1] = self._lowpass(U2, j2)
+
+
+_PLANS: dict[tuple, TorchPlan] = {}
+_PLANS_LOCK = threading.Lock()
+_MAX_PLANS = 16
+
+
+def get_plan(geo: Geometry, device: torch.device, dtype: torch.dtype) -> TorchPlan:
+    """Plan for (geometry, device, dtype), built once and cached (process-wide, small LRU)."""
+    key = (geo.M, geo.N, geo.J, geo.L, geo.max_order, str(device), dtype)
+    with _PLANS_LOCK:
+        plan = _PLANS.pop(key, None)
+        if plan is None:
+            plan = TorchPlan(geo, device, dtype)
+        _PLANS[key] = plan  # most recent last
+        while len(_PLANS) > _MAX_PLANS:
+            _PLANS.pop(next(iter(_PLANS)))
+    return plan
+
+
+def plan_cache_info() -> list[tuple]:
+    with _PLANS_LOCK:
+        return list(_PLANS)
+
+
+def clear_plan_cache() -> None:
+    with _PLANS_LOCK:
+        _PLANS.clear()

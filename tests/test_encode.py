@@ -1,0 +1,253 @@
+"""End-to-end tests of the encode job (issue 3): layouts, methods, stores, traps, resume, determinism."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from scatstore.pipelines.encode import EncodeConfig, EncodeError, encode
+from scatstore.pipelines.report import report
+from scatstore.sources import decode_image, resize_center_crop, resize_keep_aspect
+from scatstore.sources.demo_data import make_coco_layout, make_imagenet_layout, make_trap_files
+from scatstore.stores import open_dataset, read_manifest, verify
+
+SIZE = 64  # small images keep the suite fast; the pipeline is size-agnostic
+
+
+@pytest.fixture(scope="module")
+def imagenet_src(tmp_path_factory) -> Path:
+    return make_imagenet_layout(tmp_path_factory.mktemp("src") / "imagenet", n_per_class=4, seed=0)
+
+
+@pytest.fixture(scope="module")
+def coco_src(tmp_path_factory) -> Path:
+    return make_coco_layout(tmp_path_factory.mktemp("src") / "coco", n_images=6, seed=0)
+
+
+def _run(src, out, **kw) -> dict:
+    kw.setdefault("size", SIZE)
+    kw.setdefault("shard_size", 5)
+    kw.setdefault("progress", False)
+    return encode(EncodeConfig(src=src, out=out, **kw), log=lambda m: None)
+
+
+def _store_digest(out: Path) -> dict[str, str]:
+    """sha256 of every file of a store except the resume bookkeeping."""
+    digests = {}
+    for path in sorted(out.rglob("*")):
+        rel = path.relative_to(out).as_posix()
+        if path.is_file() and not rel.startswith(".scatstore"):
+            digests[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return digests
+
+
+def _reference_scattering(src_root: Path, meta: dict, J: int, order: int, keep_aspect=False):
+    img = decode_image(src_root / meta["path"])
+    if keep_aspect:
+        pixels, _, _ = resize_keep_aspect(img, SIZE)
+    else:
+        pixels, _ = resize_center_crop(img, SIZE)
+    from scatstore import Scattering2D
+
+    S = Scattering2D(J=J, shape=(SIZE, SIZE), L=8, max_order=order)
+    x = torch.from_numpy(pixels[None].astype(np.float32) / 255.0)
+    return S(x)[0].numpy()
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "wds", "h5"])
+def test_scat1_every_store_matches_transform_of_decoded_image(imagenet_src, tmp_path, fmt):
+    out = tmp_path / "out"
+    m = _run(imagenet_src, out, method="scat1", J=2, format=fmt, dtype="float32")
+    ds = open_dataset(out)
+    assert len(ds) == m["count"] == 12
+    assert m["rejected"] == 0
+    assert m["sample_shape"] == [3, 17, SIZE // 4, SIZE // 4]
+    for i in (0, 5, 11):
+        x, y, meta = ds[i]
+        ref = _reference_scattering(imagenet_src, meta, J=2, order=1)
+        np.testing.assert_allclose(x, ref, rtol=1e-5, atol=1e-6)
+        assert y == m["class_names"].index(Path(meta["path"]).parent.name)
+    assert verify(out).ok
+
+
+def test_scat2_float16_and_raw(imagenet_src, tmp_path):
+    out = tmp_path / "scat2"
+    m = _run(imagenet_src, out, method="scat2", J=2, format="zarr")
+    assert m["sample_shape"] == [3, 1 + 16 + 64, SIZE // 4, SIZE // 4]
+    x, _, meta = open_dataset(out)[3]
+    ref = _reference_scattering(imagenet_src, meta, J=2, order=2)
+    np.testing.assert_allclose(x, ref.astype(np.float16).astype(np.float32), rtol=1e-3, atol=1e-4)
+
+    raw = tmp_path / "raw"
+    m = _run(imagenet_src, raw, method="raw", format="wds")
+    x, _, meta = open_dataset(raw)[2]
+    pixels, _ = resize_center_crop(decode_image(imagenet_src / meta["path"]), SIZE)
+    assert x.shape == (3, SIZE, SIZE)
+    np.testing.assert_array_equal(np.asarray(x).astype(np.uint8), pixels)
+
+
+def test_uint8_quantization_error_is_small(imagenet_src, tmp_path):
+    out = tmp_path / "q"
+    _run(imagenet_src, out, method="scat1", J=2, format="h5", dtype="uint8")
+    ds = open_dataset(out)
+    x, _, meta = ds[0]
+    ref = _reference_scattering(imagenet_src, meta, J=2, order=1)
+    rel_rms = np.sqrt(np.mean((x - ref) ** 2)) / np.sqrt(np.mean(ref ** 2))
+    assert rel_rms < 0.02
+
+
+def test_coco_boxes_follow_the_resize(coco_src, tmp_path):
+    out = tmp_path / "coco"
+    m = _run(coco_src, out, method="scat1", J=2, format="zarr")
+    assert m["source"]["layout"] == "coco"
+    ds = open_dataset(out)
+    ann = json.loads(next((coco_src / "annotations").glob("instances_*.json")).read_text())
+    by_id = {im["id"]: im for im in ann["images"]}
+    n_boxes = 0
+    for i in range(len(ds)):
+        x, y, meta = ds[i]
+        assert y == -1
+        im = by_id[meta["image_id"]]
+        scale = SIZE / max(im["width"], im["height"])
+        h, w = meta["hw"]
+        assert max(h, w) == SIZE and abs(min(h, w) - round(min(im["width"], im["height"]) * scale)) <= 1
+        src_boxes = [a["bbox"] for a in ann["annotations"] if a["image_id"] == im["id"]]
+        for box in meta["boxes"]:
+            # every stored box is a source box scaled by the resize factor
+            assert any(np.allclose(box, np.asarray(b) * scale, atol=0.51) for b in src_boxes)
+            n_boxes += 1
+        ref = _reference_scattering(coco_src, meta, J=2, order=1, keep_aspect=True)
+        np.testing.assert_allclose(x, ref.astype(np.float16).astype(np.float32), rtol=1e-3, atol=1e-4)
+    assert n_boxes > 0
+
+
+def test_folder_layout_is_unlabeled(imagenet_src, tmp_path):
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    for p in sorted(imagenet_src.rglob("*.JPEG"))[:4]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    out = tmp_path / "out"
+    m = _run(folder, out, method="raw", format="h5", layout="folder")
+    assert m["count"] == 4 and m["class_names"] == []
+    assert all(open_dataset(out)[i][1] == -1 for i in range(4))
+
+
+def test_trap_files_are_rejected_with_reasons_and_the_job_goes_on(tmp_path):
+    src = tmp_path / "traps"
+    expected = make_trap_files(src)
+    out = tmp_path / "out"
+    m = _run(src, out, method="scat1", J=2, format="wds", layout="folder")
+    rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
+    bad = {n for n, outcome in expected.items() if outcome != "ok"}
+    good = {n for n, outcome in expected.items() if outcome == "ok"}
+    assert {Path(r["path"]).name for r in rejected} == bad
+    assert all(r["reason"] and r["code"] == expected[Path(r["path"]).name] for r in rejected)
+    assert m["rejected"] == len(bad) and m["count"] == len(good)
+    assert {Path(open_dataset(out)[i][2]["path"]).name for i in range(m["count"])} == good
+
+
+def test_report_ratios(imagenet_src, tmp_path):
+    out = tmp_path / "r"
+    _run(imagenet_src, out, method="scat1", J=3, format="zarr", size=64)
+    r = report(out)
+    assert r["coefficient_ratio"] == pytest.approx((1 + 8 * 3) / 4 ** 3)
+    assert r["raw_bytes"] == 12 * 3 * 64 * 64
+    assert r["bytes_ratio"] == pytest.approx(r["bytes_stored"] / r["raw_bytes"])
+    assert r["bits_per_pixel"] == pytest.approx(8 * r["bytes_stored"] / (12 * 64 * 64))
+    assert 0 < r["source_bytes_ratio"]
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "wds", "h5"])
+def test_output_bytes_do_not_depend_on_worker_count(imagenet_src, tmp_path, fmt):
+    one = tmp_path / "one"
+    two = tmp_path / "two"
+    _run(imagenet_src, one, method="scat1", J=2, format=fmt, workers=1)
+    _run(imagenet_src, two, method="scat1", J=2, format=fmt, workers=2)
+    assert _store_digest(one) == _store_digest(two)
+
+
+@pytest.mark.slow
+def test_dask_local_cluster_gives_the_same_bytes(imagenet_src, tmp_path):
+    one = tmp_path / "one"
+    dask = tmp_path / "dask"
+    _run(imagenet_src, one, method="scat1", J=2, format="zarr", workers=1)
+    _run(imagenet_src, dask, method="scat1", J=2, format="zarr", workers=2, scheduler="local")
+    assert _store_digest(one) == _store_digest(dask)
+
+
+def test_sigkill_then_resume_is_identical_to_a_clean_run(imagenet_src, tmp_path):
+    clean = tmp_path / "clean"
+    _run(imagenet_src, clean, method="scat1", J=2, format="wds", shard_size=2)
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "scatstore.cli.main", "encode", str(imagenet_src), str(killed),
+           "--method", "scat1", "--J", "2", "--format", "wds", "--shard-size", "2",
+           "--size", str(SIZE), "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    markers = killed / ".scatstore" / "shards"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if markers.exists() and len(list(markers.glob("shard-*.json"))) >= 2:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "manifest.json").exists(), "the job finished before it could be killed"
+    # A half-written shard must not survive: damage one completed shard as a crash might.
+    victim = killed / "shard-000000.tar"
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert _store_digest(killed) == _store_digest(clean)
+    assert verify(killed).ok
+
+
+def test_fatal_errors_are_clear(imagenet_src, tmp_path):
+    with pytest.raises(EncodeError, match="does not exist"):
+        _run(tmp_path / "nope", tmp_path / "o1", method="raw")
+    out = tmp_path / "o2"
+    _run(imagenet_src, out, method="raw", format="h5")
+    with pytest.raises(EncodeError, match="different job"):
+        _run(imagenet_src, out, method="scat1", J=2, format="h5")
+    foreign = tmp_path / "o3"
+    foreign.mkdir()
+    (foreign / "thesis.pdf").write_bytes(b"%PDF")
+    with pytest.raises(EncodeError, match="not empty"):
+        _run(imagenet_src, foreign, method="raw")
+    if os.geteuid() != 0:  # root ignores permission bits
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        with pytest.raises(EncodeError, match="not writable"):
+            _run(imagenet_src, ro / "out", method="raw")
+
+
+def test_cli_encode_report_verify(imagenet_src, tmp_path):
+    out = tmp_path / "cli"
+    base = [sys.executable, "-m", "scatstore.cli.main"]
+    run = subprocess.run(base + ["encode", str(imagenet_src), str(out), "--method", "scat1", "--J", "2",
+                                 "--size", str(SIZE), "--format", "zarr", "--shard-size", "5",
+                                 "--quiet"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "encoded 12 samples (0 rejected)" in run.stderr
+    rep = subprocess.run(base + ["report", str(out), "--json"], capture_output=True, text=True, check=True)
+    assert json.loads(rep.stdout)["count"] == 12
+    assert subprocess.run(base + ["verify", str(out)], capture_output=True).returncode == 0
+    manifest = read_manifest(out)
+    shard_file = sorted(manifest["store"]["shards"][1]["files"])[0]
+    path = out / shard_file
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    bad = subprocess.run(base + ["verify", str(out)], capture_output=True, text=True)
+    assert bad.returncode == 1 and "shard 1" in bad.stderr
+    missing = subprocess.run(base + ["encode", str(tmp_path / "missing"), str(tmp_path / "x")],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr

@@ -1,0 +1,334 @@
+"""Scattering2D against kymatio 0.3 on real images, plus API, errors, chunking and caching."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import scatstore
+from scatstore.sample_data import load_image
+from scatstore.transforms import Scattering2D, scattering_channels, scattering_output_size
+from scatstore.transforms import _torch_backend, filters
+from scatstore.transforms.scattering import scattering_paths
+
+kymatio_frontend = pytest.importorskip("kymatio.scattering2d.frontend.torch_frontend")
+TOL = 1e-4  # maximum relative error, float32
+
+# (H, W, J, L, max_order): every J in 1..4, every L in {4, 6, 8}, both orders, square and not.
+GRID = [
+    (33, 40, 1, 8, 1),
+    (24, 24, 1, 4, 2),
+    (40, 56, 2, 8, 2),
+    (64, 64, 2, 6, 1),
+    (48, 36, 2, 4, 1),
+    (64, 64, 3, 6, 2),
+    (56, 72, 3, 8, 1),
+    (96, 80, 3, 4, 2),
+    (80, 96, 4, 8, 1),
+    (96, 80, 4, 4, 2),
+    (40, 36, 4, 6, 1),
+]
+
+
+def _crop(img: np.ndarray, H: int, W: int, top: int = 0, left: int = 0) -> np.ndarray:
+    return img[top:top + H, left:left + W]
+
+
+def _batch(H: int, W: int) -> torch.Tensor:
+    """(2, 3, H, W) float32 in [0, 1]: an RGB photograph and three grey textures."""
+    photo = _crop(load_image("astronaut"), H, W, 90, 170).transpose(2, 0, 1)
+    tex = np.stack([_crop(load_image(n, rgb=False), H, W, 37, 51)
+                    for n in ("brick", "grass", "gravel")])
+    x = np.stack([photo, tex]).astype(np.float32) / 255.0
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
+_REF: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _reference(H, W, J, L, order, x=None):
+    key = (H, W, J, L, order)
+    if key not in _REF:
+        x = _batch(H, W) if x is None else x
+        k = kymatio_frontend.ScatteringTorch2D(J, (H, W), L=L, max_order=order)
+        with torch.no_grad():
+            _REF[key] = (x, k(x))
+    return _REF[key]
+
+
+def _rel_err(y, ref) -> float:
+    """Largest, over every output map, of max|y - ref| / max|ref| on that map."""
+    y = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y).double()
+    ref = ref.double()
+    num = (y - ref).abs().flatten(-2).amax(-1)
+    den = ref.abs().flatten(-2).amax(-1).clamp_min(1e-12)
+    return float((num / den).max())
+
+
+@pytest.mark.parametrize("H,W,J,L,order", GRID)
+def test_matches_kymatio_torch(H, W, J, L, order):
+    x, ref = _reference(H, W, J, L, order)
+    S = Scattering2D(J, (H, W), L=L, max_order=order)
+    y = S(x)
+    assert y.shape == ref.shape == (2, 3, scattering_channels(J, L, order), H // 2**J, W // 2**J)
+    assert y.dtype == torch.float32
+    assert _rel_err(y, ref) <= TOL
+
+
+@pytest.mark.parametrize("H,W,J,L,order", GRID[::2])
+def test_matches_kymatio_numpy_backend(H, W, J, L, order):
+    x, ref = _reference(H, W, J, L, order)
+    S = Scattering2D(J, (H, W), L=L, max_order=order, backend="numpy")
+    y = S(x.numpy())
+    assert isinstance(y, np.ndarray) and y.dtype == np.float32
+    assert y.shape == tuple(ref.shape)
+    assert _rel_err(y, ref) <= TOL
+
+
+def test_matches_kymatio_224_order1():
+    img = load_image("coffee")[:224, 100:324]  # a 224 x 224 photograph
+    x = torch.from_numpy(img.transpose(2, 0, 1).astype(np.float32)[None] / 255.0)
+    _, ref = _reference(224, 224, 3, 8, 1, x=x.contiguous())
+    y = Scattering2D(3, (224, 224), L=8, max_order=1)(x)
+    assert y.shape == (1, 3, 25, 28, 28)
+    assert _rel_err(y, ref) <= TOL
+
+
+def test_odd_minimal_size_matches_kymatio():
+    # 2**J + 1 pixels is the smallest size accepted.
+    x, ref = _reference(9, 12, 3, 8, 2)
+    assert _rel_err(Scattering2D(3, (9, 12), max_order=2)(x), ref) <= TOL
+
+
+def test_filters_match_kymatio_filter_bank():
+    from kymatio.scattering2d.filter_bank import filter_bank as kymatio_filter_bank
+
+    for M, N, J, L in [(24, 32, 2, 8), (32, 48, 3, 6)]:
+        ref = kymatio_filter_bank(M, N, J, L)
+        ours = filters.filter_bank(M, N, J, L)
+        assert len(ref["psi"]) == len(ours["psi"]) == J * L
+        for a, b in zip(ref["psi"], ours["psi"]):
+            assert (a["j"], a["theta"]) == (b["j"], b["theta"])
+            assert len(a["levels"]) == len(b["levels"])
+            for fa, fb_ in zip(a["levels"], b["levels"]):
+                assert np.abs(fa - fb_).max() <= 1e-6 * np.abs(fa).max()
+        for fa, fb_ in zip(ref["phi"]["levels"], ours["phi"]["levels"]):
+            assert np.abs(fa - fb_).max() <= 1e-6 * np.abs(fa).max()
+
+
+def test_lowpass_matrices_equal_fourier_path():
+    rng = np.random.default_rng(0)
+    Mp, Np, J = 48, 40, 3
+    for res in range(J):
+        m, n = Mp // 2**res, Np // 2**res
+        U = rng.standard_normal((m, n))
+        phi = filters.lowpass_fft(Mp, Np, J, res)
+        k = 2 ** (J - res)
+        Y = (np.fft.fft2(U) * phi).reshape(k, m // k, k, n // k).mean(axis=(0, 2))
+        ref = np.real(np.fft.ifft2(Y))[1:-1, 1:-1]
+        A, B = filters.lowpass_matrices(Mp, Np, J, res)
+        np.testing.assert_allclose(A @ U @ B.T, ref, rtol=0, atol=1e-12)
+
+
+# ---- API -------------------------------------------------------------------------------------
+def test_helpers_and_layout():
+    assert scattering_channels(3, 8, 1) == 25
+    assert scattering_channels(2, 8, 2) == 81
+    assert scattering_channels(3, 8, 2) == 217
+    assert scattering_channels(4, 6, 2) == 1 + 24 + 36 * 6
+    assert scattering_output_size(224, 224, 3) == (28, 28)
+    assert scattering_output_size(33, 40, 1) == (16, 20)
+    paths = scattering_paths(3, 4, 2)
+    assert len(paths) == scattering_channels(3, 4, 2)
+    assert paths[0] == ((), ()) and paths[1] == ((0,), (0,)) and paths[4] == ((0,), (3,))
+    assert paths[13] == ((0, 1), (0, 0)) and paths[17] == ((0, 2), (0, 0))
+    assert scatstore.Scattering2D is Scattering2D
+    S = Scattering2D(2, (32, 48), L=8, max_order=2)
+    assert S.K == 81 and S.output_size == (8, 12) and S.padded_shape == (40, 56)
+    assert S.output_shape(5, 3) == (5, 3, 81, 8, 12)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16, "float16"])
+def test_out_dtype(out_dtype):
+    x, _ = _reference(40, 56, 2, 8, 2)
+    full = Scattering2D(2, (40, 56), max_order=2)(x)
+    y = Scattering2D(2, (40, 56), max_order=2, out_dtype=out_dtype)(x)
+    want = getattr(torch, out_dtype) if isinstance(out_dtype, str) else out_dtype
+    assert y.dtype == want and y.shape == full.shape
+    assert torch.equal(y, full.to(want))  # computed in float32, cast once at the end
+
+
+def test_out_dtype_numpy_backend():
+    x, _ = _reference(40, 56, 2, 8, 2)
+    y = Scattering2D(2, (40, 56), max_order=2, backend="numpy", out_dtype=np.float16)(x.numpy())
+    assert y.dtype == np.float16
+    with pytest.raises(ValueError):
+        Scattering2D(2, (40, 56), backend="numpy", out_dtype="int32")
+
+
+def test_float64_input_gives_float64():
+    x, _ = _reference(64, 64, 3, 6, 2)
+    y32 = Scattering2D(3, (64, 64), L=6, max_order=2)(x)
+    y64 = Scattering2D(3, (64, 64), L=6, max_order=2)(x.double())
+    assert y64.dtype == torch.float64
+    assert _rel_err(y32, y64) <= 1e-5
+
+
+def test_float16_input_computed_in_float32():
+    x, _ = _reference(40, 56, 2, 8, 2)
+    y = Scattering2D(2, (40, 56), max_order=2)(x.half())
+    assert y.dtype == torch.float32
+    ref = Scattering2D(2, (40, 56), max_order=2)(x.half().float())
+    assert torch.equal(y, ref)
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_chunking_gives_identical_output(order):
+    x, _ = _reference(96, 80, 3, 4, 2) if order == 2 else _reference(56, 72, 3, 8, 1)
+    H, W = x.shape[-2:]
+    L = 4 if order == 2 else 8
+    big = Scattering2D(3, (H, W), L=L, max_order=order)
+    tiny = Scattering2D(3, (H, W), L=L, max_order=order, max_memory_bytes=1)
+    assert tiny.chunk_size() == 1 and tiny.theta_block() == (1 if order == 2 else L)
+    assert big.chunk_size() >= 6 and big.theta_block() == L
+    a, b = big(x), tiny(x)
+    assert _rel_err(a, b) <= 1e-6  # same arithmetic, only BLAS/FFT blocking may differ
+
+
+def test_large_batch_is_chunked_under_the_bound():
+    for budget in (8 * 2**20, 64 * 2**20, 2**30):
+        S = Scattering2D(3, (224, 224), max_order=2, max_memory_bytes=budget)
+        per_map, per_theta = S.working_set_bytes(4)
+        n, tb = S.chunk_size(), S.theta_block()
+        assert 1 <= tb <= 8 and n >= 1
+        assert n * (per_map + tb * per_theta) <= budget or (n == 1 and tb == 1)
+    S = Scattering2D(3, (224, 224), max_order=1)  # default bound on CPU
+    assert S.chunk_size() * S.working_set_bytes(4)[0] <= 32 * 2**20
+
+
+def test_deterministic_and_channels_independent():
+    x, _ = _reference(40, 56, 2, 8, 2)
+    S = Scattering2D(2, (40, 56), max_order=2)
+    y1, y2 = S(x), S(x)
+    assert torch.equal(y1, y2)
+    for c in range(3):
+        yc = S(x[:, c:c + 1].contiguous())
+        assert _rel_err(yc[:, 0], y1[:, c]) <= 1e-6
+    # a batch item does not depend on its neighbours
+    assert _rel_err(S(x[1:].contiguous())[0], y1[1]) <= 1e-6
+
+
+def test_non_contiguous_input():
+    x, _ = _reference(40, 56, 2, 8, 2)
+    S = Scattering2D(2, (40, 56), max_order=2)
+    xt = x.transpose(0, 1).contiguous().transpose(0, 1)  # same values, other strides
+    assert not xt.is_contiguous()
+    assert _rel_err(S(xt), S(x)) <= 1e-6
+
+
+def test_filters_are_cached_per_shape_device_dtype():
+    _torch_backend.clear_plan_cache()
+    x, _ = _reference(40, 56, 2, 8, 2)
+    S = Scattering2D(2, (40, 56), max_order=2)
+    S(x)
+    keys = _torch_backend.plan_cache_info()
+    assert len(keys) == 1
+    plan = _torch_backend.get_plan(S._geo, x.device, torch.float32)
+    S(x)
+    Scattering2D(2, (40, 56), max_order=2)(x)  # another instance, same geometry
+    assert _torch_backend.plan_cache_info() == keys
+    assert _torch_backend.get_plan(S._geo, x.device, torch.float32) is plan
+    S(x.double())
+    assert len(_torch_backend.plan_cache_info()) == 2
+
+
+def test_empty_batch():
+    S = Scattering2D(2, (40, 56), max_order=2)
+    assert S(torch.zeros(0, 3, 40, 56)).shape == (0, 3, 81, 10, 14)
+
+
+# ---- errors ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs,exc", [
+    (dict(J=0, shape=(32, 32)), ValueError),
+    (dict(J=9, shape=(1024, 1024)), ValueError),
+    (dict(J=2.0, shape=(32, 32)), TypeError),
+    (dict(J=2, shape=(32, 32), L=0), ValueError),
+    (dict(J=2, shape=(32, 32), L=17), ValueError),
+    (dict(J=2, shape=(32, 32), max_order=3), ValueError),
+    (dict(J=2, shape=(32, 32), max_order=0), ValueError),
+    (dict(J=3, shape=(8, 32)), ValueError),
+    (dict(J=3, shape=(32, 8)), ValueError),
+    (dict(J=2, shape=(4, 4)), ValueError),
+    (dict(J=2, shape=32), TypeError),
+    (dict(J=2, shape=(32, 32), backend="jax"), ValueError),
+    (dict(J=2, shape=(32, 32), out_dtype=torch.int32), ValueError),
+    (dict(J=2, shape=(32, 32), max_memory_bytes=0), ValueError),
+])
+def test_bad_parameters(kwargs, exc):
+    with pytest.raises(exc):
+        Scattering2D(**kwargs)
+
+
+def test_bad_inputs():
+    S = Scattering2D(2, (32, 32))
+    with pytest.raises(ValueError, match="rank 4"):
+        S(torch.zeros(3, 32, 32))
+    with pytest.raises(ValueError, match="rank 4"):
+        S(torch.zeros(1, 1, 1, 32, 32))
+    with pytest.raises(ValueError, match="does not match"):
+        S(torch.zeros(1, 1, 32, 33))  # no silent broadcasting or cropping
+    with pytest.raises(ValueError, match="does not match"):
+        S(torch.zeros(1, 1, 1, 32))
+    with pytest.raises(TypeError, match="floating"):
+        S(torch.zeros(1, 1, 32, 32, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="floating"):
+        S(torch.zeros(1, 1, 32, 32, dtype=torch.complex64))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        S(np.zeros((1, 1, 32, 32), np.float32))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.zeros(2, 1, 32, 32)
+        x[1, 0, 5, 7] = bad
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            S(x)
+    Sn = Scattering2D(2, (32, 32), backend="numpy")
+    with pytest.raises(TypeError, match="numpy.ndarray"):
+        Sn(torch.zeros(1, 1, 32, 32))
+    with pytest.raises(TypeError, match="floating"):
+        Sn(np.zeros((1, 1, 32, 32), np.int64))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        Sn(np.full((1, 1, 32, 32), np.nan, np.float32))
+    with pytest.raises(ValueError, match="rank 4"):
+        Sn(np.zeros((32, 32), np.float32))
+
+
+def test_cupy_backend_without_cupy():
+    from scatstore.transforms import _xp_backend
+
+    if _xp_backend.cupy_available():
+        pytest.skip("CuPy is installed")
+    with pytest.raises(ImportError, match="gpu"):
+        Scattering2D(2, (32, 32), backend="cupy")
+
+
+# ---- GPU -------------------------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("H,W,J,L,order", [GRID[2], GRID[7]])
+def test_cuda_matches_kymatio(H, W, J, L, order):
+    x, ref = _reference(H, W, J, L, order)
+    y = Scattering2D(J, (H, W), L=L, max_order=order)(x.cuda())
+    assert y.is_cuda
+    assert _rel_err(y.cpu(), ref) <= TOL
+    y16 = Scattering2D(J, (H, W), L=L, max_order=order, out_dtype=torch.float16)(x.cuda())
+    assert y16.dtype == torch.float16 and y16.is_cuda
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cupy_matches_kymatio():
+    cp = pytest.importorskip("cupy")
+    x, ref = _reference(*GRID[7])
+    H, W, J, L, order = GRID[7]
+    y = Scattering2D(J, (H, W), L=L, max_order=order, backend="cupy")(cp.asarray(x.numpy()))
+    assert isinstance(y, cp.ndarray)
+    assert _rel_err(cp.asnumpy(y), ref) <= TOL
