@@ -65,6 +65,9 @@ def main() -> None:
 @click.option("--size", type=int, default=224, show_default=True, help="Stored image side in pixels.")
 @click.option("--dtype", type=click.Choice(["float16", "float32", "uint8"]), default="float16",
               show_default=True, help="Coefficient storage type (uint8: per-channel quantization).")
+@click.option("--compression", default="default", show_default=True,
+              help="Store compression: default (zarr zstd:3, h5 gzip:1, wds none), none, zstd[:L], "
+                   "gzip[:L], lzf (h5). 'none' streams fastest (docs/loading.md).")
 @click.option("--layout", type=click.Choice(["auto", "imagenet", "coco", "folder"]), default="auto",
               show_default=True, help="Source layout.")
 @click.option("--split", default=None, help="COCO: which instances_<split>.json to use.")
@@ -77,14 +80,15 @@ def main() -> None:
 @click.option("--device", default="cpu", show_default=True, help="Device of the transform (cpu, cuda, cuda:1).")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Images per transform call.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def encode_cmd(src, out, method, J, L, codec, fmt, shard_size, size, dtype, layout, split, augment,
+def encode_cmd(src, out, method, J, L, codec, fmt, shard_size, size, dtype, compression, layout, split, augment,
                seed, workers, scheduler, device, batch_size, quiet):
     """Encode the images under SRC into a sharded store at OUT (re-run to resume)."""
     from scatstore.pipelines.encode import EncodeConfig, EncodeError, encode
 
     try:
         cfg = EncodeConfig(src=src, out=out, method=method, J=J, L=L, codec=codec, format=fmt,
-                           shard_size=shard_size, size=size, dtype=dtype, layout=layout, split=split,
+                           shard_size=shard_size, size=size, dtype=dtype,
+                           compression=compression, layout=layout, split=split,
                            augment=augment, seed=seed, workers=workers, scheduler=scheduler,
                            device=device, batch_size=batch_size, progress=not quiet)
         encode(cfg)

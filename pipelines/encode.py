@@ -34,6 +34,9 @@ JOB_DIR = ".scatstore"
 JOB_FILE = "job.json"
 SHARD_MARKERS = "shards"
 REJECTED_FILE = "rejected.jsonl"
+# Methods with a `measure` hook (the learned codec) decode this many samples per shard to record
+# PSNR / MS-SSIM and actual vs estimated rate: a deterministic subset, so cost stays small.
+MEASURE_PER_SHARD = 8
 FORMATS = ("zarr", "wds", "h5")
 DTYPES = ("float16", "float32", "uint8")
 
@@ -56,6 +59,7 @@ class EncodeConfig:
     shard_size: int = 512
     size: int = 224
     dtype: str = "float16"
+    compression: str = "default"
     layout: str = "auto"
     split: str | None = None
     augment: int = 0
@@ -76,6 +80,12 @@ class EncodeConfig:
         for name in ("shard_size", "size", "workers", "batch_size"):
             if getattr(self, name) < 1:
                 raise EncodeError(f"--{name.replace('_', '-')} must be ≥ 1")
+        from scatstore.stores.base import StoreError, parse_compression
+
+        try:
+            parse_compression(self.compression)
+        except StoreError as exc:
+            raise EncodeError(f"--compression: {exc}") from None
         if self.augment < 0:
             raise EncodeError("--augment must be ≥ 0")
         if self.method in ("scat1", "scat2") and self.size <= 2 ** self.J:
@@ -119,6 +129,7 @@ class ShardResult:
     seconds: float
     n_items: int = 0
     stats: dict = field(default_factory=dict)
+    quality: dict = field(default_factory=dict)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -217,6 +228,7 @@ def encode_shard(task: ShardTask, on_progress: Callable[[int], None] | None = No
     xs: list = []
     extras: dict[str, list] = {}
     t_decode = t_encode = 0.0
+    quality: dict[str, float] = {}
 
     def submit_next(pool) -> bool:
         nxt = next(slots_iter, None)
@@ -234,6 +246,12 @@ def encode_shard(task: ShardTask, on_progress: Callable[[int], None] | None = No
         t0 = time.perf_counter()
         encoded = method.encode(np.stack(batch_pixels))
         x, extra = _to_storage(task, method, encoded)
+        n_measured = int(quality.get("n", 0))
+        if hasattr(method, "measure") and n_measured < MEASURE_PER_SHARD:
+            take = MEASURE_PER_SHARD - n_measured
+            sums = method.measure(np.stack(batch_pixels[:take]), encoded[:take])
+            for k, v in sums.items():
+                quality[k] = quality.get(k, 0.0) + v
         xs.append(x)
         for k, v in extra.items():
             extras.setdefault(k, []).append(v)
@@ -291,9 +309,9 @@ def encode_shard(task: ShardTask, on_progress: Callable[[int], None] | None = No
     record = writer.write_shard(task.index, ShardBatch(**batch_kwargs))
     t_write = time.perf_counter() - t0
     record_dict = record.to_dict()
-    marker = {"record": record_dict, "rejected": rejected}
+    marker = {"record": record_dict, "rejected": rejected, "quality": quality}
     _atomic_write_text(_marker_path(out, task.index), json.dumps(marker, sort_keys=True))
-    return ShardResult(index=task.index, record=record_dict, rejected=rejected,
+    return ShardResult(index=task.index, record=record_dict, rejected=rejected, quality=quality,
                        seconds=time.perf_counter() - started, n_items=len(task.slots),
                        stats={"decode_s": t_decode, "encode_s": t_encode, "write_s": t_write})
 
@@ -316,7 +334,7 @@ def job_params(cfg: EncodeConfig, method, source_fingerprint: str) -> dict:
         "manifest_version": MANIFEST_VERSION,
         "method": {"name": method.name, "params": method.params},
         "format": cfg.format, "shard_size": cfg.shard_size, "size": cfg.size,
-        "dtype": _stored_dtype(cfg, method), "layout": cfg.layout, "split": cfg.split,
+        "dtype": _stored_dtype(cfg, method), "compression": cfg.compression, "layout": cfg.layout, "split": cfg.split,
         "augment": cfg.augment, "seed": cfg.seed, "source_fingerprint": source_fingerprint,
     }
 
@@ -481,7 +499,7 @@ def encode(cfg: EncodeConfig, log: Callable[[str], None] | None = None) -> dict:
     spec = StoreSpec(format=cfg.format, n_slots=n_slots, shard_size=cfg.shard_size,
                      sample_shape=method.sample_shape(cfg.size), dtype=stored_dtype,
                      quantized=stored_dtype == "uint8" and method.output_kind == "coefficients",
-                     has_hw=index.layout == "coco")
+                     has_hw=index.layout == "coco", compression=cfg.compression)
     n_shards = -(-n_slots // cfg.shard_size)
     writer = writer_for(cfg.out, spec)
     writer.prepare()
@@ -499,7 +517,8 @@ def encode(cfg: EncodeConfig, log: Callable[[str], None] | None = None) -> dict:
     stats = {"decode_s": 0.0, "encode_s": 0.0, "write_s": 0.0}
     with _progress_bar(cfg, n_slots, done_slots) as bar:
         for result in _run_tasks(cfg, tasks, bar):
-            results[result.index] = {"record": result.record, "rejected": result.rejected}
+            results[result.index] = {"record": result.record, "rejected": result.rejected,
+                                     "quality": result.quality}
             for k in stats:
                 stats[k] += result.stats.get(k, 0.0)
             bar.set_postfix(shards=f"{len(results)}/{n_shards}")
@@ -554,8 +573,28 @@ def _commit(cfg, index, method, spec, params, results, writer) -> dict:
         },
         "job": {"fingerprint": _fingerprint(params), "params": params},
     }
+    quality = _quality_summary([results[s].get("quality") or {} for s in sorted(results)])
+    if quality:
+        manifest["quality"] = quality
     writer.finalize(manifest, records)
     return manifest
+
+
+def _quality_summary(per_shard: list[dict]) -> dict:
+    """Means over the measured subset (see MEASURE_PER_SHARD), keys documented in docs/format.md."""
+    total: dict[str, float] = {}
+    for q in per_shard:
+        for k, v in q.items():
+            total[k] = total.get(k, 0.0) + v
+    n = total.get("n", 0.0)
+    if not n:
+        return {}
+    out = {"measured_samples": int(n), "psnr_db": total["psnr_db_sum"] / n}
+    if "ms_ssim_sum" in total:
+        out["ms_ssim"] = total["ms_ssim_sum"] / n
+    if total.get("bits_estimated_sum"):
+        out["rate_actual_over_estimate"] = total["bits_actual_sum"] / total["bits_estimated_sum"]
+    return out
 
 
 def _human_bytes(n: float) -> str:

@@ -90,7 +90,7 @@ def _fmt(v) -> str:
     if v is None:
         return "—"
     if isinstance(v, float):
-        return f"{v:.4g}"
+        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
     if isinstance(v, int):
         return f"{v:,}"
     return str(v)
@@ -104,7 +104,7 @@ def format_report(r: dict) -> str:
         ("sample shape", r["sample_shape"] or "variable (bitstreams)"),
         ("samples / rejected", f"{r['count']:,} / {r['rejected']:,}"),
         ("bytes stored", f"{_fmt(r['bytes_stored'])} ({_fmt(r['bytes_per_sample'])} per sample)"),
-        ("payload / store overhead", f"{_fmt(r['payload_bytes'])} / {_fmt(r['overhead_bytes'])}"),
+        _payload_row(r),
         ("coefficients vs raw pixels", _ratio(r["coefficient_ratio"])),
         ("bytes vs raw uint8 pixels", _ratio(r["bytes_ratio"])),
         ("bytes vs source files", _ratio(r["source_bytes_ratio"])),
@@ -115,6 +115,16 @@ def format_report(r: dict) -> str:
         rows.append((k.replace("_", " "), _fmt(v)))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _payload_row(r: dict) -> tuple[str, str]:
+    # Arrays are compressed by the store (stored < payload); bitstreams are not, and then the
+    # difference is the store's own framing (tar headers, indexes, meta): show it as overhead.
+    payload, overhead = r["payload_bytes"], r["overhead_bytes"]
+    if overhead < 0:
+        return ("payload before compression", f"{_fmt(payload)} (stored at {r['bytes_stored'] / payload:.3f}×)")
+    share = f" ({overhead / r['bytes_stored']:.1%} of stored)" if r["bytes_stored"] else ""
+    return ("payload / store overhead", f"{_fmt(payload)} / {_fmt(overhead)}{share}")
 
 
 def _ratio(v) -> str:

@@ -308,3 +308,25 @@ def test_bench_load_cli(stores):
                                               "--seconds", "0.3", "--repeats", "1"])
     assert res.exit_code == 0, res.output
     assert "plain webdataset" in res.output and "JPEG" in res.output and "vs JPEG" in res.output
+
+
+def test_cae_bitstream_store_decoded_by_the_recorded_codec(stores, tmp_path):
+    from scatstore.codecs import fit_codec, load_codec
+    from scatstore.sample_data import load_image
+
+    imgs = [load_image(n) for n in ("astronaut", "coffee")]
+    codec = fit_codec(imgs, channels=4, beta=0.01, steps=2, batch_size=2, size=32, hidden=8,
+                      progress=False)
+    path = tmp_path / "tiny.codec"
+    codec.save(path)
+    out = _encode(stores["src"], tmp_path / "cae", method="cae", codec=str(path), format="wds")
+    ds, codec = open_dataset(out), load_codec(path)
+    ld = loader(out, 4, drop_last=False)
+    assert ld.in_channels == 4
+    ep = ld(0)
+    for k, (x, y) in enumerate(ep):
+        idx = ep.batch_indices(k)
+        ref = codec.dequantize(codec.decode_symbols([ds[int(i)][0] for i in idx]))
+        assert x.dtype == torch.float32 and torch.equal(x, ref)
+        assert y.tolist() == [ds[int(i)][1] for i in idx]
+    assert ld.bytes_read > 0

@@ -239,3 +239,26 @@ class CaeMethod:
 
     def estimated_bits(self, images, source: str = "model") -> np.ndarray:
         return self.codec.estimated_bits(images, source=source)
+
+    def measure(self, images, blobs: Sequence[bytes]) -> dict[str, float]:
+        """Quality and rate sums over a batch, for the manifest's ``quality`` block.
+
+        Decodes the stored bitstreams themselves (not the encoder's latents), so what is measured
+        is what a reader of the store gets. Returns sums, so shards can be added up.
+        """
+        from .metrics import ms_ssim, psnr
+
+        images = np.asarray(images)
+        recon = self.codec.decode_images(self.codec.decode_symbols(list(blobs)))
+        est = self.codec.estimated_bits(images, source="model")
+        # MS-SSIM's five scales need ≥ 176 px; smaller test images report PSNR only.
+        ms = ms_ssim(images, recon) if min(images.shape[-2:]) >= 176 else None
+        sums = {
+            "n": float(len(images)),
+            "psnr_db_sum": float(np.sum(psnr(images, recon))),
+            "bits_actual_sum": float(8 * sum(len(b) for b in blobs)),
+            "bits_estimated_sum": float(np.sum(est)),
+        }
+        if ms is not None:
+            sums["ms_ssim_sum"] = float(np.sum(ms))
+        return sums

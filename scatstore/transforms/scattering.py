@@ -18,7 +18,7 @@ import numpy as np
 _BACKENDS = ("torch", "numpy", "cupy")
 _MAX_J = 8
 _MAX_L = 16
-DEFAULT_CPU_MEMORY = 32 * 2**20  # bytes of working set per call on CPU (cache-sized chunks run fastest)
+DEFAULT_CPU_MEMORY = 64 * 2**20  # bytes of working set per call on CPU (see docs/scattering.md)
 DEFAULT_GPU_MEMORY = 2 * 2**30  # bytes of working set per call on a GPU
 
 
@@ -90,7 +90,7 @@ class Scattering2D:
         dtype (float32, or float64 for float64 input). Computation is always float32 or float64;
         the cast happens when each chunk is written.
     max_memory_bytes : bound on the working set of one call (the output excluded); the batch is
-        processed in chunks that fit. Default 32 MiB on CPU, 2 GiB on a GPU.
+        processed in chunks that fit. Default 64 MiB on CPU, 2 GiB on a GPU.
 
     Calling it on an array ``x`` of shape (B, C, H, W) returns (B, C, K, H // 2**J, W // 2**J)
     with K = :func:`scattering_channels` (J, L, max_order), channels in kymatio's order (see
