@@ -29,6 +29,8 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/scattering.py
 	$(PY) benchmarks/encode.py
+	$(PY) benchmarks/loading.py
+	$(PY) benchmarks/entropy_coding.py
 
 clean:
 	rm -rf $(VENV) demo_out bench_out
