@@ -20,7 +20,6 @@ import json
 import os
 import sys
 import time
-import zlib
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -145,16 +144,10 @@ def _marker_path(out: Path, index: int) -> Path:
     return out / JOB_DIR / SHARD_MARKERS / f"shard-{index:06d}.json"
 
 
-def _variant_rng(seed: int, key: str, variant: int) -> np.random.Generator:
-    # Seeded by (job seed, source key, variant): a sample's augmentation never depends on which
-    # worker or shard position encodes it.
-    return np.random.default_rng([seed, zlib.crc32(key.encode("utf-8")), variant])
-
-
 def _prepare_sample(task: ShardTask, item, variant: int, cache: dict):
     """Decode (once per source item) and preprocess one slot. Returns (image, meta) or raises."""
     from scatstore.sources import (decode_image, random_resized_crop, resize_center_crop,
-                                   resize_keep_aspect)
+                                   resize_keep_aspect, variant_rng)
 
     img = cache.get(item.key)
     if img is None:
@@ -165,7 +158,8 @@ def _prepare_sample(task: ShardTask, item, variant: int, cache: dict):
     hw = None
     if task.augment:
         meta["variant"] = variant
-        pixels, geom = random_resized_crop(img, task.size, _variant_rng(task.seed, item.key, variant))
+        # Seeded by (job seed, source key, variant): never by worker or shard position.
+        pixels, geom = random_resized_crop(img, task.size, variant_rng(task.seed, item.key, variant))
         hw = (task.size, task.size)
     elif task.keep_aspect:
         pixels, hw, geom = resize_keep_aspect(img, task.size)

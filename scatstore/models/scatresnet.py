@@ -23,10 +23,9 @@ from ._blocks import BasicBlock, Bottleneck, conv3x3, flatten_scattering, init_w
 
 def scattering_channels(J: int, L: int = 8, max_order: int = 2, colours: int = 3) -> int:
     """Channels of a flattened scattering output: ``colours · (1 + L·J [+ L²·J(J−1)/2])``."""
-    k = 1 + L * J
-    if max_order >= 2:
-        k += L * L * J * (J - 1) // 2
-    return colours * k
+    from scatstore.transforms.scattering import scattering_channels as per_colour
+
+    return colours * per_colour(J, L, max_order)
 
 
 class _ScatBase(nn.Module):
@@ -104,8 +103,6 @@ class ScatWRN(_ScatBase):
         self.fc = nn.Linear(c, num_classes)
         init_weights(self, zero_init_residual)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.bn0(flatten_scattering(x))
-        x = self.relu(self.bn1(self.conv1(x)))
-        x = self.layer2(self.layer1(x))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+    # Same head as ScatResNet-10: input BN, one conv, two stages, pooling, FC.
+    forward = ScatResNet10.forward
+

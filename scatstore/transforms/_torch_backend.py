@@ -21,7 +21,9 @@ Filters are converted to tensors once per (device, dtype) and cached in :class:`
 """
 from __future__ import annotations
 
+import itertools
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -151,7 +153,7 @@ class TorchPlan:
         A, Bt = self.lp[res]
         return torch.matmul(torch.matmul(A, U), Bt)
 
-    # ---- the transform on one chunk ----------------------------------------------------------
+    # ---- the transform on one chunk (any device; used on GPUs) --------------------------------
     def forward_chunk(self, x: torch.Tensor, out: torch.Tensor, theta_block: int) -> None:
         """x: (n, M, N) real in self.dtype; out: (n, K, Mo, No) to fill (any float dtype)."""
         g = self.geo
@@ -183,6 +185,139 @@ class TorchPlan:
                     U2 = self._modulus(W2)
                     del Z2, W2
                     o2[:, t0:t0 + theta_block, j2 - j1 - 1] = self._lowpass(U2, j2)
+
+    # ---- CPU: one map at a time, preallocated workspace, one thread per pipeline ---------------
+    def _prod_into(self, Zr: torch.Tensor, U: torch.Tensor, F: torch.Tensor, s: int,
+                   blocks: list[tuple[int, int]]) -> None:
+        """Zr (..., L, m, k, 2) <- mean over the s x s aliased blocks of U[..., None] * F.
+
+        U: (..., M, N) complex, F: (L, M, N, 2) real (1/s^2 folded in). In place, no allocation.
+        """
+        Ue = torch.view_as_real(U).unsqueeze(-4)
+        if s == 1:
+            torch.mul(Ue, F, out=Zr)
+            return
+        M, N = U.shape[-2:]
+        m, k = M // s, N // s
+        Ub = Ue.unflatten(-3, (s, m)).unflatten(-2, (s, k))
+        Fb = F.unflatten(-3, (s, m)).unflatten(-2, (s, k))
+        (a, b), rest = blocks[0], blocks[1:]
+        torch.mul(Ub[..., a, :, b, :, :], Fb[..., a, :, b, :, :], out=Zr)
+        for a, b in rest:
+            Zr.addcmul_(Ub[..., a, :, b, :, :], Fb[..., a, :, b, :, :])
+
+    def _wave_mod_lowpass(self, ws: dict, key: str, U: torch.Tensor, F: torch.Tensor, s: int,
+                          blocks, res: int, shape: tuple[int, ...]) -> tuple[torch.Tensor,
+                                                                              torch.Tensor]:
+        """|ifft2(periodize(U * F))| and its low-pass, in workspace buffers ``key``.
+
+        shape: leading shape of the result (..., L); returns (modulus, low-passed (..., Mo, No)).
+        """
+        g = self.geo
+        m, k = g.grid(res)
+        Z = ws.get(key + "Z")
+        if Z is None:
+            Z = ws[key + "Z"] = torch.empty((*shape, m, k), dtype=self.cdtype)
+            ws[key + "W"] = torch.empty_like(Z)
+            ws[key + "U"] = torch.empty((*shape, m, k), dtype=self.dtype)
+            ws[key + "T"] = torch.empty((*shape, m, g.No), dtype=self.dtype)
+            ws[key + "S"] = torch.empty((*shape, g.Mo, g.No), dtype=self.dtype)
+        W, Um, T, S = ws[key + "W"], ws[key + "U"], ws[key + "T"], ws[key + "S"]
+        Zr, Wr = torch.view_as_real(Z), torch.view_as_real(W)
+        self._prod_into(Zr, U, F, s, blocks)
+        torch.fft.ifft2(Z, out=W)
+        torch.mul(Wr, Wr, out=Zr)  # |W|^2 componentwise, into the product's buffer
+        torch.add(Zr[..., 0], Zr[..., 1], out=Um)
+        Um.sqrt_()
+        A, Bt = self.lp[res]
+        torch.matmul(Um, Bt, out=T)  # one GEMM: (... * m, k) @ (k, No)
+        torch.matmul(A, T, out=S)
+        return Um, S
+
+    def forward_map(self, x: torch.Tensor, out: torch.Tensor, theta_block: int,
+                    ws: dict) -> None:
+        """One input map on CPU. x: (M, N) real in self.dtype; out: (K, Mo, No) to fill.
+
+        ws: this pipeline's workspace (dict of buffers, filled on first use, reused per map)."""
+        g = self.geo
+        J, L = g.J, g.L
+        A0, B0t = self.lp0
+        out[0] = torch.matmul(torch.matmul(A0, x), B0t)
+        top, bottom, left, right = g.pads
+        xp = torch.nn.functional.pad(x[None, None], (left, right, top, bottom), mode="reflect")
+        U0 = ws.get("U0")
+        if U0 is None:
+            U0 = ws["U0"] = torch.empty((g.Mp, g.Np), dtype=self.cdtype)
+        torch.fft.fft2(xp[0, 0], out=U0)
+        del xp
+        for j1 in range(J):
+            U1, S1 = self._wave_mod_lowpass(ws, f"1.{j1}.", U0, self.psi1[j1], 2**j1,
+                                            self.blocks1[j1], j1, (L,))
+            out[1 + j1 * L:1 + (j1 + 1) * L] = S1
+            if g.max_order < 2 or j1 == J - 1:
+                continue
+            V = ws.get(f"V{j1}")
+            if V is None:
+                V = ws[f"V{j1}"] = torch.empty(U1.shape, dtype=self.cdtype)
+            torch.fft.fft2(U1, out=V)  # (L, M1, N1)
+            nj2 = J - 1 - j1
+            o2 = out[g.off2[j1]:g.off2[j1] + L * L * nj2].unflatten(0, (L, nj2, L))
+            for t0 in range(0, L, theta_block):
+                Vb = V[t0:t0 + theta_block]
+                tb = Vb.shape[0]
+                for j2 in range(j1 + 1, J):
+                    _, S2 = self._wave_mod_lowpass(ws, f"2.{j1}.{j2}.{tb}.", Vb,
+                                                   self.psi2[(j1, j2)], 2 ** (j2 - j1),
+                                                   self.blocks2[(j1, j2)], j2, (tb, L))
+                    o2[t0:t0 + tb, j2 - j1 - 1] = S2
+
+
+_POOLS: dict[int, "ThreadPoolExecutor"] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _single_thread_init() -> None:
+    torch.set_num_threads(1)  # OpenMP/MKL thread count is per calling thread
+
+
+def _pool(workers: int) -> "ThreadPoolExecutor":
+    with _POOLS_LOCK:
+        pool = _POOLS.get(workers)
+        if pool is None:
+            pool = _POOLS[workers] = ThreadPoolExecutor(
+                workers, thread_name_prefix="scatstore", initializer=_single_thread_init)
+        return pool
+
+
+def run_cpu(plan: TorchPlan, xs: torch.Tensor, out: torch.Tensor, workers: int,
+            theta_block: int) -> None:
+    """Transform the maps xs (n, M, N) into out (n, K, Mo, No) on CPU.
+
+    ``workers`` pipelines, each single-threaded with its own workspace, take maps one at a time
+    from a shared counter (dynamic schedule); with ``workers == 1`` it runs in the caller's
+    thread with the caller's intra-op threads.
+    """
+    n = xs.shape[0]
+    counter = itertools.count()
+    lock = threading.Lock()
+
+    def work() -> None:
+        ws: dict = {}
+        with torch.no_grad():
+            while True:
+                with lock:
+                    i = next(counter)
+                if i >= n:
+                    return
+                plan.forward_map(xs[i].to(plan.dtype).contiguous(), out[i], theta_block, ws)
+
+    workers = max(1, min(workers, n))
+    if workers == 1:
+        work()
+        return
+    futures = [_pool(workers).submit(work) for _ in range(workers)]
+    for f in futures:
+        f.result()
 
 
 _PLANS: dict[tuple, TorchPlan] = {}

@@ -60,28 +60,19 @@ def filter_angles(L: int = 8) -> np.ndarray:
     return np.array([(int(L - L / 2 - 1) - l) * np.pi / L for l in range(L)])
 
 
-def scattering_paths(J: int, L: int = 8, max_order: int = 1) -> list[tuple]:
-    """The channel order of kymatio's ``out_type='array'`` output, one tuple per channel.
+def path_pairs(J: int, L: int = 8, max_order: int = 1) -> list[tuple]:
+    """kymatio's channel order as ``(j, θ)`` pairs per channel: ``()`` for S0, ``((j1, t1),)`` for
+    order 1, ``((j1, t1), (j2, t2))`` for order 2 (from :func:`scattering.scattering_paths`)."""
+    from .scattering import scattering_paths
 
-    ``()`` for S0, ``((j1, t1),)`` for order 1 (j-major), ``((j1, t1), (j2, t2))`` with ``j2 > j1``
-    for order 2.
-    """
-    paths: list[tuple] = [()]
-    order1 = [(j, t) for j in range(J) for t in range(L)]
-    paths += [(p,) for p in order1]
-    if max_order >= 2:
-        for j1, t1 in order1:
-            for j2, t2 in order1:
-                if j2 > j1:
-                    paths.append(((j1, t1), (j2, t2)))
-    return paths
+    return [tuple(zip(*p)) for p in scattering_paths(J, L, max_order)]
 
 
 def channel_permutation(J: int, L: int = 8, max_order: int = 1) -> np.ndarray:
     """Index array ``p`` over the K scattering channels: ``flipped[..., k, :, :] = x[..., p[k], :, :]``
     (before the spatial part)."""
     perm = orientation_permutation(L)
-    paths = scattering_paths(J, L, max_order)
+    paths = path_pairs(J, L, max_order)
     index = {p: i for i, p in enumerate(paths)}
     out = [index[tuple((j, int(perm[t])) for j, t in p)] for p in paths]
     return np.asarray(out, dtype=np.int64)
@@ -114,7 +105,7 @@ def flip_coefficients(x, J: int, L: int = 8, max_order: int = 1, *, align: str =
     """
     if align not in ALIGN_MODES:
         raise ValueError(f"align must be one of {ALIGN_MODES}, got {align!r}")
-    from scatstore.transforms.methods import scattering_channels
+    from scatstore.transforms.scattering import scattering_channels
 
     K = scattering_channels(J, L, max_order)
     if x.ndim < 3:

@@ -19,15 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from scatstore.transforms.scattering import scattering_channels
+
 METHODS = ("scat1", "scat2", "raw", "cae")
-
-
-def scattering_channels(J: int, L: int, max_order: int) -> int:
-    """Scattering channels per colour channel: 1 + L·J, plus L²·J(J−1)/2 for order 2."""
-    k = 1 + L * J
-    if max_order == 2:
-        k += L * L * J * (J - 1) // 2
-    return k
 
 
 @dataclass

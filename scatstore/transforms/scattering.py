@@ -142,13 +142,13 @@ class Scattering2D:
             return self.max_memory_bytes
         return DEFAULT_CPU_MEMORY if device_type == "cpu" else DEFAULT_GPU_MEMORY
 
-    def theta_block(self, real_bytes: int = 4, device_type: str = "cpu") -> int:
+    def theta_block(self, real_bytes: int = 4, device_type: str = "cpu", workers: int = 1) -> int:
         """Orientations theta1 of the second order processed together for one input map:
-        ``min(L, max(1, (budget - per_map) // per_theta))``."""
+        ``min(L, max(1, (budget // workers - per_map) // per_theta))``."""
         per_map, per_theta = self._geo.working_bytes(real_bytes)
         if per_theta == 0:
             return self.L
-        room = self._budget(device_type) - per_map
+        room = self._budget(device_type) // max(1, workers) - per_map
         return int(min(self.L, max(1, room // per_theta)))
 
     def chunk_size(self, real_bytes: int = 4, device_type: str = "cpu") -> int:
@@ -157,6 +157,14 @@ class Scattering2D:
         per_map, per_theta = self._geo.working_bytes(real_bytes)
         tb = self.theta_block(real_bytes, device_type) if per_theta else 0
         return int(max(1, self._budget(device_type) // (per_map + tb * per_theta)))
+
+    def cpu_workers(self, real_bytes: int = 4) -> int:
+        """Single-threaded pipelines run side by side on CPU (one map each at a time):
+        ``min(torch.get_num_threads(), chunk_size())``, so that their workspaces together stay
+        under the memory bound."""
+        import torch
+
+        return int(max(1, min(torch.get_num_threads(), self.chunk_size(real_bytes, "cpu"))))
 
     def working_set_bytes(self, real_bytes: int = 4) -> tuple[int, int]:
         """(bytes per input map, extra bytes per theta1 block at order 2): the memory model."""
@@ -197,7 +205,7 @@ class _TorchFront:
     def __call__(self, x):
         import torch
 
-        from ._torch_backend import get_plan
+        from ._torch_backend import get_plan, run_cpu
 
         S = self.S
         if not isinstance(x, torch.Tensor):
@@ -217,6 +225,11 @@ class _TorchFront:
         plan = get_plan(S._geo, x.device, cdt)
         xs = x.reshape(B * C, H, W)
         rb = 8 if cdt == torch.float64 else 4
+        if x.device.type == "cpu":
+            workers = S.cpu_workers(rb)
+            tb = S.theta_block(rb, "cpu", workers)
+            run_cpu(plan, xs, out, workers, tb)
+            return out.reshape(B, C, S.K, *S.output_size)
         n = S.chunk_size(rb, x.device.type)
         tb = S.theta_block(rb, x.device.type)
         with torch.no_grad():
