@@ -75,8 +75,37 @@ class Geometry:
         return per_map, per_theta
 
 
+def cpu_working_bytes(geo: Geometry, real_bytes: int, theta_block: int,
+                      group: int = 2) -> int:
+    """Bytes of one CPU pipeline's workspace per input map (all its buffers, see forward_maps):
+    the padded input and its spectrum; per scale j1 the ``group``-orientation product buffer,
+    the L moduli and the low-pass intermediates; at order 2 the spectra of the moduli and, per
+    (j1, j2), the product buffer, moduli and low-pass buffers of ``theta_block`` x L paths."""
+    r, c = real_bytes, 2 * real_bytes
+    J, L = geo.J, geo.L
+    P = geo.Mp * geo.Np
+
+    def stage(slices: int, inner: int, res: int) -> int:  # result (slices, inner, m, k)
+        m, k = geo.grid(res)
+        lead = slices * inner
+        return ((min(slices, group) if inner == 1 else slices) * inner * m * k * c + lead * m * k * r
+                + lead * geo.Mo * k * r + lead * geo.Mo * geo.No * r)
+
+    total = P * (r + c)
+    for j1 in range(J):
+        total += stage(L, 1, j1)
+        if geo.max_order == 2 and j1 < J - 1:
+            total += L * (P >> (2 * j1)) * c
+            for j2 in range(j1 + 1, J):
+                total += stage(theta_block, L, j2)
+    return total
+
+
 class TorchPlan:
     """Filters and matrices of one geometry on one device in one dtype."""
+
+    GROUP = 2  # orientations per product / inverse FFT step at order 1 on CPU
+    MAPS = 3  # input maps per step of one CPU pipeline (filters read once for them)
 
     def __init__(self, geo: Geometry, device: torch.device, dtype: torch.dtype):
         self.geo, self.device, self.dtype = geo, device, dtype
@@ -211,65 +240,80 @@ class TorchPlan:
                                                                               torch.Tensor]:
         """|ifft2(periodize(U * F))| and its low-pass, in workspace buffers ``key``.
 
-        shape: leading shape of the result (..., L); returns (modulus, low-passed (..., Mo, No)).
+        U: (g, M, N) or (g, t, M, N) complex; F: (L, M, N, 2). shape: shape of the result up to
+        the grid, (g, L) or (g, t, L). The product / inverse FFT / squares run on slices of
+        ``GROUP`` orientations at order 1 (all t theta1 at once at order 2, measured faster) in
+        one small buffer shared by the g maps (each filter slice is read once for the g maps while
+        it is in cache); the modulus and the low-pass fill full-size buffers. Returns (modulus,
+        low-passed).
         """
-        g = self.geo
-        m, k = g.grid(res)
+        geo = self.geo
+        m, k = geo.grid(res)
+        order1 = len(shape) == 2
+        gs = min(shape[1], self.GROUP) if order1 else shape[1]
         Z = ws.get(key + "Z")
         if Z is None:
-            Z = ws[key + "Z"] = torch.empty((*shape, m, k), dtype=self.cdtype)
-            ws[key + "W"] = torch.empty_like(Z)
+            Z = ws[key + "Z"] = torch.empty((shape[0], gs, *shape[2:], m, k), dtype=self.cdtype)
             ws[key + "U"] = torch.empty((*shape, m, k), dtype=self.dtype)
-            ws[key + "T"] = torch.empty((*shape, m, g.No), dtype=self.dtype)
-            ws[key + "S"] = torch.empty((*shape, g.Mo, g.No), dtype=self.dtype)
-        W, Um, T, S = ws[key + "W"], ws[key + "U"], ws[key + "T"], ws[key + "S"]
-        Zr, Wr = torch.view_as_real(Z), torch.view_as_real(W)
-        self._prod_into(Zr, U, F, s, blocks)
-        torch.fft.ifft2(Z, out=W)
-        torch.mul(Wr, Wr, out=Zr)  # |W|^2 componentwise, into the product's buffer
-        torch.add(Zr[..., 0], Zr[..., 1], out=Um)
+            ws[key + "T"] = torch.empty((*shape, geo.Mo, k), dtype=self.dtype)
+            ws[key + "S"] = torch.empty((*shape, geo.Mo, geo.No), dtype=self.dtype)
+        Um, T, S = ws[key + "U"], ws[key + "T"], ws[key + "S"]
+        Zr = torch.view_as_real(Z)
+        for i0 in range(0, shape[1], gs):
+            i1 = min(i0 + gs, shape[1])
+            Zi, Zri = Z[:, :i1 - i0], Zr[:, :i1 - i0]
+            if order1:
+                self._prod_into(Zri, U, F[i0:i1], s, blocks)
+            else:
+                self._prod_into(Zri, U[:, i0:i1], F, s, blocks)
+            torch.fft.ifft2(Zi, out=Zi)  # in place: one buffer for product, transform, squares
+            torch.mul(Zri, Zri, out=Zri)
+            torch.add(Zri[..., 0], Zri[..., 1], out=Um[:, i0:i1])
         Um.sqrt_()
         A, Bt = self.lp[res]
-        torch.matmul(Um, Bt, out=T)  # one GEMM: (... * m, k) @ (k, No)
-        torch.matmul(A, T, out=S)
+        torch.matmul(A, Um, out=T)  # rows first: (Mo, m) @ (..., m, k), faster than cols first
+        torch.matmul(T, Bt, out=S)  # one GEMM: (... * Mo, k) @ (k, No)
         return Um, S
 
-    def forward_map(self, x: torch.Tensor, out: torch.Tensor, theta_block: int,
-                    ws: dict) -> None:
-        """One input map on CPU. x: (M, N) real in self.dtype; out: (K, Mo, No) to fill.
+    def forward_maps(self, x: torch.Tensor, out: torch.Tensor, theta_block: int,
+                     ws: dict) -> None:
+        """g input maps on CPU. x: (g, M, N) real in self.dtype; out: (g, K, Mo, No) to fill.
 
-        ws: this pipeline's workspace (dict of buffers, filled on first use, reused per map)."""
-        g = self.geo
-        J, L = g.J, g.L
+        ws: this pipeline's workspace (dict of buffers, filled on first use, reused per group of
+        maps; a group of another size gets its own buffers)."""
+        geo = self.geo
+        J, L = geo.J, geo.L
+        n = x.shape[0]
         A0, B0t = self.lp0
-        out[0] = torch.matmul(torch.matmul(A0, x), B0t)
-        top, bottom, left, right = g.pads
-        xp = torch.nn.functional.pad(x[None, None], (left, right, top, bottom), mode="reflect")
-        U0 = ws.get("U0")
+        out[:, 0] = torch.matmul(torch.matmul(A0, x), B0t)
+        top, bottom, left, right = geo.pads
+        xp = torch.nn.functional.pad(x[:, None], (left, right, top, bottom), mode="reflect")
+        pre = f"{n}."
+        U0 = ws.get(pre + "U0")
         if U0 is None:
-            U0 = ws["U0"] = torch.empty((g.Mp, g.Np), dtype=self.cdtype)
-        torch.fft.fft2(xp[0, 0], out=U0)
+            U0 = ws[pre + "U0"] = torch.empty((n, geo.Mp, geo.Np), dtype=self.cdtype)
+        torch.fft.fft2(xp[:, 0], out=U0)
         del xp
         for j1 in range(J):
-            U1, S1 = self._wave_mod_lowpass(ws, f"1.{j1}.", U0, self.psi1[j1], 2**j1,
-                                            self.blocks1[j1], j1, (L,))
-            out[1 + j1 * L:1 + (j1 + 1) * L] = S1
-            if g.max_order < 2 or j1 == J - 1:
+            U1, S1 = self._wave_mod_lowpass(ws, f"{pre}1.{j1}.", U0, self.psi1[j1], 2**j1,
+                                            self.blocks1[j1], j1, (n, L))
+            out[:, 1 + j1 * L:1 + (j1 + 1) * L] = S1
+            if geo.max_order < 2 or j1 == J - 1:
                 continue
-            V = ws.get(f"V{j1}")
+            V = ws.get(f"{pre}V{j1}")
             if V is None:
-                V = ws[f"V{j1}"] = torch.empty(U1.shape, dtype=self.cdtype)
-            torch.fft.fft2(U1, out=V)  # (L, M1, N1)
+                V = ws[f"{pre}V{j1}"] = torch.empty(U1.shape, dtype=self.cdtype)
+            torch.fft.fft2(U1, out=V)  # (n, L, M1, N1)
             nj2 = J - 1 - j1
-            o2 = out[g.off2[j1]:g.off2[j1] + L * L * nj2].unflatten(0, (L, nj2, L))
+            o2 = out[:, geo.off2[j1]:geo.off2[j1] + L * L * nj2].unflatten(1, (L, nj2, L))
             for t0 in range(0, L, theta_block):
-                Vb = V[t0:t0 + theta_block]
-                tb = Vb.shape[0]
+                Vb = V[:, t0:t0 + theta_block]
+                tb = Vb.shape[1]
                 for j2 in range(j1 + 1, J):
-                    _, S2 = self._wave_mod_lowpass(ws, f"2.{j1}.{j2}.{tb}.", Vb,
+                    _, S2 = self._wave_mod_lowpass(ws, f"{pre}2.{j1}.{j2}.{tb}.", Vb,
                                                    self.psi2[(j1, j2)], 2 ** (j2 - j1),
-                                                   self.blocks2[(j1, j2)], j2, (tb, L))
-                    o2[t0:t0 + tb, j2 - j1 - 1] = S2
+                                                   self.blocks2[(j1, j2)], j2, (n, tb, L))
+                    o2[:, t0:t0 + tb, j2 - j1 - 1] = S2
 
 
 _POOLS: dict[int, "ThreadPoolExecutor"] = {}
@@ -290,11 +334,11 @@ def _pool(workers: int) -> "ThreadPoolExecutor":
 
 
 def run_cpu(plan: TorchPlan, xs: torch.Tensor, out: torch.Tensor, workers: int,
-            theta_block: int) -> None:
+            theta_block: int, group: int = 1) -> None:
     """Transform the maps xs (n, M, N) into out (n, K, Mo, No) on CPU.
 
-    ``workers`` pipelines, each single-threaded with its own workspace, take maps one at a time
-    from a shared counter (dynamic schedule); with ``workers == 1`` it runs in the caller's
+    ``workers`` pipelines, each single-threaded with its own workspace, take ``group`` maps at a
+    time from a shared counter (dynamic schedule); with ``workers == 1`` it runs in the caller's
     thread with the caller's intra-op threads.
     """
     n = xs.shape[0]
@@ -306,12 +350,13 @@ def run_cpu(plan: TorchPlan, xs: torch.Tensor, out: torch.Tensor, workers: int,
         with torch.no_grad():
             while True:
                 with lock:
-                    i = next(counter)
+                    i = next(counter) * group
                 if i >= n:
                     return
-                plan.forward_map(xs[i].to(plan.dtype).contiguous(), out[i], theta_block, ws)
+                xg = xs[i:i + group].to(plan.dtype).contiguous()
+                plan.forward_maps(xg, out[i:i + group], theta_block, ws)
 
-    workers = max(1, min(workers, n))
+    workers = max(1, min(workers, -(-n // group)))
     if workers == 1:
         work()
         return

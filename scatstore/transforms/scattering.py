@@ -158,13 +158,28 @@ class Scattering2D:
         tb = self.theta_block(real_bytes, device_type) if per_theta else 0
         return int(max(1, self._budget(device_type) // (per_map + tb * per_theta)))
 
-    def cpu_workers(self, real_bytes: int = 4) -> int:
-        """Single-threaded pipelines run side by side on CPU (one map each at a time):
-        ``min(torch.get_num_threads(), chunk_size())``, so that their workspaces together stay
-        under the memory bound."""
+    def cpu_schedule(self, real_bytes: int = 4) -> tuple[int, int, int]:
+        """CPU schedule under the memory bound: ``(workers, maps per step, theta_block)``.
+
+        ``workers = torch.get_num_threads()`` single-threaded pipelines run side by side, each
+        on ``maps`` input maps at a time (up to 3) and, at order 2, ``theta_block`` orientations
+        theta1 at a time, all chosen (largest theta_block, then maps, then fewest workers given
+        up) so that ``workers * maps * cpu_working_bytes(theta_block)`` fits the budget; at
+        least one map, one theta1 and one worker whatever the budget."""
         import torch
 
-        return int(max(1, min(torch.get_num_threads(), self.chunk_size(real_bytes, "cpu"))))
+        from ._torch_backend import TorchPlan, cpu_working_bytes
+
+        budget = self._budget("cpu")
+        workers = max(1, torch.get_num_threads())
+        grp = TorchPlan.GROUP
+        tb = self.L if self.max_order == 2 else 1
+        while tb > 1 and cpu_working_bytes(self._geo, real_bytes, tb, grp) > budget:
+            tb -= 1
+        per_map = cpu_working_bytes(self._geo, real_bytes, tb, grp)
+        workers = int(max(1, min(workers, budget // per_map)))
+        maps = int(max(1, min(TorchPlan.MAPS, budget // (workers * per_map))))
+        return workers, maps, (tb if self.max_order == 2 else self.L)
 
     def working_set_bytes(self, real_bytes: int = 4) -> tuple[int, int]:
         """(bytes per input map, extra bytes per theta1 block at order 2): the memory model."""
@@ -226,9 +241,8 @@ class _TorchFront:
         xs = x.reshape(B * C, H, W)
         rb = 8 if cdt == torch.float64 else 4
         if x.device.type == "cpu":
-            workers = S.cpu_workers(rb)
-            tb = S.theta_block(rb, "cpu", workers)
-            run_cpu(plan, xs, out, workers, tb)
+            workers, group, tb = S.cpu_schedule(rb)
+            run_cpu(plan, xs, out, workers, tb, group)
             return out.reshape(B, C, S.K, *S.output_size)
         n = S.chunk_size(rb, x.device.type)
         tb = S.theta_block(rb, x.device.type)
