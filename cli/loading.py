@@ -44,7 +44,7 @@ def bench_load_cmd(data, jpeg, batch_size, num_workers, seconds, repeats, device
         if jpeg:
             bench.warm_files([jpeg])
             jpg = bench.measure_jpeg(jpeg, batch_size, num_workers, seconds, repeats)
-    except StoreError as exc:
+    except (StoreError, ValueError) as exc:
         click.echo(f"scatstore: error: {exc}", err=True)
         sys.exit(2)
     if as_json:

@@ -330,3 +330,12 @@ def test_cae_bitstream_store_decoded_by_the_recorded_codec(stores, tmp_path):
         assert x.dtype == torch.float32 and torch.equal(x, ref)
         assert y.tolist() == [ds[int(i)][1] for i in idx]
     assert ld.bytes_read > 0
+
+
+def test_bench_timing_refuses_a_loader_without_batches():
+    # A store smaller than one batch (drop_last) yields empty epochs: the timing loop must stop
+    # with a clear error instead of chaining empty epochs forever.
+    from scatstore.loaders import bench
+
+    with pytest.raises(ValueError, match="fewer samples than one batch"):
+        bench._timed(lambda epoch: iter(()), seconds=0.1, bytes_fn=lambda: 0)

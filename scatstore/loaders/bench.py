@@ -54,23 +54,28 @@ def _timed(make_iter, seconds: float, bytes_fn, warmup_batches: int = 3) -> tupl
     paged in: first-touch page faults are a one-off cost, several times the copy itself)."""
     epoch = 0
     it = iter(make_iter(epoch))
+
+    def next_batch():
+        # Chain epochs; an epoch with no batch at all (fewer samples than one batch with
+        # drop_last) would otherwise spin forever.
+        nonlocal it, epoch
+        for _ in range(2):
+            try:
+                return next(it)
+            except StopIteration:
+                epoch += 1
+                it = iter(make_iter(epoch))
+        raise ValueError("the loader yields no batch: the dataset holds fewer samples than one "
+                         "batch (use a smaller --batch-size)")
+
     for _ in range(warmup_batches):
-        try:
-            next(it)
-        except StopIteration:
-            epoch += 1
-            it = iter(make_iter(epoch))
+        next_batch()
     n = 0
     b0 = bytes_fn()
     c0 = _cpu()  # worker processes count only once they have exited (RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     while True:
-        try:
-            x, y = next(it)
-        except StopIteration:
-            epoch += 1
-            it = iter(make_iter(epoch))
-            continue
+        x, y = next_batch()
         n += int(y.shape[0])
         if time.perf_counter() - t0 >= seconds:
             break

@@ -17,6 +17,13 @@ for speed:
 * order 2 takes one FFT of each ``U1`` (``j1 < J - 1``) and reuses it for every ``j2 > j1``;
 * the batch is cut into chunks whose working set stays under a memory bound.
 
+On CPU (:func:`run_cpu`) the maps are shared out to ``torch.get_num_threads()`` single-threaded
+pipelines in a private thread pool (torch releases the GIL inside its operations), each with a
+workspace allocated once per call and reused: every step writes with ``out=``, the product /
+inverse FFT / squares run on 2 orientations of up to 3 maps at a time in one small buffer.
+Independent pipelines need no barrier after each small operation, which on a shared 2-core
+machine is what stalls multi-threaded torch operations.
+
 Filters are converted to tensors once per (device, dtype) and cached in :class:`TorchPlan`.
 """
 from __future__ import annotations
