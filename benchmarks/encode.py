@@ -7,7 +7,7 @@ sizes around 500×375), then times, in one run:
 - `scatstore encode` (decode + resize/crop + transform + zarr write) in-process, with
   `--workers 2`, and on a dask LocalCluster of 2 workers.
 
-Prints a table of medians over repeats. Usage: python benchmarks/encode.py [--images 192] [--repeats 3]
+Prints a table of medians over repeats. Usage: python benchmarks/encode.py [--images 480] [--repeats 3]
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def encode_rate(src: Path, work: Path, repeats: int, **kw) -> tuple[float, dict]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=int, default=192)
+    ap.add_argument("--images", type=int, default=480)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--J", type=int, default=3)
     ap.add_argument("--batch", type=int, default=32)
@@ -71,7 +71,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        n_per_class = max(1, args.images // 6)
+        n_per_class = max(1, args.images // 3)
         src = make_imagenet_layout(work / "src", n_per_class=n_per_class, size_range=(375, 500), seed=0)
         n = sum(1 for _ in src.rglob("*.JPEG"))
         shard = max(8, n // 8)
