@@ -1,6 +1,10 @@
 """Scattering2D against kymatio 0.3 on real images, plus API, errors, chunking and caching."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +12,7 @@ import torch
 import scatstore
 from scatstore.sample_data import load_image
 from scatstore.transforms import Scattering2D, scattering_channels, scattering_output_size
+from scatstore.transforms import _native as native
 from scatstore.transforms import _torch_backend, filters
 from scatstore.transforms.scattering import scattering_paths
 
@@ -73,6 +78,112 @@ def test_matches_kymatio_torch(H, W, J, L, order):
     assert y.shape == ref.shape == (2, 3, scattering_channels(J, L, order), H // 2**J, W // 2**J)
     assert y.dtype == torch.float32
     assert _rel_err(y, ref) <= TOL
+
+
+@pytest.mark.parametrize("H,W,J,L,order", GRID[1::2])
+def test_pure_torch_cpu_path_matches_kymatio(H, W, J, L, order):
+    """The fallback used where the C kernels cannot be built (and for float64) stays exact."""
+    x, ref = _reference(H, W, J, L, order)
+    geo = _torch_backend.Geometry(H, W, J, L, order)
+    plan = _torch_backend.get_plan(geo, torch.device("cpu"), torch.float32, use_native=False)
+    assert plan.native is None
+    out = torch.empty(6, geo.K, geo.Mo, geo.No)
+    _torch_backend.run_cpu(plan, x.reshape(6, H, W), out, 2, L, 2)
+    assert _rel_err(out.reshape(ref.shape), ref) <= TOL
+
+
+def test_native_kernels_built_and_used_where_a_compiler_exists():
+    info = native.native_info()
+    if native._compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    assert info["available"], info["reason"]
+    geo = _torch_backend.Geometry(56, 72, 3, 8, 1)
+    assert _torch_backend.get_plan(geo, torch.device("cpu"), torch.float32).native is not None
+    # float64 has no kernels: the pure-torch path
+    assert _torch_backend.get_plan(geo, torch.device("cpu"), torch.float64).native is None
+
+
+@pytest.mark.parametrize("H,W,J,L,order,theta_block,group", [
+    (224, 224, 3, 8, 2, 3, 3),  # theta1 blocks that do not divide L, 3 maps per step
+    (100, 130, 2, 6, 2, 6, 2),
+    (64, 48, 4, 4, 1, 4, 1),
+])
+def test_native_and_pure_torch_paths_agree(H, W, J, L, order, theta_block, group):
+    img = load_image("chelsea")  # a 300 x 451 photograph
+    x = torch.from_numpy(np.ascontiguousarray(
+        img[:H, :W].transpose(2, 0, 1).astype(np.float32) / 255.0))
+    geo = _torch_backend.Geometry(H, W, J, L, order)
+    outs = []
+    for use_native in (False, True):
+        plan = _torch_backend.get_plan(geo, torch.device("cpu"), torch.float32, use_native)
+        if use_native and plan.native is None:
+            pytest.skip("C kernels unavailable here")
+        out = torch.empty(3, geo.K, geo.Mo, geo.No)
+        _torch_backend.run_cpu(plan, x, out, 2, theta_block, group)
+        outs.append(out)
+    assert _rel_err(outs[1], outs[0]) <= 1e-5
+
+
+def test_native_output_staging_for_half_precision():
+    x, ref = _reference(56, 72, 3, 8, 1)
+    y = Scattering2D(3, (56, 72), L=8, max_order=1, out_dtype=torch.float16)(x)
+    assert y.dtype == torch.float16
+    assert _rel_err(y.float(), ref) <= 1e-3  # float16 rounding
+
+
+def test_band_rows_reconstruct_the_lowpass_matrices():
+    for J, res in ((3, 0), (3, 1), (4, 0), (2, 1)):
+        A, _ = filters.lowpass_matrices(240, 240, J, res)
+        start, coef = filters.band_rows(A)
+        n, W = A.shape[1], coef.shape[1]
+        if res == 0:
+            assert W < n // 2  # the full-resolution low-pass is a narrow band
+        back = np.zeros_like(A)
+        idx = (start[:, None].astype(np.int64) + np.arange(W)[None, :]) % n
+        np.put_along_axis(back, idx, coef, axis=1)
+        assert np.abs(back - A).max() <= 1e-10 * np.abs(A).max()
+
+
+def _run_python(code: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=300)
+
+
+_NATIVE_PROBE = """
+import warnings, json, numpy as np, torch
+warnings.simplefilter("always")
+from skimage import data
+from scatstore import Scattering2D
+from scatstore.transforms._native import native_info
+x = torch.from_numpy(data.camera()[:64, :80].astype(np.float32)[None, None] / 255)
+with warnings.catch_warnings(record=True) as w:
+    y = Scattering2D(2, (64, 80))(x)
+print(json.dumps({"info": native_info(), "warnings": [str(m.message) for m in w],
+                  "sum": float(y.double().sum())}))
+"""
+
+
+def test_kernels_can_be_disabled_and_a_broken_compiler_falls_back(tmp_path):
+    import json
+
+    runs = {
+        "default": {"SCATSTORE_CACHE": str(tmp_path / "a")},
+        "disabled": {"SCATSTORE_NATIVE": "0", "SCATSTORE_CACHE": str(tmp_path / "b")},
+        "broken": {"CC": "false", "SCATSTORE_CACHE": str(tmp_path / "c")},
+    }
+    res = {}
+    for name, env in runs.items():
+        proc = _run_python(_NATIVE_PROBE, env)
+        assert proc.returncode == 0, proc.stderr
+        res[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not res["disabled"]["info"]["available"]
+    assert "SCATSTORE_NATIVE" in res["disabled"]["info"]["reason"]
+    assert not res["broken"]["info"]["available"]
+    assert any("pure-torch" in m for m in res["broken"]["warnings"])
+    if res["default"]["info"]["available"]:  # built into the given cache directory
+        assert res["default"]["info"]["path"].startswith(str(tmp_path / "a"))
+    sums = [r["sum"] for r in res.values()]
+    assert max(sums) - min(sums) <= 1e-5 * abs(sums[0])
 
 
 @pytest.mark.parametrize("H,W,J,L,order", GRID[::2])

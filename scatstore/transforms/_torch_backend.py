@@ -29,6 +29,7 @@ Filters are converted to tensors once per (device, dtype) and cached in :class:`
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -82,12 +83,35 @@ class Geometry:
         return per_map, per_theta
 
 
+def native_working_bytes(geo: Geometry, theta_block: int, group: int = 2) -> int:
+    """Bytes of one pipeline's workspace per input map with the C kernels (float32; the buffers of
+    ``TorchPlan._native_workspace``): the padded input and its spectrum, the flat product /
+    inverse-FFT buffer (``group`` orientations at full resolution, or at order 2 the
+    ``theta_block·L`` paths of the largest second-order step) and the inverse FFT's result of
+    the same size, the L moduli of every scale, at
+    order 2 their spectra and the flat buffer of second-order moduli, and a float32 output
+    staging block."""
+    J, L = geo.J, geo.L
+    P = geo.Mp * geo.Np
+    zbuf = min(group, L) * P * 8
+    total = P * (4 + 8) + sum(L * (P >> (2 * j)) * 4 for j in range(J))
+    if geo.max_order == 2 and J > 1:
+        tb = min(theta_block, L)
+        zbuf = max(zbuf, tb * L * (P >> 2) * 8)
+        total += sum(L * (P >> (2 * j)) * 8 for j in range(J - 1)) + tb * L * (P >> 2) * 4
+    # the flat product buffer plus the inverse FFT's result (allocated per step, same size)
+    return total + 2 * zbuf + geo.K * geo.Mo * geo.No * 4
+
+
 def cpu_working_bytes(geo: Geometry, real_bytes: int, theta_block: int,
-                      group: int = 2) -> int:
-    """Bytes of one CPU pipeline's workspace per input map (all its buffers, see forward_maps):
+                      group: int = 2, native: bool = False) -> int:
+    """Bytes of one CPU pipeline's workspace per input map (all its buffers, see forward_maps;
+    with ``native`` those of the C kernels, :func:`native_working_bytes`):
     the padded input and its spectrum; per scale j1 the ``group``-orientation product buffer,
     the L moduli and the low-pass intermediates; at order 2 the spectra of the moduli and, per
     (j1, j2), the product buffer, moduli and low-pass buffers of ``theta_block`` x L paths."""
+    if native and real_bytes == 4:
+        return native_working_bytes(geo, theta_block, group)
     r, c = real_bytes, 2 * real_bytes
     J, L = geo.J, geo.L
     P = geo.Mp * geo.Np
@@ -114,11 +138,18 @@ class TorchPlan:
     GROUP = 2  # orientations per product / inverse FFT step at order 1 on CPU
     MAPS = 3  # input maps per step of one CPU pipeline (filters read once for them)
 
-    def __init__(self, geo: Geometry, device: torch.device, dtype: torch.dtype):
+    def __init__(self, geo: Geometry, device: torch.device, dtype: torch.dtype,
+                 use_native: bool = True):
         self.geo, self.device, self.dtype = geo, device, dtype
         self.cdtype = _complex_dtype(dtype)
         g = geo
         J, L = g.J, g.L
+        # fused C kernels (float32 on CPU only); None: the pure-torch path
+        self.native = None
+        if use_native and device.type == "cpu" and dtype == torch.float32:
+            from . import _native
+
+            self.native = _native.load()
 
         def tt(a, complex_=False):
             a = np.asarray(a)
@@ -126,10 +157,14 @@ class TorchPlan:
                 a = np.repeat(a[..., None], 2, axis=-1)
             return torch.tensor(a, dtype=dtype, device=device)
 
+        # the torch path multiplies the interleaved complex view by a duplicated real filter;
+        # the C kernels read the real filter once per complex pair (half the filter bytes)
+        filt = ((lambda a: np.ascontiguousarray(a, dtype=np.float32)) if self.native
+                else (lambda a: tt(a, complex_=True)))
         psi = fb.wavelet_bank(g.Mp, g.Np, J, L)  # (J, L, Mp, Np) float64
         # first order: level-0 filters, 1/4**j1 of the Fourier-domain mean folded in, laid out as
         # (s, M1, s, N1) blocks so the alias sum is a multiply-accumulate over blocks.
-        self.psi1 = [tt(psi[j1] / 4.0**j1, complex_=True) for j1 in range(J)]
+        self.psi1 = [filt(psi[j1] / 4.0**j1) for j1 in range(J)]
         self.blocks1 = [fb.significant_blocks(psi[j1], 2**j1) for j1 in range(J)]
         self.blocks2: dict[tuple[int, int], list[tuple[int, int]]] = {}
         # second order: psi_{j2} cropped at resolution j1 (kymatio: psi['levels'][j1]),
@@ -139,8 +174,10 @@ class TorchPlan:
             for j1 in range(J - 1):
                 for j2 in range(j1 + 1, J):
                     f = fb.periodize_filter_fft(psi[j2], j1) / 4.0 ** (j2 - j1)
-                    self.psi2[(j1, j2)] = tt(f, complex_=True)
+                    self.psi2[(j1, j2)] = filt(f)
                     self.blocks2[(j1, j2)] = fb.significant_blocks(f, 2 ** (j2 - j1))
+        if self.native:
+            self._init_native()
         # low-pass matrices per resolution; order 0 gets the reflection padding folded in
         self.lp: list[tuple[torch.Tensor, torch.Tensor]] = []
         for res in range(J):
@@ -322,6 +359,146 @@ class TorchPlan:
                                                    self.blocks2[(j1, j2)], j2, (n, tb, L))
                     o2[:, t0:t0 + tb, j2 - j1 - 1] = S2
 
+    # ---- CPU, float32: the fused C kernels of _cpu_kernels.c ------------------------------------
+    def _init_native(self) -> None:
+        """Kernel-side tables: block lists as int32 pairs, the low-pass matrices in band form."""
+        g = self.geo
+        self.nat_blocks1 = [np.asarray(b, dtype=np.int32).reshape(-1) for b in self.blocks1]
+        self.nat_blocks2 = {key: np.asarray(b, dtype=np.int32).reshape(-1)
+                            for key, b in self.blocks2.items()}
+        self.nat_lp = []
+        for res in range(g.J):
+            A, B = fb.lowpass_matrices(g.Mp, g.Np, g.J, res)
+            ra, ca = fb.band_rows(A)
+            rb, cb = fb.band_rows(B)
+            self.nat_lp.append((ra, np.ascontiguousarray(ca, dtype=np.float32), ca.shape[1],
+                                rb, np.ascontiguousarray(cb, dtype=np.float32), cb.shape[1]))
+
+    def _nat_prod(self, Z: torch.Tensor, U: torch.Tensor, u_off: np.ndarray, F: np.ndarray,
+                  f0: int, nf: int, s: int, blocks: np.ndarray) -> None:
+        M, N = F.shape[-2:]
+        self.native.sc_prod_periodize(U.data_ptr(), u_off.ctypes.data, len(u_off),
+                                      F.ctypes.data + f0 * M * N * 4, nf, M, N, s,
+                                      blocks.ctypes.data, len(blocks) // 2, Z.data_ptr())
+
+    def _nat_lowpass(self, U: torch.Tensor, n_maps: int, res: int, T: torch.Tensor,
+                     out: torch.Tensor, out_off: np.ndarray) -> None:
+        g = self.geo
+        m, k = g.grid(res)
+        ra, ca, wa, rb, cb, wb = self.nat_lp[res]
+        self.native.sc_lowpass(U.data_ptr(), n_maps, m, k, ra.ctypes.data, ca.ctypes.data,
+                               g.Mo, wa, rb.ctypes.data, cb.ctypes.data, g.No, wb,
+                               T.data_ptr(), out.data_ptr(), out_off.ctypes.data)
+
+    def forward_maps_native(self, x: torch.Tensor, out: torch.Tensor, theta_block: int,
+                            ws: dict) -> None:
+        """As :meth:`forward_maps` with the C kernels. out: float32, contiguous (g, K, Mo, No).
+
+        Same schedule: per scale, ``GROUP`` orientations of the g maps at a time go through
+        product-and-subsampling (C), in-place inverse FFT (torch), modulus (C) into the full
+        moduli buffer, then one banded low-pass call writes every map's coefficients straight
+        into ``out``. Offsets (in floats) of every map of every call are computed once per
+        pipeline and kept in ``ws``."""
+        geo, lib = self.geo, self.native
+        J, L = geo.J, geo.L
+        n = x.shape[0]
+        A0, B0t = self.lp0
+        out[:, 0] = torch.matmul(torch.matmul(A0, x), B0t)
+        top, bottom, left, right = geo.pads
+        xp = torch.nn.functional.pad(x[:, None], (left, right, top, bottom), mode="reflect")
+        pre = f"n{n}."
+        if pre + "T" not in ws:
+            ws.update(self._native_workspace(n, theta_block, pre))
+        # out-of-place FFTs: torch's MKL path computes out of place anyway and copies into `out=`
+        # (measured ~15 % of the transform); the freed blocks are reused by the allocator
+        U0 = torch.fft.fft2(xp[:, 0])
+        del xp
+        T, zbuf, ubuf = ws[pre + "T"], ws[pre + "Z"], ws[pre + "U"]
+
+        def view(buf: torch.Tensor, *shape: int) -> torch.Tensor:  # contiguous, in a flat buffer
+            return buf[:math.prod(shape)].view(shape)
+
+        for j1 in range(J):
+            m, k = geo.grid(j1)
+            Um = ws[f"{pre}mod{j1}"]
+            for l0 in range(0, L, self.GROUP):
+                nl = min(self.GROUP, L - l0)
+                Zi = view(zbuf, n, nl, m, k)
+                self._nat_prod(Zi, U0, ws[pre + "u0off"], self.psi1[j1], l0, nl, 2**j1,
+                               self.nat_blocks1[j1])
+                Wi = torch.fft.ifft2(Zi)
+                lib.sc_modulus(Wi.data_ptr(), n * nl, m * k, Um.data_ptr(),
+                               ws[f"{pre}modoff{j1}.{l0}"].ctypes.data)
+            self._nat_lowpass(Um, n * L, j1, T, out, ws[f"{pre}out1.{j1}"])
+            if geo.max_order < 2 or j1 == J - 1:
+                continue
+            V = torch.fft.fft2(Um)  # (n, L, m, k)
+            for t0 in range(0, L, theta_block):
+                tb = min(theta_block, L - t0)
+                for j2 in range(j1 + 1, J):
+                    m2, k2 = geo.grid(j2)
+                    Z2 = view(zbuf, n, tb, L, m2, k2)
+                    U2 = view(ubuf, n, tb, L, m2, k2)
+                    self._nat_prod(Z2, V, ws[f"{pre}voff{j1}.{t0}"], self.psi2[(j1, j2)], 0, L,
+                                   2 ** (j2 - j1), self.nat_blocks2[(j1, j2)])
+                    W2 = torch.fft.ifft2(Z2)
+                    nm = n * tb * L
+                    lib.sc_modulus(W2.data_ptr(), nm, m2 * k2, U2.data_ptr(),
+                                   ws[f"{pre}lin{nm}.{m2 * k2}"].ctypes.data)
+                    self._nat_lowpass(U2, nm, j2, T, out, ws[f"{pre}out2.{j1}.{j2}.{t0}"])
+
+    def _native_workspace(self, n: int, theta_block: int, pre: str) -> dict:
+        """Buffers and offset tables of one pipeline for groups of n maps."""
+        geo = self.geo
+        J, L, K = geo.J, geo.L, geo.K
+        MoNo = geo.Mo * geo.No
+        G = min(self.GROUP, L)
+        ws: dict = {}
+        ws[pre + "u0off"] = np.arange(n, dtype=np.int64) * (2 * geo.Mp * geo.Np)
+        k0 = geo.Np  # the largest grid; see sc_lowpass for the scratch size
+        ws[pre + "T"] = torch.empty(geo.Mo * k0 + (k0 + geo.No) * (-(-geo.Mo // 16) * 16),
+                                    dtype=torch.float32)
+        gi = np.arange(n, dtype=np.int64)[:, None]
+        ll = np.arange(L, dtype=np.int64)[None, :]
+        # one flat complex buffer for every product / inverse FFT step, one flat real buffer for
+        # the order-2 moduli, sized for their largest use
+        zsize = n * G * geo.Mp * geo.Np
+        usize = 0
+        if geo.max_order == 2 and J > 1:
+            m2, k2 = geo.grid(1)  # j2 = j1 + 1 at j1 = 0: the largest order-2 step
+            zsize = max(zsize, n * min(theta_block, L) * L * m2 * k2)
+            usize = n * min(theta_block, L) * L * m2 * k2
+        ws[pre + "Z"] = torch.empty(zsize, dtype=self.cdtype)
+        ws[pre + "U"] = torch.empty(usize, dtype=torch.float32)
+        for j1 in range(J):
+            m, k = geo.grid(j1)
+            ws[f"{pre}mod{j1}"] = torch.empty((n, L, m, k), dtype=torch.float32)
+            for l0 in range(0, L, G):
+                nl = min(G, L - l0)
+                ws[f"{pre}modoff{j1}.{l0}"] = ((gi * L + l0 + np.arange(nl)[None, :]) * (m * k)
+                                               ).reshape(-1)
+            ws[f"{pre}out1.{j1}"] = ((gi * K + 1 + j1 * L + ll) * MoNo).reshape(-1)
+            if geo.max_order < 2 or j1 == J - 1:
+                continue
+            nj2 = J - 1 - j1
+            for t0 in range(0, L, theta_block):
+                tb = min(theta_block, L - t0)
+                ti = np.arange(tb, dtype=np.int64)[None, :]
+                ws[f"{pre}voff{j1}.{t0}"] = ((gi * L + t0 + ti) * (2 * m * k)).reshape(-1)
+                for j2 in range(j1 + 1, J):
+                    ch = geo.off2[j1] + ((t0 + ti[..., None]) * nj2 + (j2 - j1 - 1)) * L \
+                        + ll[:, None, :]  # (1, tb, L) channel of (theta1, j2, theta2)
+                    ws[f"{pre}out2.{j1}.{j2}.{t0}"] = ((gi[..., None] * K + ch) * MoNo
+                                                       ).reshape(-1)
+        if geo.max_order == 2:
+            for j1 in range(J - 1):
+                for j2 in range(j1 + 1, J):
+                    m2, k2 = geo.grid(j2)
+                    for t0 in range(0, L, theta_block):
+                        nm = n * min(theta_block, L - t0) * L
+                        ws[f"{pre}lin{nm}.{m2 * k2}"] = np.arange(nm, dtype=np.int64) * (m2 * k2)
+        return ws
+
 
 _POOLS: dict[int, "ThreadPoolExecutor"] = {}
 _POOLS_LOCK = threading.Lock()
@@ -361,7 +538,17 @@ def run_cpu(plan: TorchPlan, xs: torch.Tensor, out: torch.Tensor, workers: int,
                 if i >= n:
                     return
                 xg = xs[i:i + group].to(plan.dtype).contiguous()
-                plan.forward_maps(xg, out[i:i + group], theta_block, ws)
+                og = out[i:i + group]
+                if plan.native is None:
+                    plan.forward_maps(xg, og, theta_block, ws)
+                elif og.dtype == torch.float32 and og.is_contiguous():
+                    plan.forward_maps_native(xg, og, theta_block, ws)
+                else:  # the kernels write float32: stage, then convert (e.g. to float16)
+                    key = f"stage{len(og)}"
+                    if key not in ws:
+                        ws[key] = torch.empty(og.shape, dtype=torch.float32)
+                    plan.forward_maps_native(xg, ws[key], theta_block, ws)
+                    og.copy_(ws[key])
 
     workers = max(1, min(workers, -(-n // group)))
     if workers == 1:
@@ -377,13 +564,17 @@ _PLANS_LOCK = threading.Lock()
 _MAX_PLANS = 16
 
 
-def get_plan(geo: Geometry, device: torch.device, dtype: torch.dtype) -> TorchPlan:
-    """Plan for (geometry, device, dtype), built once and cached (process-wide, small LRU)."""
-    key = (geo.M, geo.N, geo.J, geo.L, geo.max_order, str(device), dtype)
+def get_plan(geo: Geometry, device: torch.device, dtype: torch.dtype,
+             use_native: bool = True) -> TorchPlan:
+    """Plan for (geometry, device, dtype), built once and cached (process-wide, small LRU).
+
+    ``use_native=False`` keeps the pure-torch CPU path even where the C kernels are available
+    (tests compare the two)."""
+    key = (geo.M, geo.N, geo.J, geo.L, geo.max_order, str(device), dtype, use_native)
     with _PLANS_LOCK:
         plan = _PLANS.pop(key, None)
         if plan is None:
-            plan = TorchPlan(geo, device, dtype)
+            plan = TorchPlan(geo, device, dtype, use_native)
         _PLANS[key] = plan  # most recent last
         while len(_PLANS) > _MAX_PLANS:
             _PLANS.pop(next(iter(_PLANS)))

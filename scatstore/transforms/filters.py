@@ -246,3 +246,30 @@ __all__ = [
     "periodize_filter_fft", "wavelet_bank", "lowpass_factors", "lowpass_fft",
     "lowpass_matrices", "fold_padding", "significant_blocks", "filter_bank",
 ]
+
+
+def band_rows(A: np.ndarray, rtol: float = 1e-10) -> tuple[np.ndarray, np.ndarray]:
+    """Cyclic band form of a matrix whose rows are localised bumps (the low-pass matrices).
+
+    Returns ``(start, coef)``, int32 (R,) and float64 (R, W), such that
+    ``A[r, (start[r] + w) % n] == coef[r, w]`` for ``w < W`` and every entry of A outside these
+    windows is below ``rtol`` times its row's largest magnitude (``W == n`` keeps all of it).
+    """
+    R, n = A.shape
+    mag = np.abs(A)
+    sig = mag > rtol * np.maximum(mag.max(axis=1, keepdims=True), 1e-300)
+    starts, widths = np.zeros(R, dtype=np.int64), np.zeros(R, dtype=np.int64)
+    for r in range(R):
+        p = np.flatnonzero(sig[r])
+        if p.size == 0:
+            widths[r] = 1
+            continue
+        gaps = np.diff(np.r_[p, p[0] + n])  # cyclic distance to the next significant entry
+        g = int(np.argmax(gaps))
+        starts[r] = p[(g + 1) % p.size]
+        widths[r] = n - gaps[g] + 1
+    W = int(min(n, widths.max()))
+    if W == n:
+        starts[:] = 0
+    idx = (starts[:, None] + np.arange(W)[None, :]) % n
+    return starts.astype(np.int32), np.take_along_axis(A, idx, axis=1)

@@ -168,15 +168,21 @@ class Scattering2D:
         least one map, one theta1 and one worker whatever the budget."""
         import torch
 
+        from . import _native
         from ._torch_backend import TorchPlan, cpu_working_bytes
 
         budget = self._budget("cpu")
         workers = max(1, torch.get_num_threads())
         grp = TorchPlan.GROUP
+        nat = real_bytes == 4 and _native.load() is not None
+
+        def per_map_bytes(tb: int) -> int:
+            return cpu_working_bytes(self._geo, real_bytes, tb, grp, native=nat)
+
         tb = self.L if self.max_order == 2 else 1
-        while tb > 1 and cpu_working_bytes(self._geo, real_bytes, tb, grp) > budget:
+        while tb > 1 and per_map_bytes(tb) > budget:
             tb -= 1
-        per_map = cpu_working_bytes(self._geo, real_bytes, tb, grp)
+        per_map = per_map_bytes(tb)
         workers = int(max(1, min(workers, budget // per_map)))
         maps = int(max(1, min(TorchPlan.MAPS, budget // (workers * per_map))))
         return workers, maps, (tb if self.max_order == 2 else self.L)
