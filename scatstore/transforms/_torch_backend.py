@@ -132,6 +132,31 @@ def cpu_working_bytes(geo: Geometry, real_bytes: int, theta_block: int,
     return total
 
 
+def _pair_bands(start: np.ndarray, coef: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Give rows 2i and 2i+1 of a band form one common window start (the kernel then loads each
+    input vector once for both rows), by widening every window by the largest offset between
+    the two starts of a pair and padding the coefficients with zeros. Kept only while the wider
+    window costs less than the loads it saves (offset at most half the width)."""
+    R, W = coef.shape
+    if W >= n or R < 2:
+        return start, coef
+    pairs = np.arange(R // 2) * 2
+    delta = (start[pairs + 1].astype(np.int64) - start[pairs]) % n
+    d = int(delta.max())
+    if d == 0:
+        return start, coef
+    if 2 * d > W or W + d > n:
+        return start, coef
+    new_start = start.astype(np.int64).copy()
+    new_coef = np.zeros((R, W + d))
+    new_coef[:, :W] = coef
+    for p, dp in zip(pairs, delta):
+        new_start[p + 1] = start[p]
+        new_coef[p + 1] = 0.0
+        new_coef[p + 1, dp:dp + W] = coef[p + 1]
+    return new_start.astype(np.int32), new_coef
+
+
 class TorchPlan:
     """Filters and matrices of one geometry on one device in one dtype."""
 
@@ -369,8 +394,8 @@ class TorchPlan:
         self.nat_lp = []
         for res in range(g.J):
             A, B = fb.lowpass_matrices(g.Mp, g.Np, g.J, res)
-            ra, ca = fb.band_rows(A)
-            rb, cb = fb.band_rows(B)
+            ra, ca = _pair_bands(*fb.band_rows(A), A.shape[1])
+            rb, cb = _pair_bands(*fb.band_rows(B), B.shape[1])
             self.nat_lp.append((ra, np.ascontiguousarray(ca, dtype=np.float32), ca.shape[1],
                                 rb, np.ascontiguousarray(cb, dtype=np.float32), cb.shape[1]))
 
