@@ -398,6 +398,15 @@ class TorchPlan:
             rb, cb = _pair_bands(*fb.band_rows(B), B.shape[1])
             self.nat_lp.append((ra, np.ascontiguousarray(ca, dtype=np.float32), ca.shape[1],
                                 rb, np.ascontiguousarray(cb, dtype=np.float32), cb.shape[1]))
+        # order 0 on the unpadded input: the reflection padding is folded into the band form
+        top, bottom, left, right = g.pads
+        A0, B0 = fb.lowpass_matrices(g.Mp, g.Np, g.J, 0)
+        ra, ca = _pair_bands(*fb.band_rows(fb.fold_padding(A0, fb.reflect_index(g.M, top, bottom))),
+                             g.M)
+        rb, cb = _pair_bands(*fb.band_rows(fb.fold_padding(B0, fb.reflect_index(g.N, left, right))),
+                             g.N)
+        self.nat_lp0 = (ra, np.ascontiguousarray(ca, dtype=np.float32), ca.shape[1],
+                        rb, np.ascontiguousarray(cb, dtype=np.float32), cb.shape[1])
 
     def _nat_prod(self, Z: torch.Tensor, U: torch.Tensor, u_off: np.ndarray, F: np.ndarray,
                   f0: int, nf: int, s: int, blocks: np.ndarray) -> None:
@@ -408,9 +417,10 @@ class TorchPlan:
 
     def _nat_lowpass(self, U: torch.Tensor, n_maps: int, res: int, T: torch.Tensor,
                      out: torch.Tensor, out_off: np.ndarray) -> None:
+        """res -1: order 0 on the unpadded (M, N) input."""
         g = self.geo
-        m, k = g.grid(res)
-        ra, ca, wa, rb, cb, wb = self.nat_lp[res]
+        m, k = g.grid(res) if res >= 0 else (g.M, g.N)
+        ra, ca, wa, rb, cb, wb = self.nat_lp[res] if res >= 0 else self.nat_lp0
         self.native.sc_lowpass(U.data_ptr(), n_maps, m, k, ra.ctypes.data, ca.ctypes.data,
                                g.Mo, wa, rb.ctypes.data, cb.ctypes.data, g.No, wb,
                                T.data_ptr(), out.data_ptr(), out_off.ctypes.data)
@@ -427,13 +437,12 @@ class TorchPlan:
         geo, lib = self.geo, self.native
         J, L = geo.J, geo.L
         n = x.shape[0]
-        A0, B0t = self.lp0
-        out[:, 0] = torch.matmul(torch.matmul(A0, x), B0t)
-        top, bottom, left, right = geo.pads
-        xp = torch.nn.functional.pad(x[:, None], (left, right, top, bottom), mode="reflect")
         pre = f"n{n}."
         if pre + "T" not in ws:
             ws.update(self._native_workspace(n, theta_block, pre))
+        self._nat_lowpass(x, n, -1, ws[pre + "T"], out, ws[pre + "out0"])
+        top, bottom, left, right = geo.pads
+        xp = torch.nn.functional.pad(x[:, None], (left, right, top, bottom), mode="reflect")
         # out-of-place FFTs: torch's MKL path computes out of place anyway and copies into `out=`
         # (measured ~15 % of the transform); the freed blocks are reused by the allocator
         U0 = torch.fft.fft2(xp[:, 0])
@@ -483,6 +492,7 @@ class TorchPlan:
         k0 = geo.Np  # the largest grid; see sc_lowpass for the scratch size
         ws[pre + "T"] = torch.empty(geo.Mo * k0 + (k0 + geo.No) * (-(-geo.Mo // 16) * 16),
                                     dtype=torch.float32)
+        ws[pre + "out0"] = np.arange(n, dtype=np.int64) * (K * MoNo)
         gi = np.arange(n, dtype=np.int64)[:, None]
         ll = np.arange(L, dtype=np.int64)[None, :]
         # one flat complex buffer for every product / inverse FFT step, one flat real buffer for
