@@ -87,8 +87,8 @@ def native_working_bytes(geo: Geometry, theta_block: int, group: int = 2) -> int
     """Bytes of one pipeline's workspace per input map with the C kernels (float32; the buffers of
     ``TorchPlan._native_workspace``): the padded input and its spectrum, the flat product /
     inverse-FFT buffer (``group`` orientations at full resolution, or at order 2 the
-    ``theta_block·L`` paths of the largest second-order step) and the inverse FFT's result of
-    the same size, the L moduli of every scale, at
+    ``theta_block·L`` paths of the largest second-order step) and the inverse FFT's result
+    buffer of the same size, the L moduli of every scale, at
     order 2 their spectra and the flat buffer of second-order moduli, and a float32 output
     staging block."""
     J, L = geo.J, geo.L
@@ -99,7 +99,7 @@ def native_working_bytes(geo: Geometry, theta_block: int, group: int = 2) -> int
         tb = min(theta_block, L)
         zbuf = max(zbuf, tb * L * (P >> 2) * 8)
         total += sum(L * (P >> (2 * j)) * 8 for j in range(J - 1)) + tb * L * (P >> 2) * 4
-    # the flat product buffer plus the inverse FFT's result (allocated per step, same size)
+    # the flat product buffer and the inverse FFT's result buffer, of the same size
     return total + 2 * zbuf + geo.K * geo.Mo * geo.No * 4
 
 
@@ -443,11 +443,10 @@ class TorchPlan:
         self._nat_lowpass(x, n, -1, ws[pre + "T"], out, ws[pre + "out0"])
         top, bottom, left, right = geo.pads
         xp = torch.nn.functional.pad(x[:, None], (left, right, top, bottom), mode="reflect")
-        # out-of-place FFTs: torch's MKL path computes out of place anyway and copies into `out=`
-        # (measured ~15 % of the transform); the freed blocks are reused by the allocator
-        U0 = torch.fft.fft2(xp[:, 0])
+        U0 = ws[pre + "U0"]
+        torch.fft.fft2(xp[:, 0], out=U0)
         del xp
-        T, zbuf, ubuf = ws[pre + "T"], ws[pre + "Z"], ws[pre + "U"]
+        T, zbuf, wbuf, ubuf = ws[pre + "T"], ws[pre + "Z"], ws[pre + "W"], ws[pre + "U"]
 
         def view(buf: torch.Tensor, *shape: int) -> torch.Tensor:  # contiguous, in a flat buffer
             return buf[:math.prod(shape)].view(shape)
@@ -460,13 +459,17 @@ class TorchPlan:
                 Zi = view(zbuf, n, nl, m, k)
                 self._nat_prod(Zi, U0, ws[pre + "u0off"], self.psi1[j1], l0, nl, 2**j1,
                                self.nat_blocks1[j1])
-                Wi = torch.fft.ifft2(Zi)
+                # inverse FFT into a second buffer: torch's MKL path computes out of place and
+                # copies into `out=` when it is the input (~15 % of the transform), and a fresh
+                # result tensor per step costs page faults
+                Wi = torch.fft.ifft2(Zi, out=view(wbuf, n, nl, m, k))
                 lib.sc_modulus(Wi.data_ptr(), n * nl, m * k, Um.data_ptr(),
                                ws[f"{pre}modoff{j1}.{l0}"].ctypes.data)
             self._nat_lowpass(Um, n * L, j1, T, out, ws[f"{pre}out1.{j1}"])
             if geo.max_order < 2 or j1 == J - 1:
                 continue
-            V = torch.fft.fft2(Um)  # (n, L, m, k)
+            V = ws[f"{pre}V{j1}"]
+            torch.fft.fft2(Um, out=V)  # (n, L, m, k)
             for t0 in range(0, L, theta_block):
                 tb = min(theta_block, L - t0)
                 for j2 in range(j1 + 1, J):
@@ -475,7 +478,7 @@ class TorchPlan:
                     U2 = view(ubuf, n, tb, L, m2, k2)
                     self._nat_prod(Z2, V, ws[f"{pre}voff{j1}.{t0}"], self.psi2[(j1, j2)], 0, L,
                                    2 ** (j2 - j1), self.nat_blocks2[(j1, j2)])
-                    W2 = torch.fft.ifft2(Z2)
+                    W2 = torch.fft.ifft2(Z2, out=view(wbuf, n, tb, L, m2, k2))
                     nm = n * tb * L
                     lib.sc_modulus(W2.data_ptr(), nm, m2 * k2, U2.data_ptr(),
                                    ws[f"{pre}lin{nm}.{m2 * k2}"].ctypes.data)
@@ -504,6 +507,8 @@ class TorchPlan:
             zsize = max(zsize, n * min(theta_block, L) * L * m2 * k2)
             usize = n * min(theta_block, L) * L * m2 * k2
         ws[pre + "Z"] = torch.empty(zsize, dtype=self.cdtype)
+        ws[pre + "W"] = torch.empty(zsize, dtype=self.cdtype)
+        ws[pre + "U0"] = torch.empty((n, geo.Mp, geo.Np), dtype=self.cdtype)
         ws[pre + "U"] = torch.empty(usize, dtype=torch.float32)
         for j1 in range(J):
             m, k = geo.grid(j1)
@@ -515,6 +520,7 @@ class TorchPlan:
             ws[f"{pre}out1.{j1}"] = ((gi * K + 1 + j1 * L + ll) * MoNo).reshape(-1)
             if geo.max_order < 2 or j1 == J - 1:
                 continue
+            ws[f"{pre}V{j1}"] = torch.empty((n, L, m, k), dtype=self.cdtype)
             nj2 = J - 1 - j1
             for t0 in range(0, L, theta_block):
                 tb = min(theta_block, L - t0)
