@@ -28,11 +28,15 @@
 
 /* U maps: U + u_off[u] is a complex (M, N) map, for u < n_u.
  * F: n_f real (M, N) filters, contiguous.
- * blocks: n_blocks pairs (a, b) of the s x s grid of (M/s, N/s) blocks to sum.
- * Z: output, complex (n_u, n_f, M/s, N/s), contiguous. */
+ * boxes: per filter, n_boxes rows (a, b, p0, p1, q0, q1): the part [p0, p1) x [q0, q1) of
+ * aliased block (a, b) of the s x s grid of (M/s, N/s) blocks where the filter is not negligible
+ * (empty boxes have p0 == p1).
+ * Z: output, complex (n_u, n_f, M/s, N/s), contiguous: Z[u, f] = sum over the boxes of
+ * U[u] * F[f] folded onto the coarse grid (kymatio's Fourier subsampling; the 1/s^2 of its
+ * mean is folded into F by the caller). */
 void sc_prod_periodize(const float *U, const int64_t *u_off, int64_t n_u,
                        const float *F, int64_t n_f, int64_t M, int64_t N, int64_t s,
-                       const int32_t *blocks, int64_t n_blocks, float *RESTRICT Z)
+                       const int32_t *boxes, int64_t n_boxes, float *RESTRICT Z)
 {
     const int64_t m = M / s, k = N / s;
     /* map-major: one map (up to 460 kB at 240^2) stays in L2 while all filters pass over it */
@@ -40,24 +44,37 @@ void sc_prod_periodize(const float *U, const int64_t *u_off, int64_t n_u,
         const float *Uu = U + u_off[u];
         for (int64_t f = 0; f < n_f; ++f) {
             const float *Ff = F + f * M * N;
-            for (int64_t p = 0; p < m; ++p) {
-                float *RESTRICT z = Z + ((u * n_f + f) * m + p) * k * 2;
-                for (int64_t bi = 0; bi < n_blocks; ++bi) {
-                    const int64_t row = blocks[2 * bi] * m + p, col = blocks[2 * bi + 1] * k;
-                    const float *RESTRICT ur = Uu + (row * N + col) * 2;
-                    const float *RESTRICT fr = Ff + row * N + col;
-                    if (bi == 0) {
+            const int32_t *bx = boxes + f * n_boxes * 6;
+            float *RESTRICT zf = Z + (u * n_f + f) * m * k * 2;
+            int64_t first = 0;
+            if (bx[2] == 0 && bx[3] == m && bx[4] == 0 && bx[5] == k) {
+                /* a whole-block box: assign instead of clearing then adding */
+                const int64_t r0 = bx[0] * m, c0 = bx[1] * k;
+                for (int64_t p = 0; p < m; ++p) {
+                    const float *RESTRICT ur = Uu + ((r0 + p) * N + c0) * 2;
+                    const float *RESTRICT fr = Ff + (r0 + p) * N + c0;
+                    float *RESTRICT z = zf + p * k * 2;
 #pragma GCC ivdep
-                        for (int64_t q = 0; q < k; ++q) {
-                            z[2 * q] = ur[2 * q] * fr[q];
-                            z[2 * q + 1] = ur[2 * q + 1] * fr[q];
-                        }
-                    } else {
+                    for (int64_t q = 0; q < k; ++q) {
+                        z[2 * q] = ur[2 * q] * fr[q];
+                        z[2 * q + 1] = ur[2 * q + 1] * fr[q];
+                    }
+                }
+                first = 1;
+            } else {
+                for (int64_t q = 0; q < m * k * 2; ++q) zf[q] = 0.0f;
+            }
+            for (int64_t bi = first; bi < n_boxes; ++bi) {
+                const int32_t *b = bx + bi * 6;
+                const int64_t r0 = b[0] * m, c0 = b[1] * k, q0 = b[4], q1 = b[5];
+                for (int64_t p = b[2]; p < b[3]; ++p) {
+                    const float *RESTRICT ur = Uu + ((r0 + p) * N + c0) * 2;
+                    const float *RESTRICT fr = Ff + (r0 + p) * N + c0;
+                    float *RESTRICT z = zf + p * k * 2;
 #pragma GCC ivdep
-                        for (int64_t q = 0; q < k; ++q) {
-                            z[2 * q] += ur[2 * q] * fr[q];
-                            z[2 * q + 1] += ur[2 * q + 1] * fr[q];
-                        }
+                    for (int64_t q = q0; q < q1; ++q) {
+                        z[2 * q] += ur[2 * q] * fr[q];
+                        z[2 * q + 1] += ur[2 * q + 1] * fr[q];
                     }
                 }
             }

@@ -388,9 +388,9 @@ class TorchPlan:
     def _init_native(self) -> None:
         """Kernel-side tables: block lists as int32 pairs, the low-pass matrices in band form."""
         g = self.geo
-        self.nat_blocks1 = [np.asarray(b, dtype=np.int32).reshape(-1) for b in self.blocks1]
-        self.nat_blocks2 = {key: np.asarray(b, dtype=np.int32).reshape(-1)
-                            for key, b in self.blocks2.items()}
+        self.nat_boxes1 = [fb.significant_boxes(self.psi1[j1], 2**j1) for j1 in range(g.J)]
+        self.nat_boxes2 = {key: fb.significant_boxes(f, 2 ** (key[1] - key[0]))
+                           for key, f in self.psi2.items()}
         self.nat_lp = []
         for res in range(g.J):
             A, B = fb.lowpass_matrices(g.Mp, g.Np, g.J, res)
@@ -409,11 +409,11 @@ class TorchPlan:
                         rb, np.ascontiguousarray(cb, dtype=np.float32), cb.shape[1])
 
     def _nat_prod(self, Z: torch.Tensor, U: torch.Tensor, u_off: np.ndarray, F: np.ndarray,
-                  f0: int, nf: int, s: int, blocks: np.ndarray) -> None:
+                  f0: int, nf: int, s: int, boxes: np.ndarray) -> None:
         M, N = F.shape[-2:]
         self.native.sc_prod_periodize(U.data_ptr(), u_off.ctypes.data, len(u_off),
                                       F.ctypes.data + f0 * M * N * 4, nf, M, N, s,
-                                      blocks.ctypes.data, len(blocks) // 2, Z.data_ptr())
+                                      boxes[f0:].ctypes.data, boxes.shape[1], Z.data_ptr())
 
     def _nat_lowpass(self, U: torch.Tensor, n_maps: int, res: int, T: torch.Tensor,
                      out: torch.Tensor, out_off: np.ndarray) -> None:
@@ -458,7 +458,7 @@ class TorchPlan:
                 nl = min(self.GROUP, L - l0)
                 Zi = view(zbuf, n, nl, m, k)
                 self._nat_prod(Zi, U0, ws[pre + "u0off"], self.psi1[j1], l0, nl, 2**j1,
-                               self.nat_blocks1[j1])
+                               self.nat_boxes1[j1])
                 # inverse FFT into a second buffer: torch's MKL path computes out of place and
                 # copies into `out=` when it is the input (~15 % of the transform), and a fresh
                 # result tensor per step costs page faults
@@ -477,7 +477,7 @@ class TorchPlan:
                     Z2 = view(zbuf, n, tb, L, m2, k2)
                     U2 = view(ubuf, n, tb, L, m2, k2)
                     self._nat_prod(Z2, V, ws[f"{pre}voff{j1}.{t0}"], self.psi2[(j1, j2)], 0, L,
-                                   2 ** (j2 - j1), self.nat_blocks2[(j1, j2)])
+                                   2 ** (j2 - j1), self.nat_boxes2[(j1, j2)])
                     W2 = torch.fft.ifft2(Z2, out=view(wbuf, n, tb, L, m2, k2))
                     nm = n * tb * L
                     lib.sc_modulus(W2.data_ptr(), nm, m2 * k2, U2.data_ptr(),
