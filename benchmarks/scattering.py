@@ -2,6 +2,7 @@
 
     python benchmarks/scattering.py                 # CPU, 2 threads, the four standard cases
     python benchmarks/scattering.py --reps 7        # more repetitions
+    python benchmarks/scattering.py --pure-torch    # also the pure-torch CPU path (no C kernels)
     python benchmarks/scattering.py --device cuda   # GPU: scatstore torch vs cupy (and kymatio)
 
 Method
@@ -78,7 +79,7 @@ def worker(impl: str, order: int, J: int, size: int, batch: int, reps: int, thre
             S = S.cuda()
         x = torch.from_numpy(x_np).to(device)
         run = lambda: S(x)  # noqa: E731
-    elif impl in ("scatstore", "scatstore-torch"):
+    elif impl in ("scatstore", "scatstore-torch", "scatstore-puretorch"):
         from scatstore import Scattering2D
 
         S = Scattering2D(J, (size, size), L=8, max_order=order)
@@ -156,6 +157,8 @@ def run_case(impl, case, reps, threads, device):
            str(size), str(batch), "--reps", str(reps), "--threads", str(threads),
            "--device", device]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    if impl == "scatstore-puretorch":  # the fallback path, without the fused C kernels
+        env["SCATSTORE_NATIVE"] = "0"
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
@@ -170,6 +173,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--no-kymatio", action="store_true")
+    ap.add_argument("--pure-torch", action="store_true",
+                    help="also time scatstore's pure-torch CPU path (SCATSTORE_NATIVE=0)")
     ap.add_argument("--cases", default="", help="comma-separated case numbers (1-based)")
     ap.add_argument("--worker", nargs=5, metavar=("IMPL", "ORDER", "J", "SIZE", "BATCH"))
     args = ap.parse_args(argv)
@@ -183,6 +188,8 @@ def main(argv=None):
     if args.cases:
         cases = [cases[int(i) - 1] for i in args.cases.split(",")]
     impls = ["scatstore"] if args.device == "cpu" else ["scatstore-torch", "scatstore-cupy"]
+    if args.device == "cpu" and args.pure_torch:
+        impls.append("scatstore-puretorch")
     if not args.no_kymatio:
         impls.append("kymatio")
 
@@ -190,9 +197,13 @@ def main(argv=None):
 
     dev = (torch.cuda.get_device_name() if args.device == "cuda"
            else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+    from scatstore.transforms._native import native_info
+
+    kern = native_info()
     print(f"# scattering benchmark: device={args.device} ({dev}), threads={args.threads}, "
           f"reps={args.reps}x{args.rounds} rounds, torch {torch.__version__}; img/s as median "
-          f"(best), L=8, RGB float32 input")
+          f"(best), L=8, RGB float32 input; CPU kernels: "
+          f"{'fused C' if kern['available'] else 'pure torch (' + kern['reason'] + ')'}")
     head = ["case", "batch"]
     for i in impls:
         head += [f"{i} img/s", f"{i} peak MiB"]

@@ -301,7 +301,10 @@ def significant_boxes(F: np.ndarray, s: int, rtol: float = 1e-9) -> np.ndarray:
                 if not blk.any():
                     continue
                 rows, cols = np.flatnonzero(blk.any(axis=1)), np.flatnonzero(blk.any(axis=0))
-                boxes.append((a, b, rows[0], rows[-1] + 1, cols[0], cols[-1] + 1))
+                box = (a, b, rows[0], rows[-1] + 1, cols[0], cols[-1] + 1)
+                if (box[3] - box[2]) * (box[5] - box[4]) >= 0.7 * m * k:
+                    box = (a, b, 0, m, 0, k)  # nearly whole: whole blocks vectorise better
+                boxes.append(box)
         boxes.sort(key=lambda x: -(x[3] - x[2]) * (x[5] - x[4]))  # a whole-block box first
         per_filter.append(boxes)
     nb = max(1, max(len(b) for b in per_filter))
