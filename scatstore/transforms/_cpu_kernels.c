@@ -23,6 +23,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #define RESTRICT __restrict__
 
@@ -82,16 +83,16 @@ void sc_prod_periodize(const float *U, const int64_t *u_off, int64_t n_u,
     }
 }
 
-/* Z: n_maps contiguous complex maps of len values; out + out_off[i] <- |Z[i]| (len floats). */
+/* Z: n_maps contiguous complex maps of len values; out + out_off[i] <- scale * |Z[i]|. */
 void sc_modulus(const float *RESTRICT Z, int64_t n_maps, int64_t len, float *out,
-                const int64_t *out_off)
+                const int64_t *out_off, float scale)
 {
     for (int64_t i = 0; i < n_maps; ++i) {
         const float *RESTRICT z = Z + i * len * 2;
         float *RESTRICT o = out + out_off[i];
 #pragma GCC ivdep
         for (int64_t q = 0; q < len; ++q)
-            o[q] = sqrtf(z[2 * q] * z[2 * q] + z[2 * q + 1] * z[2 * q + 1]);
+            o[q] = scale * sqrtf(z[2 * q] * z[2 * q] + z[2 * q + 1] * z[2 * q + 1]);
     }
 }
 
@@ -99,6 +100,7 @@ void sc_modulus(const float *RESTRICT Z, int64_t n_maps, int64_t len, float *out
  * target has); aligned(4) makes loads and stores through these types unaligned-safe. */
 typedef float v16f __attribute__((vector_size(64), aligned(4)));
 typedef float v8f __attribute__((vector_size(32), aligned(4)));
+typedef double v8d __attribute__((vector_size(64), aligned(8)));
 
 /* t[0:k] = sum_w c[w] * U[(row0 + w) mod m, 0:k]. Accumulators stay in registers over w: full
  * blocks of 64 columns use 4 independent vector chains; the rest (< 64 columns) is done in one
@@ -243,5 +245,193 @@ void sc_lowpass(const float *U, int64_t n_maps, int64_t m, int64_t k,
         float *RESTRICT o = out + out_off[i];
         for (int64_t r = 0; r < Mo; ++r)
             for (int64_t c = 0; c < No; ++c) o[r * No + c] = ST[c * mp + r];
+    }
+}
+
+
+/* ---- FFT ------------------------------------------------------------------------------------
+ * A mixed-radix (2, 3, 4, 5) Stockham FFT vectorised across 8 independent transforms, for the
+ * 2^a 3^b 5^c sizes of kymatio's padded grids (240, 120, 60 at 224^2). On the machines measured
+ * it is about twice as fast as torch's MKL FFT on AMD CPUs, deterministic, and it works in place
+ * in the kernels' buffers. Other sizes use torch's FFT. */
+typedef int32_t v16i __attribute__((vector_size(64)));
+#if defined(__clang__)
+#define SWAP_RI(z) __builtin_shufflevector(z, z, 1,0,3,2,5,4,7,6,9,8,11,10,13,12,15,14)
+#else
+#define SWAP_RI(z) __builtin_shuffle(z, (v16i){1,0,3,2,5,4,7,6,9,8,11,10,13,12,15,14})
+#endif
+typedef int64_t v8l __attribute__((vector_size(64)));
+#if defined(__clang__)
+#define SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUF(a, b, ...) __builtin_shuffle(a, b, (v8l){__VA_ARGS__})
+#endif
+
+/* 8 x 8 transpose of 64-bit elements (complex float pairs): o[j][i] = a[i][j] */
+static inline void transpose8(const v8d *a, v8d *o)
+{
+    v8d b[8], c[8];
+    for (int i = 0; i < 8; i += 2) {
+        b[i] = SHUF(a[i], a[i + 1], 0, 8, 2, 10, 4, 12, 6, 14);
+        b[i + 1] = SHUF(a[i], a[i + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        for (int j = 0; j < 2; ++j) {
+            c[i + j] = SHUF(b[i + j], b[i + j + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+            c[i + j + 2] = SHUF(b[i + j], b[i + j + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+        }
+    }
+    for (int j = 0; j < 4; ++j) {
+        o[j] = SHUF(c[j], c[j + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+        o[j + 4] = SHUF(c[j], c[j + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+    }
+}
+
+static const v16f PM = {1,-1,1,-1,1,-1,1,-1,1,-1,1,-1,1,-1,1,-1};  /* (a,b)*(-i) = (b,-a) = swap*PM */
+
+static inline v16f bcast2(const float *p) { /* (p0, p1) repeated */
+    double d; memcpy(&d, p, 8); v8d v = (v8d){d,d,d,d,d,d,d,d}; return (v16f)v;
+}
+/* multiply by -i (dir=+1: forward) or +i (dir=-1) : swap then sign pattern */
+static inline v16f rot(v16f z, float dir) { return SWAP_RI(z) * (PM * dir); }
+
+/* radix butterflies, forward sign e^{-2 pi i/R}; dir = 1 forward, -1 inverse */
+static inline void bf2(v16f *v) { v16f a = v[0] + v[1]; v[1] = v[0] - v[1]; v[0] = a; }
+static inline void bf4(v16f *v, float dir) {
+    v16f s02 = v[0] + v[2], d02 = v[0] - v[2], s13 = v[1] + v[3], d13 = rot(v[1] - v[3], dir);
+    v[0] = s02 + s13; v[2] = s02 - s13; v[1] = d02 + d13; v[3] = d02 - d13;
+}
+static inline void bf3(v16f *v, float dir) {
+    const float S = 0.86602540378443864676f;
+    v16f t1 = v[1] + v[2], t2 = v[0] - 0.5f * t1, t3 = rot(S * (v[1] - v[2]), dir);
+    v[0] = v[0] + t1; v[1] = t2 + t3; v[2] = t2 - t3;
+}
+static inline void bf5(v16f *v, float dir) {
+    const float c1 = 0.30901699437494742410f, c2 = -0.80901699437494742410f;
+    const float s1 = 0.95105651629515357212f, s2 = 0.58778525229247312917f;
+    v16f t1 = v[1] + v[4], t2 = v[2] + v[3], t3 = v[1] - v[4], t4 = v[2] - v[3];
+    v16f a1 = v[0] + c1 * t1 + c2 * t2, a2 = v[0] + c2 * t1 + c1 * t2;
+    v16f b1 = rot(s1 * t3 + s2 * t4, dir), b2 = rot(s2 * t3 - s1 * t4, dir);
+    v[0] = v[0] + t1 + t2; v[1] = a1 + b1; v[4] = a1 - b1; v[2] = a2 + b2; v[3] = a2 - b2;
+}
+
+/* One Stockham pass of radix R (a compile-time constant after inlining, so the R values stay
+ * in registers): y[(j/Ns)*Ns*R + j%Ns + r*Ns] = DFT_R(x[j + r*n/R] * w^(r*(j%Ns))). */
+static inline __attribute__((always_inline)) void
+pass_r(const v16f *RESTRICT x, v16f *RESTRICT y, int64_t n, int64_t Ns, const float *tw,
+       float dir, const int R)
+{
+    const int64_t nR = n / R;
+    for (int64_t jb = 0; jb < nR; jb += Ns) {
+        v16f *RESTRICT yb = y + jb * R;
+        for (int64_t jm = 0; jm < Ns; ++jm) {
+            const int64_t j = jb + jm;
+            v16f v[5];
+            for (int r = 0; r < R; ++r) v[r] = x[j + r * nR];
+            if (jm) {
+                const float *t = tw + jm * (R - 1) * 4;
+                for (int r = 1; r < R; ++r) {
+                    const v16f wr = bcast2(t + (r - 1) * 4), wi = bcast2(t + (r - 1) * 4 + 2);
+                    v[r] = v[r] * wr + SWAP_RI(v[r]) * wi;
+                }
+            }
+            if (R == 2) bf2(v);
+            else if (R == 3) bf3(v, dir);
+            else if (R == 4) bf4(v, dir);
+            else bf5(v, dir);
+            for (int r = 0; r < R; ++r) yb[jm + r * Ns] = v[r];
+        }
+    }
+}
+
+static void pass2(const v16f *x, v16f *y, int64_t n, int64_t Ns, const float *tw, float dir)
+{ pass_r(x, y, n, Ns, tw, dir, 2); }
+static void pass3(const v16f *x, v16f *y, int64_t n, int64_t Ns, const float *tw, float dir)
+{ pass_r(x, y, n, Ns, tw, dir, 3); }
+static void pass4(const v16f *x, v16f *y, int64_t n, int64_t Ns, const float *tw, float dir)
+{ pass_r(x, y, n, Ns, tw, dir, 4); }
+static void pass5(const v16f *x, v16f *y, int64_t n, int64_t Ns, const float *tw, float dir)
+{ pass_r(x, y, n, Ns, tw, dir, 5); }
+
+/* Stockham autosort FFT of length n on vectors (8 independent complex lanes each), radices
+ * radix[0..npass). tw: per pass with Ns > 1, Ns*(R-1) twiddles of 4 floats (c, c, -s, s),
+ * angle dir*(-2 pi) jm r / (Ns R). Returns the buffer holding the result (x or y). */
+static v16f *fft_vec(v16f *RESTRICT x, v16f *RESTRICT y, int64_t n, const int32_t *radix,
+                     int64_t npass, const float *tw, float dir)
+{
+    int64_t Ns = 1;
+    for (int64_t ps = 0; ps < npass; ++ps) {
+        const int64_t R = radix[ps];
+        switch (R) {
+        case 2: pass2(x, y, n, Ns, tw, dir); break;
+        case 3: pass3(x, y, n, Ns, tw, dir); break;
+        case 4: pass4(x, y, n, Ns, tw, dir); break;
+        default: pass5(x, y, n, Ns, tw, dir); break;
+        }
+        if (Ns > 1) tw += Ns * (R - 1) * 4;
+        Ns *= R;
+        v16f *tmp = x; x = y; y = tmp;
+    }
+    return x;
+}
+
+/* In-place, unnormalised 2D FFT (inverse: exponent sign +) of n_maps contiguous complex (m, k)
+ * maps. rad_m, tw_m, rad_k, tw_k: radices and twiddles of the m- and k-point transforms (built by
+ * _torch_backend.fft_plan). Column pass: strips of 8 columns loaded as rows of vectors (8
+ * complex lanes = 8 independent transforms); row pass: 8 rows at a time, turned into the same
+ * lane layout by 8 x 8 tile transposes. work: 2 * max(m, k) vectors of 64 bytes. */
+void sc_fft2(float *data, int64_t n_maps, int64_t m, int64_t k,
+             const int32_t *rad_m, int64_t np_m, const float *tw_m,
+             const int32_t *rad_k, int64_t np_k, const float *tw_k, int64_t inverse,
+             float *work)
+{
+    const float dir = inverse ? -1.0f : 1.0f;
+    const int64_t nmax = m > k ? m : k;
+    v16f *x = (v16f *)work, *y = x + nmax;
+    for (int64_t i = 0; i < n_maps; ++i) {
+        float *d = data + i * m * k * 2;
+        for (int64_t c = 0; c < k; c += 8) {
+            const int64_t w = (k - c) < 8 ? (k - c) : 8;
+            if (w == 8) {
+                for (int64_t r = 0; r < m; ++r) x[r] = *(const v16f *)(d + (r * k + c) * 2);
+            } else {
+                for (int64_t r = 0; r < m; ++r) {
+                    v16f t = {0};
+                    memcpy(&t, d + (r * k + c) * 2, w * 8);
+                    x[r] = t;
+                }
+            }
+            v16f *res = fft_vec(x, y, m, rad_m, np_m, tw_m, dir);
+            if (w == 8) {
+                for (int64_t r = 0; r < m; ++r) *(v16f *)(d + (r * k + c) * 2) = res[r];
+            } else {
+                for (int64_t r = 0; r < m; ++r) memcpy(d + (r * k + c) * 2, &res[r], w * 8);
+            }
+        }
+        for (int64_t r0 = 0; r0 < m; r0 += 8) {
+            const int64_t h = (m - r0) < 8 ? (m - r0) : 8;
+            double *rows = (double *)(d + r0 * k * 2);
+            const int64_t kq = h == 8 ? k / 8 * 8 : 0;  /* columns done by 8 x 8 tiles */
+            for (int64_t q = 0; q < kq; q += 8) {
+                v8d a[8];
+                for (int l = 0; l < 8; ++l) a[l] = *(const v8d *)(rows + l * k + q);
+                transpose8(a, (v8d *)(x + q));
+            }
+            for (int64_t q = kq; q < k; ++q) {
+                v8d t = {0};
+                for (int64_t l = 0; l < h; ++l) t[l] = rows[l * k + q];
+                x[q] = (v16f)t;
+            }
+            v16f *res = fft_vec(x, y, k, rad_k, np_k, tw_k, dir);
+            for (int64_t q = 0; q < kq; q += 8) {
+                v8d a[8];
+                transpose8((const v8d *)(res + q), a);
+                for (int l = 0; l < 8; ++l) *(v8d *)(rows + l * k + q) = a[l];
+            }
+            for (int64_t q = kq; q < k; ++q) {
+                v8d t = (v8d)res[q];
+                for (int64_t l = 0; l < h; ++l) rows[l * k + q] = t[l];
+            }
+        }
     }
 }

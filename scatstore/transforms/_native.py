@@ -29,7 +29,7 @@ from pathlib import Path
 
 _SOURCE = Path(__file__).with_name("_cpu_kernels.c")
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=fast", "-fopenmp-simd",
-          "-fPIC", "-shared", "-std=c99"]
+          "-fPIC", "-shared", "-std=gnu99"]
 
 _lock = threading.Lock()
 _state: dict = {}
@@ -37,7 +37,8 @@ _state: dict = {}
 _vp, _i64 = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
     "sc_prod_periodize": [_vp, _vp, _i64, _vp, _i64, _i64, _i64, _i64, _vp, _i64, _vp],
-    "sc_modulus": [_vp, _i64, _i64, _vp, _vp],
+    "sc_modulus": [_vp, _i64, _i64, _vp, _vp, ctypes.c_float],
+    "sc_fft2": [_vp, _i64, _i64, _i64, _vp, _i64, _vp, _vp, _i64, _vp, _i64, _vp],
     "sc_lowpass": [_vp, _i64, _i64, _i64, _vp, _vp, _i64, _i64, _vp, _vp, _i64, _i64, _vp, _vp,
                    _vp],
 }

@@ -28,6 +28,7 @@ Filters are converted to tensors once per (device, dtype) and cached in :class:`
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import threading
@@ -130,6 +131,37 @@ def cpu_working_bytes(geo: Geometry, real_bytes: int, theta_block: int,
             for j2 in range(j1 + 1, J):
                 total += stage(theta_block, L, j2)
     return total
+
+
+@functools.lru_cache(maxsize=64)
+def fft_plan(n: int, inverse: bool) -> tuple[np.ndarray, np.ndarray] | None:
+    """Radices and twiddle table of the C kernels' n-point Stockham FFT, or None when n has a
+    prime factor other than 2, 3, 5 (torch's FFT is used then).
+
+    Radix 4 first, then 2, 3, 5. For every pass after the first (span ``Ns`` = product of the
+    radices before it), twiddles ``w = exp(∓2πi·jm·r / (Ns·R))`` for ``jm < Ns``, ``1 <= r < R``,
+    stored as 4 floats ``(cos, cos, -sin, sin)`` (the kernel multiplies interleaved complex
+    vectors by them without shuffling the twiddle); computed in float64.
+    """
+    radix, rest = [], n
+    for r in (4, 2, 3, 5):
+        while rest % r == 0:
+            radix.append(r)
+            rest //= r
+    if rest != 1:
+        return None
+    sign = 1.0 if inverse else -1.0
+    tw = []
+    span = 1
+    for R in radix:
+        if span > 1:
+            jm, r = np.meshgrid(np.arange(span), np.arange(1, R), indexing="ij")
+            ang = sign * 2 * np.pi * jm * r / (span * R)
+            c, si = np.cos(ang).ravel(), np.sin(ang).ravel()
+            tw.append(np.stack([c, c, -si, si], axis=1).ravel())
+        span *= R
+    table = np.concatenate(tw) if tw else np.zeros(4)
+    return np.asarray(radix, dtype=np.int32), np.ascontiguousarray(table, dtype=np.float32)
 
 
 def _pair_bands(start: np.ndarray, coef: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -388,6 +420,10 @@ class TorchPlan:
     def _init_native(self) -> None:
         """Kernel-side tables: block lists as int32 pairs, the low-pass matrices in band form."""
         g = self.geo
+        # own FFT when every grid size is 2^a 3^b 5^c (kymatio's padded sizes usually are)
+        sizes = {n for res in range(g.J) for n in g.grid(res)}
+        plans = {(n, inv): fft_plan(n, inv) for n in sizes for inv in (False, True)}
+        self.nat_fft = plans if all(p is not None for p in plans.values()) else None
         self.nat_boxes1 = [fb.significant_boxes(self.psi1[j1], 2**j1) for j1 in range(g.J)]
         self.nat_boxes2 = {key: fb.significant_boxes(f, 2 ** (key[1] - key[0]))
                            for key, f in self.psi2.items()}
@@ -414,6 +450,15 @@ class TorchPlan:
         self.native.sc_prod_periodize(U.data_ptr(), u_off.ctypes.data, len(u_off),
                                       F.ctypes.data + f0 * M * N * 4, nf, M, N, s,
                                       boxes[f0:].ctypes.data, boxes.shape[1], Z.data_ptr())
+
+    def _nat_fft2(self, Z: torch.Tensor, n_maps: int, m: int, k: int, inverse: bool,
+                  work: torch.Tensor) -> None:
+        """In place, unnormalised (the inverse's 1/(m k) is applied by the modulus)."""
+        rm, tm = self.nat_fft[(m, inverse)]
+        rk, tk = self.nat_fft[(k, inverse)]
+        self.native.sc_fft2(Z.data_ptr(), n_maps, m, k, rm.ctypes.data, len(rm), tm.ctypes.data,
+                            rk.ctypes.data, len(rk), tk.ctypes.data, int(inverse),
+                            work.data_ptr())
 
     def _nat_lowpass(self, U: torch.Tensor, n_maps: int, res: int, T: torch.Tensor,
                      out: torch.Tensor, out_off: np.ndarray) -> None:
@@ -444,7 +489,15 @@ class TorchPlan:
         top, bottom, left, right = geo.pads
         xp = torch.nn.functional.pad(x[:, None], (left, right, top, bottom), mode="reflect")
         U0 = ws[pre + "U0"]
-        torch.fft.fft2(xp[:, 0], out=U0)
+        own_fft = self.nat_fft is not None
+        fwork = ws[pre + "fftwork"]
+        if own_fft:
+            U0r = torch.view_as_real(U0)
+            U0r[..., 0].copy_(xp[:, 0])
+            U0r[..., 1].zero_()
+            self._nat_fft2(U0, n, geo.Mp, geo.Np, False, fwork)
+        else:
+            torch.fft.fft2(xp[:, 0], out=U0)
         del xp
         T, zbuf, wbuf, ubuf = ws[pre + "T"], ws[pre + "Z"], ws[pre + "W"], ws[pre + "U"]
 
@@ -459,17 +512,27 @@ class TorchPlan:
                 Zi = view(zbuf, n, nl, m, k)
                 self._nat_prod(Zi, U0, ws[pre + "u0off"], self.psi1[j1], l0, nl, 2**j1,
                                self.nat_boxes1[j1])
-                # inverse FFT into a second buffer: torch's MKL path computes out of place and
-                # copies into `out=` when it is the input (~15 % of the transform), and a fresh
-                # result tensor per step costs page faults
-                Wi = torch.fft.ifft2(Zi, out=view(wbuf, n, nl, m, k))
+                if own_fft:
+                    self._nat_fft2(Zi, n * nl, m, k, True, fwork)
+                    Wi, scale = Zi, 1.0 / (m * k)
+                else:
+                    # into a second buffer: torch's MKL path computes out of place and copies
+                    # into `out=` when it is the input (~15 % of the transform), and a fresh
+                    # result tensor per step costs page faults
+                    Wi, scale = torch.fft.ifft2(Zi, out=view(wbuf, n, nl, m, k)), 1.0
                 lib.sc_modulus(Wi.data_ptr(), n * nl, m * k, Um.data_ptr(),
-                               ws[f"{pre}modoff{j1}.{l0}"].ctypes.data)
+                               ws[f"{pre}modoff{j1}.{l0}"].ctypes.data, scale)
             self._nat_lowpass(Um, n * L, j1, T, out, ws[f"{pre}out1.{j1}"])
             if geo.max_order < 2 or j1 == J - 1:
                 continue
-            V = ws[f"{pre}V{j1}"]
-            torch.fft.fft2(Um, out=V)  # (n, L, m, k)
+            V = ws[f"{pre}V{j1}"]  # (n, L, m, k)
+            if own_fft:
+                Vr = torch.view_as_real(V)
+                Vr[..., 0].copy_(Um)
+                Vr[..., 1].zero_()
+                self._nat_fft2(V, n * L, m, k, False, fwork)
+            else:
+                torch.fft.fft2(Um, out=V)
             for t0 in range(0, L, theta_block):
                 tb = min(theta_block, L - t0)
                 for j2 in range(j1 + 1, J):
@@ -478,10 +541,14 @@ class TorchPlan:
                     U2 = view(ubuf, n, tb, L, m2, k2)
                     self._nat_prod(Z2, V, ws[f"{pre}voff{j1}.{t0}"], self.psi2[(j1, j2)], 0, L,
                                    2 ** (j2 - j1), self.nat_boxes2[(j1, j2)])
-                    W2 = torch.fft.ifft2(Z2, out=view(wbuf, n, tb, L, m2, k2))
                     nm = n * tb * L
+                    if own_fft:
+                        self._nat_fft2(Z2, nm, m2, k2, True, fwork)
+                        W2, scale = Z2, 1.0 / (m2 * k2)
+                    else:
+                        W2, scale = torch.fft.ifft2(Z2, out=view(wbuf, n, tb, L, m2, k2)), 1.0
                     lib.sc_modulus(W2.data_ptr(), nm, m2 * k2, U2.data_ptr(),
-                                   ws[f"{pre}lin{nm}.{m2 * k2}"].ctypes.data)
+                                   ws[f"{pre}lin{nm}.{m2 * k2}"].ctypes.data, scale)
                     self._nat_lowpass(U2, nm, j2, T, out, ws[f"{pre}out2.{j1}.{j2}.{t0}"])
 
     def _native_workspace(self, n: int, theta_block: int, pre: str) -> dict:
@@ -507,7 +574,9 @@ class TorchPlan:
             zsize = max(zsize, n * min(theta_block, L) * L * m2 * k2)
             usize = n * min(theta_block, L) * L * m2 * k2
         ws[pre + "Z"] = torch.empty(zsize, dtype=self.cdtype)
-        ws[pre + "W"] = torch.empty(zsize, dtype=self.cdtype)
+        # the inverse FFT's output buffer (torch FFT only: the own FFT works in place)
+        ws[pre + "W"] = torch.empty(0 if self.nat_fft else zsize, dtype=self.cdtype)
+        ws[pre + "fftwork"] = torch.empty(2 * 16 * max(geo.Mp, geo.Np), dtype=torch.float32)
         ws[pre + "U0"] = torch.empty((n, geo.Mp, geo.Np), dtype=self.cdtype)
         ws[pre + "U"] = torch.empty(usize, dtype=torch.float32)
         for j1 in range(J):
