@@ -88,8 +88,8 @@ def native_working_bytes(geo: Geometry, theta_block: int, group: int = 2) -> int
     """Bytes of one pipeline's workspace per input map with the C kernels (float32; the buffers of
     ``TorchPlan._native_workspace``): the padded input and its spectrum, the flat product /
     inverse-FFT buffer (``group`` orientations at full resolution, or at order 2 the
-    ``theta_block·L`` paths of the largest second-order step) and the inverse FFT's result
-    buffer of the same size, the L moduli of every scale, at
+    ``theta_block·L`` paths of the largest second-order step) and, with torch's FFT, the inverse
+    FFT's result buffer of the same size, the L moduli of every scale, at
     order 2 their spectra and the flat buffer of second-order moduli, and a float32 output
     staging block."""
     J, L = geo.J, geo.L
@@ -100,8 +100,11 @@ def native_working_bytes(geo: Geometry, theta_block: int, group: int = 2) -> int
         tb = min(theta_block, L)
         zbuf = max(zbuf, tb * L * (P >> 2) * 8)
         total += sum(L * (P >> (2 * j)) * 8 for j in range(J - 1)) + tb * L * (P >> 2) * 4
-    # the flat product buffer and the inverse FFT's result buffer, of the same size
-    return total + 2 * zbuf + geo.K * geo.Mo * geo.No * 4
+    # the flat product buffer, and the inverse FFT's result buffer of the same size when torch's
+    # FFT is used (the kernels' own FFT works in place)
+    own_fft = all(fft_plan(n, True) is not None for r in range(J) for n in geo.grid(r))
+    fft_work = 2 * 16 * max(geo.Mp, geo.Np) * 4
+    return total + (zbuf + fft_work if own_fft else 2 * zbuf) + geo.K * geo.Mo * geo.No * 4
 
 
 def cpu_working_bytes(geo: Geometry, real_bytes: int, theta_block: int,
