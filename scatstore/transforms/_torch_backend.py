@@ -19,8 +19,9 @@ for speed:
 
 On CPU (:func:`run_cpu`) the maps are shared out to ``torch.get_num_threads()`` single-threaded
 pipelines in a private thread pool (torch releases the GIL inside its operations), each with a
-workspace allocated once per call and reused: every step writes with ``out=``, the product /
-inverse FFT / squares run on 2 orientations of up to 3 maps at a time in one small buffer.
+workspace allocated on first use and kept with the plan (per thread): every step writes into it,
+the product / inverse FFT / squares run on 2 orientations of up to 3 maps at a time in one small
+buffer.
 Independent pipelines need no barrier after each small operation, which on a shared 2-core
 machine is what stalls multi-threaded torch operations.
 
@@ -204,6 +205,9 @@ class TorchPlan:
         self.cdtype = _complex_dtype(dtype)
         g = geo
         J, L = g.J, g.L
+        # per-thread CPU workspaces, kept with the plan so that repeated calls (one per batch in
+        # the encode job) reuse their buffers instead of faulting in fresh pages every time
+        self._local = threading.local()
         # fused C kernels (float32 on CPU only); None: the pure-torch path
         self.native = None
         if use_native and device.type == "cpu" and dtype == torch.float32:
@@ -419,6 +423,13 @@ class TorchPlan:
                                                    self.blocks2[(j1, j2)], j2, (n, tb, L))
                     o2[:, t0:t0 + tb, j2 - j1 - 1] = S2
 
+    def workspace(self) -> dict:
+        """This thread's CPU workspace for this plan (buffers keyed by the step they serve)."""
+        ws = getattr(self._local, "ws", None)
+        if ws is None:
+            ws = self._local.ws = {}
+        return ws
+
     # ---- CPU, float32: the fused C kernels of _cpu_kernels.c ------------------------------------
     def _init_native(self) -> None:
         """Kernel-side tables: block lists as int32 pairs, the low-pass matrices in band form."""
@@ -485,7 +496,7 @@ class TorchPlan:
         geo, lib = self.geo, self.native
         J, L = geo.J, geo.L
         n = x.shape[0]
-        pre = f"n{n}."
+        pre = f"n{n}.t{theta_block}."
         if pre + "T" not in ws:
             ws.update(self._native_workspace(n, theta_block, pre))
         self._nat_lowpass(x, n, -1, ws[pre + "T"], out, ws[pre + "out0"])
@@ -643,7 +654,7 @@ def run_cpu(plan: TorchPlan, xs: torch.Tensor, out: torch.Tensor, workers: int,
     lock = threading.Lock()
 
     def work() -> None:
-        ws: dict = {}
+        ws = plan.workspace()
         with torch.no_grad():
             while True:
                 with lock:
