@@ -11,6 +11,16 @@ How the job is cut up (see docs/architecture.md):
   re-run keeps every shard whose marker exists and whose files still hash to the recorded sha256,
   and redoes the others: a job killed at any moment resumes to the same bytes.
 - The manifest is written last, atomically, by the store's ``finalize``.
+
+How it runs (timings: docs/benchmarks.md, "Encode pipeline"):
+
+- In-process (``workers=1``): one pipeline over all shards. Decode threads work a window ahead,
+  across shard boundaries; transform threads (as many as the caller's torch threads, each a
+  single-threaded transform pipeline) take the batches of any shard as they come; a writer
+  thread writes each shard once all its batches are done, while the next ones are transformed.
+- ``--workers N``: a process pool (spawn), and ``--scheduler``: dask; both run
+  :func:`encode_shard` per shard: decode threads ahead, the transform in the task's thread on
+  cores / N torch threads, the write at the end of the task.
 """
 from __future__ import annotations
 
@@ -19,9 +29,11 @@ import hashlib
 import json
 import os
 import sys
+import threading
 import time
+import uuid
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,38 +156,210 @@ def _marker_path(out: Path, index: int) -> Path:
     return out / JOB_DIR / SHARD_MARKERS / f"shard-{index:06d}.json"
 
 
-def _prepare_sample(task: ShardTask, item, variant: int, cache: dict):
-    """Decode (once per source item) and preprocess one slot. Returns (image, meta) or raises."""
-    from scatstore.sources import (decode_image, random_resized_crop, resize_center_crop,
-                                   resize_keep_aspect, variant_rng)
+# --------------------------------------------------------------------------------------------
+# Decoding: threads of this process, a window ahead of the transform
 
-    img = cache.get(item.key)
-    if img is None:
-        img = decode_image(os.path.join(task.src_root, item.path))
-        cache.clear()  # variants of one item are consecutive slots: keep only the current one
-        cache[item.key] = img
-    meta: dict[str, Any] = {"source_key": item.key, "path": item.path}
-    hw = None
+
+def _set_openmp_threads(n: int) -> None:
+    """This thread's OpenMP thread count only (see ``set_thread_openmp_threads``)."""
+    from scatstore.transforms._torch_backend import set_thread_openmp_threads
+
+    set_thread_openmp_threads(n)
+
+
+# Decoding and resizing one ~500×375 JPEG costs ~1.1 ms of CPU (docs/benchmarks.md, encode), an
+# eighth or less of its transform: two threads keep well ahead of the transform of a process, and
+# more would only preempt the transform's own threads.
+DECODE_THREADS = 2
+_DECODE = {"pid": None, "pool": None}
+_DECODE_LOCK = threading.Lock()
+
+
+def _decode_thread_init() -> None:
+    # The resampler is a torch op. In a thread left at torch's default (all cores) each call
+    # opens an OpenMP team of its own: 7 ms per 224² resize instead of 0.33 ms, and spinning
+    # threads that fight the transform's.
+    _set_openmp_threads(1)
+
+
+def _decode_pool() -> ThreadPoolExecutor:
+    """This process's decode threads, kept across tasks (a dask or pool worker runs many)."""
+    with _DECODE_LOCK:
+        if _DECODE["pid"] != os.getpid():  # threads do not survive a fork: start new ones
+            _DECODE["pool"] = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="scatstore-decode",
+                                                 initializer=_decode_thread_init)
+            _DECODE["pid"] = os.getpid()
+        return _DECODE["pool"]
+
+
+def _prepare_item(task: ShardTask, item, variants: list[int]) -> tuple[list, float]:
+    """Decode one source item once and preprocess the given variants of it (consecutive slots).
+
+    Returns ``([(pixels, meta, hw), ...], CPU seconds of this thread)``; raises DecodeError for
+    a bad file."""
+    from scatstore.sources import (decode_for_frame, decode_image_reduced, random_resized_crop,
+                                   resize_center_crop, resize_keep_aspect, variant_rng)
+
+    t0 = time.thread_time()
+    path = os.path.join(task.src_root, item.path)
     if task.augment:
-        meta["variant"] = variant
-        # Seeded by (job seed, source key, variant): never by worker or shard position.
-        pixels, geom = random_resized_crop(img, task.size, variant_rng(task.seed, item.key, variant))
-        hw = (task.size, task.size)
-    elif task.keep_aspect:
-        pixels, hw, geom = resize_keep_aspect(img, task.size)
+        # a random crop may keep 8 % of the area: always decoded at full size
+        img, f = decode_image_reduced(path)
     else:
-        pixels, geom = resize_center_crop(img, task.size)
-        hw = (task.size, task.size)
-    if "boxes" in item.meta:
-        boxes = np.asarray(item.meta["boxes"], dtype=np.float64).reshape(-1, 4)
-        kept_boxes, kept = geom.apply_to_boxes(boxes)
-        cats = np.asarray(item.meta.get("category_ids", []), dtype=np.int64)
-        meta["image_id"] = item.meta.get("image_id")
-        meta["boxes"] = np.round(np.asarray(kept_boxes, dtype=np.float64), 3).tolist()
-        meta["category_ids"] = cats[np.asarray(kept, dtype=bool)].tolist() if len(cats) else []
-    if task.keep_aspect:
-        meta["hw"] = [int(hw[0]), int(hw[1])]
-    return pixels, meta, hw
+        # a JPEG ≥ 6× the frame is decoded at reduced DCT scale (docs/sources.md)
+        img, f = decode_for_frame(path, task.size, keep_aspect=task.keep_aspect)
+    out = []
+    for variant in variants:
+        meta: dict[str, Any] = {"source_key": item.key, "path": item.path}
+        if task.augment:
+            meta["variant"] = variant
+            # Seeded by (job seed, source key, variant): never by worker or shard position.
+            pixels, geom = random_resized_crop(img, task.size, variant_rng(task.seed, item.key, variant))
+            hw = (task.size, task.size)
+        elif task.keep_aspect:
+            pixels, hw, geom = resize_keep_aspect(img, task.size)
+        else:
+            pixels, geom = resize_center_crop(img, task.size)
+            hw = (task.size, task.size)
+        if f != 1:
+            geom = geom.after_source_scale(1.0 / f)  # boxes are in full-size source pixels
+        if "boxes" in item.meta:
+            boxes = np.asarray(item.meta["boxes"], dtype=np.float64).reshape(-1, 4)
+            kept_boxes, kept = geom.apply_to_boxes(boxes)
+            cats = np.asarray(item.meta.get("category_ids", []), dtype=np.int64)
+            meta["image_id"] = item.meta.get("image_id")
+            meta["boxes"] = np.round(np.asarray(kept_boxes, dtype=np.float64), 3).tolist()
+            meta["category_ids"] = cats[np.asarray(kept, dtype=bool)].tolist() if len(cats) else []
+        if task.keep_aspect:
+            meta["hw"] = [int(hw[0]), int(hw[1])]
+        out.append((pixels, meta, hw))
+    return out, time.thread_time() - t0
+
+
+def _prepared(tasks: list[ShardTask], window: int) -> Iterator[tuple]:
+    """Prepared samples of ``tasks``, in slot order: ``(task, slot, item, variant, result)``, where
+    result is ``(pixels, meta, hw, decode CPU seconds)`` or a DecodeError.
+
+    One decode job per source item and task (its variants are consecutive slots and share the
+    decode), submitted up to ``window`` slots ahead, across task boundaries: the next shard is
+    decoded while this one is transformed and written."""
+    from scatstore.sources import DecodeError
+
+    pool = _decode_pool()
+
+    def groups():
+        for task in tasks:
+            i, n = 0, len(task.slots)
+            while i < n:
+                j = i + 1
+                while j < n and task.items[j].key == task.items[i].key:
+                    j += 1
+                yield task, i, j
+                i = j
+
+    pending: deque = deque()
+    ahead = 0
+    source = groups()
+    try:
+        while True:
+            while ahead < window:
+                nxt = next(source, None)
+                if nxt is None:
+                    break
+                task, i, j = nxt
+                pending.append((task, i, j, pool.submit(_prepare_item, task, task.items[i],
+                                                        task.variants[i:j])))
+                ahead += j - i
+            if not pending:
+                return
+            task, i, j, fut = pending.popleft()
+            ahead -= j - i
+            try:
+                results, seconds = fut.result()
+            except DecodeError as exc:
+                for k in range(i, j):
+                    yield task, task.slots[k], task.items[k], task.variants[k], exc
+                continue
+            for n, k in enumerate(range(i, j)):
+                # the decode time is counted once per item, on its first variant
+                yield task, task.slots[k], task.items[k], task.variants[k], \
+                    (*results[n], seconds if n == 0 else 0.0)
+    finally:
+        for *_, fut in pending:  # an error stopped the job: drop the work queued for it
+            fut.cancel()
+
+
+# --------------------------------------------------------------------------------------------
+# Transform and storage
+
+_DIRECT: dict = {}
+_DIRECT_LOCK = threading.Lock()
+
+
+def _direct_scattering(method, dtype: str, size: int):
+    """A Scattering2D that writes the stored float dtype itself, or None.
+
+    ``ScatteringMethod.encode`` returns float32 and the engine would then convert to float16 in a
+    second pass over every coefficient (~1 % of the transform's time); the transform can cast
+    each chunk as it writes it instead, with the same rounding (round to nearest even). The input
+    convention (uint8 / 255, float32) is the method's (``params["input_scale"]``)."""
+    from scatstore.transforms.methods import ScatteringMethod
+
+    if type(method) is not ScatteringMethod or method.backend != "torch" \
+            or dtype not in ("float16", "float32"):
+        return None
+    key = (method.J, method.L, method.max_order, str(method.device), size, dtype)
+    with _DIRECT_LOCK:  # one per process, shared by the transform threads and later tasks
+        S = _DIRECT.get(key)
+        if S is None:
+            import torch
+
+            from scatstore.transforms.scattering import Scattering2D
+
+            # Filters and FFT plans are cached per process by the transform, keyed by geometry.
+            S = _DIRECT[key] = Scattering2D(J=method.J, shape=(size, size), L=method.L,
+                                            max_order=method.max_order, backend="torch",
+                                            out_dtype=getattr(torch, dtype))
+    return S
+
+
+_BUFFERS = threading.local()
+
+
+def _batch_buffer(name: str, shape: tuple, dtype) -> np.ndarray:
+    """A per-thread buffer reused batch after batch.
+
+    A fresh 19 MB float batch per call is freed at once, glibc then hands the free top of the
+    thread's heap back to the kernel, and the next batch faults every page in again: measured
+    130-200 page faults per image in-process (2-14 with reused buffers), ~0.3 ms of CPU each."""
+    buf = getattr(_BUFFERS, name, None)
+    if buf is None or buf.dtype != dtype or buf.shape[1:] != shape[1:] or len(buf) < shape[0]:
+        buf = np.empty(shape, dtype=dtype)
+        setattr(_BUFFERS, name, buf)
+    return buf[:shape[0]]
+
+
+def _encode_batch(task: ShardTask, method, images: np.ndarray) -> tuple[Any, dict, Any]:
+    """Run the method on a uint8 batch. Returns (stored x, extra per-sample arrays, raw output
+    for ``measure``)."""
+    S = _direct_scattering(method, task.dtype, images.shape[-1])
+    if S is not None:
+        import torch
+
+        if torch.device(method.device).type == "cpu":
+            # numpy's division is bit-identical to torch's and never opens an OpenMP region
+            # (whose idle workers spin ~6 ms after each, libgomp's default spin-wait)
+            x = np.divide(images, np.float32(255.0), dtype=np.float32,
+                          out=_batch_buffer("x", images.shape, np.float32))
+            x = torch.from_numpy(x)
+        else:
+            x = torch.from_numpy(images).to(method.device, torch.float32).div_(255.0)
+        with torch.no_grad():
+            out = S(x)
+        return out.cpu().numpy(), {}, None
+    encoded = method.encode(images)
+    x, extra = _to_storage(task, method, encoded)
+    return x, extra, encoded
 
 
 def _to_storage(task: ShardTask, method, encoded) -> tuple[Any, dict]:
@@ -193,127 +377,280 @@ def _to_storage(task: ShardTask, method, encoded) -> tuple[Any, dict]:
     return np.ascontiguousarray(encoded, dtype=task.dtype), {}
 
 
-def encode_shard(task: ShardTask, on_progress: Callable[[int], None] | None = None) -> ShardResult:
-    """Encode and write one whole shard, then commit its marker. Runs in any process."""
-    from scatstore.sources import DecodeError
-    from scatstore.stores import ShardBatch, StoreSpec, writer_for
+class _ShardEncoder:
+    """One shard: collects its prepared samples in slot order, cuts them into batches, has them
+    transformed (by ``run``: at once in this thread, or by a pool of transform threads), places
+    the results by position and builds the shard's ShardBatch.
 
-    started = time.perf_counter()
+    Batches never span shards and are cut in slot order, so what a batch holds (and thus every
+    output byte) depends only on the shard, never on workers, threads or scheduling."""
+
+    def __init__(self, task: ShardTask, on_progress: Callable[[int], None] | None,
+                 run: Callable[[Callable[[], None]], None] | None = None,
+                 on_complete: Callable[["_ShardEncoder"], None] | None = None):
+        self.task = task
+        self.method = task.method
+        self.on_progress = on_progress
+        self.run = run or (lambda job: job())
+        self.on_complete = on_complete
+        self.started = time.perf_counter()
+        self.t_start = time.time()
+        self.rejected: list[dict] = []
+        self.kept_slots: list[int] = []
+        self.keys: list[str] = []
+        self.labels: list[int] = []
+        self.metas: list[dict] = []
+        self.hws: list = []
+        self.batch: list = []
+        self.n_dispatched = 0
+        self.lock = threading.Lock()
+        self.pending = 0
+        self.closed = False
+        self.x_buf: np.ndarray | None = None   # array outputs, written in place by position
+        self.parts: dict[int, tuple] = {}       # offset -> (bytes list or None, extras, quality)
+        self.t_decode = self.t_encode = self.c_encode = 0.0
+
+    def add(self, slot: int, item, variant: int, result) -> None:
+        task = self.task
+        if isinstance(result, Exception):
+            self.rejected.append({"slot": slot, "key": item.key, "path": item.path,
+                                  "code": getattr(result, "code", "corrupt"), "reason": str(result)})
+            if self.on_progress:
+                self.on_progress(1)
+            return
+        pixels, meta, hw, seconds = result
+        self.t_decode += seconds
+        self.kept_slots.append(slot)
+        self.keys.append(item.key if not task.augment else f"{item.key}_a{variant}")
+        self.labels.append(int(item.label))
+        self.metas.append(meta)
+        self.hws.append(hw)
+        self.batch.append(pixels)
+        if len(self.batch) >= task.batch_size:
+            self._dispatch()
+
+    def _dispatch(self) -> None:
+        if not self.batch:
+            return
+        batch, offset = self.batch, self.n_dispatched
+        self.batch, self.n_dispatched = [], offset + len(batch)
+        with self.lock:
+            self.pending += 1
+        self.run(lambda: self._encode(offset, batch))
+
+    def _encode(self, offset: int, pixels: list) -> None:
+        t0, c0 = time.perf_counter(), time.thread_time()
+        # (the method's output may alias `images`, e.g. raw pixels: it is copied out below,
+        # before this thread reuses the buffer)
+        images = np.stack(pixels, out=_batch_buffer("images", (len(pixels), *pixels[0].shape),
+                                                     pixels[0].dtype))
+        x, extra, encoded = _encode_batch(self.task, self.method, images)
+        quality = None
+        # The samples measured (methods with a `measure` hook) are the shard's first ones, by
+        # position: the same subset whichever thread runs which batch.
+        take = MEASURE_PER_SHARD - offset
+        if hasattr(self.method, "measure") and take > 0:
+            quality = self.method.measure(images[:take], encoded[:take])
+        with self.lock:
+            if isinstance(x, np.ndarray) and self.x_buf is None:
+                self.x_buf = np.empty((len(self.task.slots), *x.shape[1:]), dtype=x.dtype)
+            self.parts[offset] = (None if isinstance(x, np.ndarray) else list(x), extra, quality)
+            self.t_encode += time.perf_counter() - t0
+            self.c_encode += time.thread_time() - c0
+        if isinstance(x, np.ndarray):
+            self.x_buf[offset:offset + len(x)] = x  # disjoint rows per batch: no lock needed
+        if self.on_progress:
+            self.on_progress(len(pixels))
+        self._batch_done()
+
+    def _batch_done(self) -> None:
+        with self.lock:
+            self.pending -= 1
+            complete = self.closed and self.pending == 0
+        if complete and self.on_complete:
+            self.on_complete(self)
+
+    def close(self) -> None:
+        """No more samples: dispatch the last batch; ``on_complete`` runs when all are done."""
+        self._dispatch()
+        with self.lock:
+            self.closed = True
+            complete = self.pending == 0
+        if complete and self.on_complete:
+            self.on_complete(self)
+
+    def write(self) -> ShardResult:
+        """Write the (complete) shard and then its marker; returns the ShardResult."""
+        from scatstore.stores import ShardBatch, StoreSpec, writer_for
+
+        t0, c0 = time.perf_counter(), time.thread_time()
+        task = self.task
+        spec = StoreSpec.from_dict(task.spec)
+        offsets = sorted(self.parts)
+        n = len(self.kept_slots)
+        if self.x_buf is not None:
+            x_all: Any = self.x_buf[:n]
+        elif offsets:
+            x_all = [b for o in offsets for b in self.parts[o][0]]
+        else:
+            x_all = [] if spec.sample_shape is None else np.zeros((0, *spec.sample_shape), dtype=task.dtype)
+        quality: dict[str, float] = {}
+        for o in offsets:  # summed in position order: the same float sums every run
+            for k, v in (self.parts[o][2] or {}).items():
+                quality[k] = quality.get(k, 0.0) + v
+        kwargs: dict[str, Any] = {
+            "slots": np.asarray(self.kept_slots, dtype=np.int64), "keys": self.keys, "x": x_all,
+            "y": np.asarray(self.labels, dtype=np.int64), "meta": self.metas,
+        }
+        if spec.quantized:
+            for k in ("qscale", "qoffset"):
+                kwargs[k] = (np.concatenate([self.parts[o][1][k] for o in offsets]) if offsets
+                             else np.zeros((0, *spec.sample_shape[:2]), np.float32))
+        if spec.has_hw:
+            kwargs["hw"] = np.asarray(self.hws, dtype=np.int32).reshape(-1, 2)
+        out = Path(task.out)
+        record = writer_for(out, spec).write_shard(task.index, ShardBatch(**kwargs)).to_dict()
+        self.x_buf, self.parts = None, {}
+        marker = {"record": record, "rejected": self.rejected, "quality": quality}
+        # The marker is the shard's commit: written (atomically) only once its files are.
+        _atomic_write_text(_marker_path(out, task.index), json.dumps(marker, sort_keys=True))
+        t_write, c_write = time.perf_counter() - t0, time.thread_time() - c0
+        return ShardResult(index=task.index, record=record, rejected=self.rejected, quality=quality,
+                           seconds=time.perf_counter() - self.started, n_items=len(task.slots),
+                           stats={"decode_cpu_s": self.t_decode, "encode_s": self.t_encode,
+                                  "encode_cpu_s": self.c_encode,
+                                  "write_s": t_write, "write_cpu_s": c_write,
+                                  "t_start": self.t_start, "t_end": time.time()})
+
+
+def _window(task: ShardTask) -> int:
+    # two batches ahead: the next batch is ready when the transform finishes this one, without
+    # holding many decoded images (150 kB each at 224²) in memory
+    return max(2 * task.batch_size, 4)
+
+
+def encode_shard(task: ShardTask, on_progress: Callable[[int], None] | None = None) -> ShardResult:
+    """Encode and write one whole shard, then commit its marker. Runs in any process (the unit of
+    work of the process pool and of dask): decode threads ahead, the transform in this thread."""
     if task.torch_threads:
         import torch
 
         torch.set_num_threads(task.torch_threads)
-    method = task.method
-    out = Path(task.out)
-    writer = writer_for(out, StoreSpec.from_dict(task.spec))
+    enc = _ShardEncoder(task, on_progress)
+    for _task, slot, item, variant, result in _prepared([task], _window(task)):
+        enc.add(slot, item, variant, result)
+    enc.close()
+    return enc.write()
 
-    # Decoding runs in threads (the JPEG/PNG decoders release the GIL) a window ahead of the
-    # transform, so that decode overlaps the FFT work of the previous batch.
-    cache: dict = {}
-    window = max(2 * task.batch_size, 4)
-    slots_iter = iter(zip(task.slots, task.items, task.variants))
-    pending: deque = deque()
-    rejected: list[dict] = []
-    kept_slots: list[int] = []
-    keys: list[str] = []
-    labels: list[int] = []
-    metas: list[dict] = []
-    hws: list = []
-    xs: list = []
-    extras: dict[str, list] = {}
-    t_decode = t_encode = 0.0
-    quality: dict[str, float] = {}
 
-    def submit_next(pool) -> bool:
-        nxt = next(slots_iter, None)
-        if nxt is None:
-            return False
-        slot, item, variant = nxt
-        # Variants of one item share a decode: submit them to the same thread in order.
-        pending.append((slot, item, variant, pool.submit(_timed_prepare, task, item, variant, cache)))
-        return True
+class _TransformThreads:
+    """``n`` threads that run batch jobs, each with one OpenMP thread, so that each runs one
+    single-threaded transform pipeline (the transform sizes its pipelines by the calling
+    thread's torch thread count).
 
-    def flush(batch_pixels: list) -> None:
-        nonlocal t_encode
-        if not batch_pixels:
-            return
-        t0 = time.perf_counter()
-        encoded = method.encode(np.stack(batch_pixels))
-        x, extra = _to_storage(task, method, encoded)
-        n_measured = int(quality.get("n", 0))
-        if hasattr(method, "measure") and n_measured < MEASURE_PER_SHARD:
-            take = MEASURE_PER_SHARD - n_measured
-            sums = method.measure(np.stack(batch_pixels[:take]), encoded[:take])
-            for k, v in sums.items():
-                quality[k] = quality.get(k, 0.0) + v
-        xs.append(x)
-        for k, v in extra.items():
-            extras.setdefault(k, []).append(v)
-        t_encode += time.perf_counter() - t0
+    Why not one thread driving all cores (the transform's own ``torch.get_num_threads()``
+    pipelines): that thread converts, checks and collects between batches while the cores wait
+    (~4 % of the time, plus the tail of each batch), and its 2-thread OpenMP regions leave a
+    worker spinning ~6 ms after each (libgomp's spin-wait), ~0.5-0.9 ms of CPU per image taken
+    from the transform. Here a thread's serial steps overlap the other threads' transforms.
+    Jobs that start once no more will come (the job's last batches) run on all ``n`` OpenMP
+    threads, so the end of the job keeps every core busy."""
+
+    def __init__(self, n: int):
+        import queue
+
+        self.n = n
+        self.jobs: queue.Queue = queue.Queue(maxsize=n)  # backpressure on the producer
+        self.error: BaseException | None = None
+        self.finishing = False
+        self.lock = threading.Lock()
+        self.queued = 0  # jobs submitted and not yet taken
+        self.threads = [threading.Thread(target=self._loop, name=f"scatstore-transform-{i}",
+                                         daemon=True) for i in range(n)]
+        for t in self.threads:
+            t.start()
+
+    def _loop(self) -> None:
+        _set_openmp_threads(1)
+        wide = False
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            with self.lock:
+                self.queued -= 1
+                last = self.finishing and self.queued == 0
+            if last and not wide:
+                _set_openmp_threads(self.n)
+                wide = True
+            if self.error is None:
+                try:
+                    job()
+                except BaseException as exc:  # handed to the producer, which re-raises it
+                    self.error = exc
+
+    def submit(self, job: Callable[[], None]) -> None:
+        if self.error is not None:
+            raise self.error
+        with self.lock:
+            self.queued += 1
+        self.jobs.put(job)
+
+    def finish(self) -> None:
+        """No more jobs will be submitted; wait for the threads to end."""
+        with self.lock:
+            self.finishing = True
+        for _ in self.threads:
+            self.jobs.put(None)
+        for t in self.threads:
+            t.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _encode_in_process(tasks: list[ShardTask], on_progress) -> Iterator[ShardResult]:
+    """All tasks in this process, as one pipeline: decode threads work ahead across shard
+    boundaries, transform threads (one per torch thread of the caller) take batches of any shard
+    as they come, and a writer thread writes each shard once all its batches are done, while the
+    next ones are transformed. Each shard is still written whole by one call, its marker after
+    its files; shard results come back in shard order."""
+    if not tasks:
+        return
+    import torch
+
+    n = tasks[0].torch_threads or torch.get_num_threads()
+    progress_lock = threading.Lock()
+
+    def progress(k: int) -> None:
         if on_progress:
-            on_progress(len(batch_pixels))
-        batch_pixels.clear()
+            with progress_lock:  # called from the transform threads
+                on_progress(k)
 
-    batch_pixels: list = []
-    # One decode thread when variants share an item cache (ordering), else two.
-    with ThreadPoolExecutor(max_workers=1 if task.augment > 1 else 2) as pool:
-        for _ in range(window):
-            if not submit_next(pool):
-                break
-        while pending:
-            slot, item, variant, fut = pending.popleft()
-            submit_next(pool)
-            try:
-                pixels, meta, hw, dt = fut.result()
-                t_decode += dt
-            except DecodeError as exc:
-                rejected.append({"slot": slot, "key": item.key, "path": item.path,
-                                 "code": getattr(exc, "code", "corrupt"), "reason": str(exc)})
-                if on_progress:
-                    on_progress(1)
-                continue
-            kept_slots.append(slot)
-            keys.append(item.key if not task.augment else f"{item.key}_a{variant}")
-            labels.append(int(item.label))
-            metas.append(meta)
-            hws.append(hw)
-            batch_pixels.append(pixels)
-            if len(batch_pixels) >= task.batch_size:
-                flush(batch_pixels)
-        flush(batch_pixels)
+    writes: deque = deque()
+    futures: dict[int, Any] = {}
+    with ThreadPoolExecutor(1, thread_name_prefix="scatstore-write") as writer:
+        def complete(enc: _ShardEncoder) -> None:
+            futures[enc.task.index] = writer.submit(enc.write)
 
-    spec = StoreSpec.from_dict(task.spec)
-    if xs and isinstance(xs[0], list):
-        x_all: Any = [b for chunk in xs for b in chunk]
-    elif xs:
-        x_all = np.concatenate(xs)
-    else:
-        x_all = [] if spec.sample_shape is None else np.zeros((0, *spec.sample_shape), dtype=task.dtype)
-    batch_kwargs: dict[str, Any] = {
-        "slots": np.asarray(kept_slots, dtype=np.int64), "keys": keys, "x": x_all,
-        "y": np.asarray(labels, dtype=np.int64), "meta": metas,
-    }
-    if spec.quantized:
-        for k in ("qscale", "qoffset"):
-            batch_kwargs[k] = (np.concatenate(extras[k]) if extras.get(k)
-                               else np.zeros((0, *spec.sample_shape[:2]), np.float32))
-    if spec.has_hw:
-        batch_kwargs["hw"] = np.asarray(hws, dtype=np.int32).reshape(-1, 2)
-    t0 = time.perf_counter()
-    record = writer.write_shard(task.index, ShardBatch(**batch_kwargs))
-    t_write = time.perf_counter() - t0
-    record_dict = record.to_dict()
-    marker = {"record": record_dict, "rejected": rejected, "quality": quality}
-    _atomic_write_text(_marker_path(out, task.index), json.dumps(marker, sort_keys=True))
-    return ShardResult(index=task.index, record=record_dict, rejected=rejected, quality=quality,
-                       seconds=time.perf_counter() - started, n_items=len(task.slots),
-                       stats={"decode_s": t_decode, "encode_s": t_encode, "write_s": t_write})
-
-
-def _timed_prepare(task, item, variant, cache):
-    t0 = time.perf_counter()
-    pixels, meta, hw = _prepare_sample(task, item, variant, cache)
-    return pixels, meta, hw, time.perf_counter() - t0
+        pool = _TransformThreads(n)
+        try:
+            enc = None
+            for task, slot, item, variant, result in _prepared(tasks, _window(tasks[0])):
+                if enc is None or enc.task is not task:
+                    if enc is not None:
+                        enc.close()
+                    enc = _ShardEncoder(task, progress, pool.submit, complete)
+                    writes.append(task.index)
+                enc.add(slot, item, variant, result)
+                # hand back written shards in order as soon as they are done
+                while writes and writes[0] in futures and futures[writes[0]].done():
+                    yield futures.pop(writes.popleft()).result()
+            if enc is not None:
+                enc.close()
+        finally:
+            pool.finish()
+        for index in writes:
+            yield futures.pop(index).result()
 
 
 # --------------------------------------------------------------------------------------------
@@ -416,8 +753,7 @@ def _run_tasks(cfg: EncodeConfig, tasks: list[ShardTask], bar) -> Iterable[Shard
     if cfg.scheduler:
         yield from _run_dask(cfg, tasks, bar)
     elif cfg.workers == 1:
-        for task in tasks:
-            yield encode_shard(task, on_progress=bar.update)
+        yield from _encode_in_process(tasks, bar.update)
     else:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -431,21 +767,49 @@ def _run_tasks(cfg: EncodeConfig, tasks: list[ShardTask], bar) -> Iterable[Shard
                 yield result
 
 
+def local_cluster(n_workers: int):
+    """The dask LocalCluster that ``--scheduler local`` runs on; start one yourself (and pass its
+    ``scheduler_address`` as ``scheduler``) to run several jobs on the same warm workers.
+
+    The layout of ``--workers N`` without dask: N worker processes, one task at a time each (one
+    dask thread); each task runs the transform on cores / N torch threads with its decode threads
+    ahead. Two of dask's defaults are changed for these workers (measured on the encode benchmark):
+
+    - no ``MALLOC_TRIM_THRESHOLD_=65536`` in their environment: setting it turns off glibc's
+      adaptive mmap threshold, so every allocation over 128 kB (each decoded image, each batch)
+      becomes a fresh mmap whose pages fault in again (decode 2.1-2.3 instead of 1.4-1.7 ms CPU
+      per image, the transform +10 %);
+    - no statistical profiler (it takes the GIL to sample every thread's stack every 10 ms) and
+      calmer memory / system monitors: an idle 2-worker cluster then costs 9 % of a core instead
+      of 13 %, and none of it takes the GIL from a task 100 times a second."""
+    import dask
+    from distributed import LocalCluster
+
+    environ = {k: v for k, v in (dask.config.get("distributed.nanny.pre-spawn-environ") or {}).items()
+               if k != "MALLOC_TRIM_THRESHOLD_"}
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ,
+                          "distributed.worker.profile.enabled": False,
+                          "distributed.worker.memory.monitor-interval": "1s",
+                          "distributed.admin.system-monitor.interval": "2s"}):
+        return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                            dashboard_address=":0")  # any free port: never a clash with another
+
+
 def _run_dask(cfg: EncodeConfig, tasks: list[ShardTask], bar) -> Iterable[ShardResult]:
-    from distributed import Client, LocalCluster, as_completed
+    from distributed import Client, as_completed
 
     cluster = None
     if cfg.scheduler == "local":
-        # One single-threaded worker process per requested worker: the scattering itself uses
-        # torch threads, so dask threads would only oversubscribe the cores.
-        cluster = LocalCluster(n_workers=cfg.workers, threads_per_worker=1, processes=True,
-                               dashboard_address=None)
+        cluster = local_cluster(cfg.workers)
         client = Client(cluster)
     else:
         client = Client(cfg.scheduler)
     try:
-        # pure=False: a task's result is a side effect on disk, never deduplicated by dask.
-        futures = [client.submit(encode_shard, t, pure=False, key=f"encode-shard-{t.index}")
+        # pure=False: a task's result is a side effect on disk, never deduplicated by dask. The
+        # run's own token in the key: on a shared, long-running cluster another job's (or an
+        # earlier run's) shard N must never be taken for this one's.
+        run = uuid.uuid4().hex[:12]
+        futures = [client.submit(encode_shard, t, pure=False, key=f"encode-shard-{t.index}-{run}")
                    for t in tasks]
         for fut in as_completed(futures):
             result = fut.result()
@@ -464,8 +828,17 @@ def _progress_bar(cfg: EncodeConfig, total: int, initial: int):
                 disable=not cfg.progress, file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
 
 
-def encode(cfg: EncodeConfig, log: Callable[[str], None] | None = None) -> dict:
-    """Run (or resume) an encode job. Returns the committed manifest."""
+def encode(cfg: EncodeConfig, log: Callable[[str], None] | None = None,
+           stats: dict | None = None) -> dict:
+    """Run (or resume) an encode job. Returns the committed manifest.
+
+    ``stats``, when given, is filled with this run's timings (they are never stored: the output
+    bytes must not depend on them): ``images`` encoded now, ``elapsed_s`` (running the shard
+    tasks, start-up of workers included), ``ready_s`` (until the first task started, i.e. the
+    workers' start-up), ``steady_s`` (first task start to last task end), and the sums over
+    shards of ``decode_cpu_s`` (CPU of the decode threads), ``encode_s`` (time in the method),
+    ``encode_cpu_s`` (CPU of the threads calling it, the transform's own helper threads not
+    included), ``write_s`` and ``write_cpu_s``."""
     from scatstore.sources import discover
     from scatstore.stores import StoreSpec, read_manifest, writer_for
     from scatstore.transforms.methods import make_method
@@ -502,19 +875,27 @@ def encode(cfg: EncodeConfig, log: Callable[[str], None] | None = None) -> dict:
     todo = [s for s in range(n_shards) if s not in done]
     if resuming:
         log(f"resuming: {len(done)}/{n_shards} shards complete and verified, {len(todo)} to do")
-    threads = max(1, (os.cpu_count() or 1) // cfg.workers) if cfg.workers > 1 else 0
+    # Torch threads per task: in-process, the caller's setting (0); local worker processes share
+    # this machine's cores; on a remote cluster (--scheduler ADDRESS) the workers' own setting
+    # (dask starts them with OMP_NUM_THREADS=1 per worker thread).
+    local = cfg.scheduler in (None, "local")
+    threads = max(1, (os.cpu_count() or 1) // cfg.workers) if cfg.workers > 1 and local else 0
     tasks = _make_tasks(cfg, method, index, spec, todo, threads)
 
-    started = time.perf_counter()
+    started, wall_started = time.perf_counter(), time.time()
     done_slots = sum(len(m["record"]["slots"]) + len(m["rejected"]) for m in done.values())
     results: dict[int, dict] = dict(done)
-    stats = {"decode_s": 0.0, "encode_s": 0.0, "write_s": 0.0}
+    sums = {"decode_cpu_s": 0.0, "encode_s": 0.0, "encode_cpu_s": 0.0, "write_s": 0.0,
+            "write_cpu_s": 0.0}
+    t_first, t_last = float("inf"), wall_started
     with _progress_bar(cfg, n_slots, done_slots) as bar:
         for result in _run_tasks(cfg, tasks, bar):
             results[result.index] = {"record": result.record, "rejected": result.rejected,
                                      "quality": result.quality}
-            for k in stats:
-                stats[k] += result.stats.get(k, 0.0)
+            for k in sums:
+                sums[k] += result.stats.get(k, 0.0)
+            t_first = min(t_first, result.stats.get("t_start", t_first))
+            t_last = max(t_last, result.stats.get("t_end", t_last))
             bar.set_postfix(shards=f"{len(results)}/{n_shards}")
     elapsed = time.perf_counter() - started
 
@@ -522,6 +903,10 @@ def encode(cfg: EncodeConfig, log: Callable[[str], None] | None = None) -> dict:
     manifest = read_manifest(cfg.out)
     encoded_now = sum(len(r["record"]["slots"]) for i, r in results.items() if i not in done)
     rate = encoded_now / elapsed if elapsed > 0 and encoded_now else 0.0
+    if stats is not None:
+        t_first = min(t_first, t_last)
+        stats.update(sums, images=encoded_now, elapsed_s=elapsed,
+                     ready_s=max(0.0, t_first - wall_started), steady_s=max(0.0, t_last - t_first))
     log(_summary_line(cfg, manifest, rate))
     return manifest
 

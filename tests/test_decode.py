@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from scatstore.sources import DecodeError, decode_image, make_trap_files
+from scatstore.sources import DecodeError, decode_image, decode_image_reduced, make_trap_files
 from scatstore.sources.decode import read_jpeg_info
 
 
@@ -226,3 +226,55 @@ def test_trap_files_deterministic(tmp_path):
     assert a == b
     for name in a:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+# --------------------------------------------------------------------------------------------
+# reduced (DCT-scaled) decoding
+
+
+@pytest.fixture(scope="module")
+def retina_jpeg() -> bytes:
+    from scatstore.sample_data import load_image
+
+    return _jpeg(load_image("retina"))    # a real 1411 x 1411 photograph
+
+
+def test_reduced_decode_matches_pil_draft(retina_jpeg):
+    # PIL's draft mode asks libjpeg for the same DCT scaling: an independent front-end
+    for min_short, f in [(0, 1), (300, 4), (353, 4), (354, 2), (706, 2), (707, 1), (100, 8)]:
+        img, got = decode_image_reduced(retina_jpeg, min_short=min_short)
+        assert got == f, (min_short, got)
+        side = -(-1411 // f)
+        assert img.shape == (side, side, 3) and img.flags["C_CONTIGUOUS"]
+        im = Image.open(io.BytesIO(retina_jpeg))
+        im.draft("RGB", (1411 // f, 1411 // f))   # PIL picks the scale by floor division
+        ref = np.asarray(im.convert("RGB"))
+        assert ref.shape == img.shape
+        assert np.abs(img.astype(int) - ref.astype(int)).max() <= 1, min_short
+    np.testing.assert_array_equal(decode_image_reduced(retina_jpeg)[0], decode_image(retina_jpeg))
+
+
+def test_reduced_decode_longer_side_orientation_and_other_formats(astronaut):
+    img = np.ascontiguousarray(astronaut[:200, :512])
+    data = _jpeg(img, exif=_exif(6))                       # stored 512 wide, upright 200 x 512
+    out, f = decode_image_reduced(data, min_long=120)
+    assert f == 4 and out.shape == (128, 50, 3)             # ceil(512/4) x ceil(200/4), turned
+    full = decode_image(data)
+    assert full.shape == (512, 200, 3)
+    # the reduced image is the full one, smaller (block averages, up to JPEG's own error)
+    small = full.reshape(128, 4, 50, 4, 3).mean(axis=(1, 3))
+    assert np.abs(out.astype(float) - small).mean() < 3
+    # other formats are never reduced
+    png, f = decode_image_reduced(_png(astronaut), min_short=10)
+    assert f == 1
+    np.testing.assert_array_equal(png, astronaut)
+
+
+def test_reduced_decode_keeps_the_checks(astronaut):
+    data = _jpeg(astronaut)
+    with pytest.raises(DecodeError) as ei:
+        decode_image_reduced(data[:len(data) // 2], min_short=64)
+    assert ei.value.code == "truncated"
+    with pytest.raises(DecodeError) as ei:     # the pixel limit is on the full size
+        decode_image_reduced(data, min_short=64, max_pixels=512 * 512 - 1)
+    assert ei.value.code == "too_large"

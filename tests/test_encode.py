@@ -16,7 +16,7 @@ import torch
 
 from scatstore.pipelines.encode import EncodeConfig, EncodeError, encode
 from scatstore.pipelines.report import report
-from scatstore.sources import decode_image, resize_center_crop, resize_keep_aspect
+from scatstore.sources import decode_for_frame, resize_center_crop, resize_keep_aspect
 from scatstore.sources.demo_data import make_coco_layout, make_imagenet_layout, make_trap_files
 from scatstore.stores import open_dataset, read_manifest, verify
 
@@ -51,7 +51,8 @@ def _store_digest(out: Path) -> dict[str, str]:
 
 
 def _reference_scattering(src_root: Path, meta: dict, J: int, order: int, keep_aspect=False):
-    img = decode_image(src_root / meta["path"])
+    # the engine's decode: JPEGs ≥ 6× the frame come out of the decoder already reduced
+    img, _ = decode_for_frame(src_root / meta["path"], SIZE, keep_aspect=keep_aspect)
     if keep_aspect:
         pixels, _, _ = resize_keep_aspect(img, SIZE)
     else:
@@ -90,7 +91,7 @@ def test_scat2_float16_and_raw(imagenet_src, tmp_path):
     raw = tmp_path / "raw"
     m = _run(imagenet_src, raw, method="raw", format="wds")
     x, _, meta = open_dataset(raw)[2]
-    pixels, _ = resize_center_crop(decode_image(imagenet_src / meta["path"]), SIZE)
+    pixels, _ = resize_center_crop(decode_for_frame(imagenet_src / meta["path"], SIZE)[0], SIZE)
     assert x.shape == (3, SIZE, SIZE)
     np.testing.assert_array_equal(np.asarray(x).astype(np.uint8), pixels)
 
@@ -251,3 +252,122 @@ def test_cli_encode_report_verify(imagenet_src, tmp_path):
     missing = subprocess.run(base + ["encode", str(tmp_path / "missing"), str(tmp_path / "x")],
                              capture_output=True, text=True)
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# the in-process pipeline's machinery
+
+
+def test_float16_is_the_transform_output_rounded_once(imagenet_src, tmp_path):
+    # The engine asks the transform for float16 directly; it must equal the method's float32
+    # output converted by numpy (round to nearest even), bit for bit.
+    from scatstore.transforms.methods import make_method
+
+    out = tmp_path / "f16"
+    _run(imagenet_src, out, method="scat1", J=2, format="zarr", dtype="float16")
+    ds = open_dataset(out)
+    metas = [ds[i][2] for i in range(len(ds))]
+    pixels = np.stack([resize_center_crop(decode_for_frame(imagenet_src / m["path"], SIZE)[0], SIZE)[0]
+                       for m in metas])
+    ref = make_method("scat1", J=2).encode(pixels).astype(np.float16)
+    got = np.stack([np.asarray(ds[i][0]) for i in range(len(ds))]).astype(np.float16)
+    np.testing.assert_array_equal(got.view(np.uint16), ref.view(np.uint16))
+
+
+def test_large_jpeg_is_decoded_reduced_like_decode_for_frame(tmp_path):
+    from PIL import Image
+
+    from scatstore.sample_data import load_image
+
+    src = tmp_path / "big"
+    src.mkdir()
+    Image.fromarray(load_image("retina")).save(src / "retina.jpg", quality=90)   # 1411²
+    Image.fromarray(load_image("coffee")).save(src / "coffee.jpg", quality=90)   # 400 x 600
+    out = tmp_path / "out"
+    _run(src, out, method="raw", format="zarr", layout="folder", size=224)
+    ds = open_dataset(out)
+    for i in range(len(ds)):
+        x, _, meta = ds[i]
+        img, f = decode_for_frame(src / meta["path"], 224)
+        assert f == (2 if "retina" in meta["path"] else 1)
+        np.testing.assert_array_equal(np.asarray(x), resize_center_crop(img, 224)[0])
+
+
+def test_decode_threads_leave_the_callers_torch_threads_alone(imagenet_src, tmp_path):
+    # Regression: the decode threads' torch.set_num_threads(1) also set torch's process-wide
+    # default, which a thread adopts when it first touches torch (lazily): the encode's main
+    # thread then ran the transform on one core (1.1 cores busy instead of 2). Fresh interpreter.
+    code = f"""
+import torch
+torch.set_num_threads(2)        # no torch op yet in this thread: its per-thread set-up is lazy
+from scatstore.pipelines.encode import EncodeConfig, encode, _decode_pool
+decode = _decode_pool().submit(torch.get_num_threads).result()
+main = torch.get_num_threads()  # first touch, after the decode threads exist
+stats = {{}}
+encode(EncodeConfig(src={str(imagenet_src)!r}, out={str(tmp_path / 'o')!r}, method='scat1', J=2,
+                    size=64, shard_size=5, progress=False), log=lambda m: None, stats=stats)
+print(decode, main, torch.get_num_threads(), stats['images'], sorted(stats))
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    decode, main, main_after, images, keys = run.stdout.split(" ", 4)
+    assert (decode, main, main_after) == ("1", "2", "2")
+    assert int(images) == 12
+    for k in ("elapsed_s", "ready_s", "steady_s", "decode_cpu_s", "encode_s", "write_s"):
+        assert repr(k) in keys
+
+
+def test_transform_error_stops_the_job_with_that_error(imagenet_src, tmp_path, monkeypatch):
+    import scatstore.pipelines.encode as engine
+
+    calls = []
+    real = engine._encode_batch
+
+    def flaky(task, method, images):
+        calls.append(task.index)
+        if len(calls) == 3:
+            raise RuntimeError("transform exploded")
+        return real(task, method, images)
+
+    monkeypatch.setattr(engine, "_encode_batch", flaky)
+    out = tmp_path / "boom"
+    with pytest.raises(RuntimeError, match="transform exploded"):
+        _run(imagenet_src, out, method="scat1", J=2, format="zarr", shard_size=2, batch_size=1)
+    assert not (out / "manifest.json").exists()
+    monkeypatch.setattr(engine, "_encode_batch", real)
+    m = _run(imagenet_src, out, method="scat1", J=2, format="zarr", shard_size=2, batch_size=1)
+    assert m["count"] == 12 and verify(out).ok
+
+
+def test_bytes_do_not_depend_on_transform_threads(imagenet_src, tmp_path):
+    # In-process, batches go to as many transform threads as torch has threads, and the job's
+    # last batches run on all of them: none of that may change a byte.
+    outs = {}
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs[n] = tmp_path / f"t{n}"
+            _run(imagenet_src, outs[n], method="scat1", J=2, format="h5", shard_size=3, batch_size=2)
+    finally:
+        torch.set_num_threads(before)
+    assert _store_digest(outs[1]) == _store_digest(outs[2]) == _store_digest(outs[3])
+
+
+def test_augment_variants_across_shard_boundaries(imagenet_src, tmp_path):
+    # 3 variants per image, shards of 4 slots: an image's variants straddle shards, each shard
+    # decodes it once for the variants it holds
+    from scatstore.sources import random_resized_crop, variant_rng
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    m = _run(imagenet_src, one, method="raw", format="zarr", augment=3, shard_size=4, seed=5)
+    _run(imagenet_src, two, method="raw", format="zarr", augment=3, shard_size=4, seed=5, workers=2)
+    assert m["count"] == 36 and _store_digest(one) == _store_digest(two)
+    ds = open_dataset(one)
+    for i in (0, 4, 5, 35):                          # slot 4 and 5: variants 1, 2 of image 1
+        x, _, meta = ds[i]
+        img = decode_for_frame(imagenet_src / meta["path"], SIZE, reducing_gap=None)[0]
+        key = meta["source_key"]
+        ref, _ = random_resized_crop(img, SIZE, variant_rng(5, key, meta["variant"]))
+        np.testing.assert_array_equal(np.asarray(x), ref)
+        assert meta["variant"] == i % 3

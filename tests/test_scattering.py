@@ -476,3 +476,18 @@ def test_cupy_matches_kymatio():
     y = Scattering2D(J, (H, W), L=L, max_order=order, backend="cupy")(cp.asarray(x.numpy()))
     assert isinstance(y, cp.ndarray)
     assert _rel_err(cp.asnumpy(y), ref) <= TOL
+
+
+def test_cpu_pipelines_leave_other_threads_thread_count_alone():
+    """The transform's single-threaded pool must not turn threads created later into one-core
+    threads (torch.set_num_threads in a pool thread changes the process default)."""
+    import threading
+
+    x, _ = _reference(40, 56, 2, 8, 2)
+    before = torch.get_num_threads()
+    Scattering2D(2, (40, 56), max_order=2)(x)
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert seen == [before] and torch.get_num_threads() == before

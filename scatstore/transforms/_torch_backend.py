@@ -628,8 +628,27 @@ _POOLS: dict[int, "ThreadPoolExecutor"] = {}
 _POOLS_LOCK = threading.Lock()
 
 
+def set_thread_openmp_threads(n: int) -> None:
+    """This thread's OpenMP thread count, leaving every other thread's setting alone.
+
+    ``torch.set_num_threads`` also sets the process-wide default that a thread touching torch
+    for the first time adopts later (torch applies it lazily, per thread): called in a pool
+    thread, it silently turned threads created afterwards into one-core threads. So: torch's lazy
+    per-thread set-up first, then the OpenMP runtime's own per-thread setter; torch's setter only
+    where that runtime is not reachable."""
+    import ctypes
+
+    torch.get_num_threads()  # torch's per-thread lazy set-up, which would undo what follows
+    try:
+        ctypes.CDLL(None).omp_set_num_threads(int(n))
+    except (AttributeError, OSError):
+        pass
+    if torch.get_num_threads() != n:  # not the runtime torch uses (another build)
+        torch.set_num_threads(n)
+
+
 def _single_thread_init() -> None:
-    torch.set_num_threads(1)  # OpenMP/MKL thread count is per calling thread
+    set_thread_openmp_threads(1)  # one intra-op thread per pipeline, this thread only
 
 
 def _pool(workers: int) -> "ThreadPoolExecutor":
