@@ -160,13 +160,6 @@ def _marker_path(out: Path, index: int) -> Path:
 # Decoding: threads of this process, a window ahead of the transform
 
 
-def _set_openmp_threads(n: int) -> None:
-    """This thread's OpenMP thread count only (see ``set_thread_openmp_threads``)."""
-    from scatstore.transforms._torch_backend import set_thread_openmp_threads
-
-    set_thread_openmp_threads(n)
-
-
 # Decoding and resizing one ~500×375 JPEG costs ~1.1 ms of CPU (docs/benchmarks.md, encode), an
 # eighth or less of its transform: two threads keep well ahead of the transform of a process, and
 # more would only preempt the transform's own threads.
@@ -179,7 +172,9 @@ def _decode_thread_init() -> None:
     # The resampler is a torch op. In a thread left at torch's default (all cores) each call
     # opens an OpenMP team of its own: 7 ms per 224² resize instead of 0.33 ms, and spinning
     # threads that fight the transform's.
-    _set_openmp_threads(1)
+    from scatstore.transforms._torch_backend import set_thread_openmp_threads
+
+    set_thread_openmp_threads(1)
 
 
 def _decode_pool() -> ThreadPoolExecutor:
@@ -571,7 +566,9 @@ class _TransformThreads:
             t.start()
 
     def _loop(self) -> None:
-        _set_openmp_threads(1)
+        from scatstore.transforms._torch_backend import set_thread_openmp_threads
+
+        set_thread_openmp_threads(1)
         wide = False
         while True:
             job = self.jobs.get()
@@ -581,7 +578,7 @@ class _TransformThreads:
                 self.queued -= 1
                 last = self.finishing and self.queued == 0
             if last and not wide:
-                _set_openmp_threads(self.n)
+                set_thread_openmp_threads(self.n)
                 wide = True
             if self.error is None:
                 try:

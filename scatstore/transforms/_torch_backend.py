@@ -229,7 +229,9 @@ class TorchPlan:
         # first order: level-0 filters, 1/4**j1 of the Fourier-domain mean folded in, laid out as
         # (s, M1, s, N1) blocks so the alias sum is a multiply-accumulate over blocks.
         self.psi1 = [filt(psi[j1] / 4.0**j1) for j1 in range(J)]
-        self.blocks1 = [fb.significant_blocks(psi[j1], 2**j1) for j1 in range(J)]
+        # aliased blocks to sum on the torch path (the C kernels use finer boxes, _init_native)
+        self.blocks1 = ([] if self.native else
+                        [fb.significant_blocks(psi[j1], 2**j1) for j1 in range(J)])
         self.blocks2: dict[tuple[int, int], list[tuple[int, int]]] = {}
         # second order: psi_{j2} cropped at resolution j1 (kymatio: psi['levels'][j1]),
         # divided by 4**(j2 - j1).
@@ -239,7 +241,8 @@ class TorchPlan:
                 for j2 in range(j1 + 1, J):
                     f = fb.periodize_filter_fft(psi[j2], j1) / 4.0 ** (j2 - j1)
                     self.psi2[(j1, j2)] = filt(f)
-                    self.blocks2[(j1, j2)] = fb.significant_blocks(f, 2 ** (j2 - j1))
+                    if not self.native:
+                        self.blocks2[(j1, j2)] = fb.significant_blocks(f, 2 ** (j2 - j1))
         if self.native:
             self._init_native()
         # low-pass matrices per resolution; order 0 gets the reflection padding folded in
@@ -247,10 +250,8 @@ class TorchPlan:
         for res in range(J):
             A, B = fb.lowpass_matrices(g.Mp, g.Np, J, res)
             self.lp.append((tt(A), tt(B.T)))
-        A0, B0 = fb.lowpass_matrices(g.Mp, g.Np, J, 0)
-        top, bottom, left, right = g.pads
-        self.lp0 = (tt(fb.fold_padding(A0, fb.reflect_index(g.M, top, bottom))),
-                    tt(fb.fold_padding(B0, fb.reflect_index(g.N, left, right)).T))
+        A0, B0 = fb.order0_lowpass_matrices(g.M, g.N, J)
+        self.lp0 = (tt(A0), tt(B0.T))
 
     # ---- building blocks -------------------------------------------------------------------
     @staticmethod
@@ -449,12 +450,9 @@ class TorchPlan:
             self.nat_lp.append((ra, np.ascontiguousarray(ca, dtype=np.float32), ca.shape[1],
                                 rb, np.ascontiguousarray(cb, dtype=np.float32), cb.shape[1]))
         # order 0 on the unpadded input: the reflection padding is folded into the band form
-        top, bottom, left, right = g.pads
-        A0, B0 = fb.lowpass_matrices(g.Mp, g.Np, g.J, 0)
-        ra, ca = _pair_bands(*fb.band_rows(fb.fold_padding(A0, fb.reflect_index(g.M, top, bottom))),
-                             g.M)
-        rb, cb = _pair_bands(*fb.band_rows(fb.fold_padding(B0, fb.reflect_index(g.N, left, right))),
-                             g.N)
+        A0, B0 = fb.order0_lowpass_matrices(g.M, g.N, g.J)
+        ra, ca = _pair_bands(*fb.band_rows(A0), g.M)
+        rb, cb = _pair_bands(*fb.band_rows(B0), g.N)
         self.nat_lp0 = (ra, np.ascontiguousarray(ca, dtype=np.float32), ca.shape[1],
                         rb, np.ascontiguousarray(cb, dtype=np.float32), cb.shape[1])
 

@@ -111,10 +111,9 @@ class XpPlan:
         for res in range(J):
             A, B = fb.lowpass_matrices(g.Mp, g.Np, J, res)
             self.lp.append((arr(A), arr(B.T)))
-        A0, B0 = fb.lowpass_matrices(g.Mp, g.Np, J, 0)
+        A0, B0 = fb.order0_lowpass_matrices(g.M, g.N, J)
+        self.lp0 = (arr(A0), arr(B0.T))
         top, bottom, left, right = g.pads
-        self.lp0 = (arr(fb.fold_padding(A0, fb.reflect_index(g.M, top, bottom))),
-                    arr(fb.fold_padding(B0, fb.reflect_index(g.N, left, right)).T))
         self.rows = xp.asarray(fb.reflect_index(g.M, top, bottom))
         self.cols = xp.asarray(fb.reflect_index(g.N, left, right))
 

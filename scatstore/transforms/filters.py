@@ -206,6 +206,16 @@ def lowpass_matrices(M: int, N: int, J: int, res: int, unpad: bool = True
     return A, B
 
 
+def order0_lowpass_matrices(M: int, N: int, J: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(A0, B0)`` of :func:`lowpass_matrices` at resolution 0 with kymatio's reflection padding
+    folded in, so that ``A0 @ x @ B0.T`` is the zeroth order of the *unpadded* (M, N) input."""
+    Mp, Np = compute_padding(M, N, J)
+    top, bottom, left, right = pad_widths(M, N, J)
+    A, B = lowpass_matrices(Mp, Np, J, 0)
+    return (fold_padding(A, reflect_index(M, top, bottom)),
+            fold_padding(B, reflect_index(N, left, right)))
+
+
 def fold_padding(A: np.ndarray, index: np.ndarray) -> np.ndarray:
     """Compose a matrix acting on a padded axis with the padding: ``A @ P`` with ``P[i, index[i]] = 1``."""
     out = np.zeros((A.shape[0], int(index.max()) + 1))
