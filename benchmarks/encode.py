@@ -12,15 +12,22 @@ of the machine hit all of them alike), times:
   the same number of images, in this process with torch's default threads;
 - **encode, in-process** (``workers=1``): the whole ``encode()`` call, from listing the sources to
   the committed manifest;
-- **encode --workers 2** (process pool) and **encode --workers 2 --scheduler local** (dask
-  LocalCluster): the whole call, start-up of the worker processes (spawn, imports) included;
-  their *steady* rate counts the images from the moment the first task started to the end of
-  the last one (``encode(..., stats=)``: ``steady_s``), i.e. with the workers up;
-- **dask on a running cluster** (``--scheduler ADDRESS``): the LocalCluster ``--scheduler local``
-  builds (``scatstore.pipelines.encode.local_cluster(2)``), started before the measurement and
-  warmed by one untimed job: what a job costs on a cluster that is already up, the way dask is
-  meant to be used. It is up only for its own measurement: an idle cluster costs ~9 % of a core
-  (heartbeats, monitors) that would slow the other pipelines down.
+- **encode --workers 2** (process pool): the whole call, start-up of the worker processes
+  (spawn, imports) included; its *steady* rate counts the images from the moment the first task
+  started to the end of the last one (``encode(..., stats=)``: ``steady_s``), i.e. with the
+  workers up;
+- **encode --workers 2 --scheduler local** (dask): the LocalCluster the engine builds per job,
+  2 single-threaded workers that are threads of this process (``local_cluster(2)``), start-up
+  of the cluster included;
+- **dask on a running cluster of processes** (``--scheduler ADDRESS``): a LocalCluster of 2
+  worker processes (``local_cluster(2, processes=True)``, the way a real cluster's workers
+  run), started before the measurement and warmed by one untimed job (imports, filters): what
+  a job costs on a cluster that is already up. It is up only for its own measurement: an idle
+  cluster costs ~9 % of a core (heartbeats, monitors) that would slow the other pipelines down.
+
+Before each round, each stage is also timed alone (CPU ms per image: decode + resize, the
+transform, the shard write): their sum is what any pipeline must spend per image, so
+``transform / sum`` bounds the in-process ratio on a machine whose cores the transform fills.
 
 Prints medians over the rounds: rates, the per-round ratios to the transform alone and of dask to
 ``--workers 2`` (per round, because the machine's speed drifts between rounds),
@@ -137,21 +144,73 @@ def encode_once(src: Path, out: Path, **kw) -> dict:
             "write_ms": 1e3 * stats.get("write_cpu_s", nan) / n}
 
 
-def _local_cluster(n: int):
+def _process_cluster(n: int):
+    """A LocalCluster of n worker processes, the way a real cluster's workers run."""
     try:
         from scatstore.pipelines.encode import local_cluster
     except ImportError:  # an engine from before local_cluster (before/after tables)
         from distributed import LocalCluster
 
         return LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0")
-    return local_cluster(n)
+    import inspect
+
+    if "processes" in inspect.signature(local_cluster).parameters:
+        return local_cluster(n, processes=True)
+    return local_cluster(n)  # before thread workers: it built processes
+
+
+def stage_costs(src: Path, S, batches, shard: int) -> dict:
+    """CPU ms per image of each stage run alone in one thread: decode + resize + crop, the
+    transform (one OpenMP thread: no spin-waiting team), the shard write (zarr, zstd; with zarr's
+    own I/O thread). Their sum is what any pipeline has to spend per image, so
+    ``transform / sum`` bounds its rate relative to the transform alone when all of them share
+    the cores the transform alone fills."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def measure() -> dict:
+        import torch
+
+        from scatstore.sources import decode_for_frame, discover, resize_center_crop
+        from scatstore.stores import ShardBatch, StoreSpec, writer_for
+        from scatstore.transforms._torch_backend import set_thread_openmp_threads
+
+        set_thread_openmp_threads(1)
+        index = discover(src)
+        paths = [index.abspath(it) for it in index.items]
+        t0 = time.thread_time()
+        for p in paths:
+            resize_center_crop(decode_for_frame(p, 224)[0], 224)
+        decode = (time.thread_time() - t0) / len(paths)
+        S(batches[0])  # this thread's workspaces
+        t0 = time.thread_time()
+        with torch.no_grad():
+            outs = [S(b).numpy() for b in batches]
+        transform = (time.thread_time() - t0) / len(paths)
+        x = np.concatenate(outs)
+        n = len(x) - len(x) % shard
+        spec = StoreSpec(format="zarr", n_slots=n, shard_size=shard, sample_shape=x.shape[1:],
+                         dtype="float16", quantized=False, has_hw=False, compression="default")
+        with tempfile.TemporaryDirectory() as tmp:
+            w = writer_for(Path(tmp), spec)
+            w.prepare()
+            t0 = time.process_time()  # zarr compresses in its own thread
+            for i in range(n // shard):
+                lo, hi = i * shard, (i + 1) * shard
+                w.write_shard(i, ShardBatch(
+                    slots=np.arange(lo, hi), keys=[f"k{j}" for j in range(lo, hi)], x=x[lo:hi],
+                    y=np.zeros(shard, np.int64), meta=[{"source_key": f"k{j}"} for j in range(lo, hi)]))
+            write = (time.process_time() - t0) / n
+        return {"decode": 1e3 * decode, "transform": 1e3 * transform, "write": 1e3 * write}
+
+    with ThreadPoolExecutor(1) as ex:  # its own thread: the main thread keeps torch's threads
+        return ex.submit(measure).result()
 
 
 ALONE = "transform alone"
 INPROC = "encode, in-process"
 POOL = "encode --workers 2 (process pool)"
 DASK = "encode --workers 2 --scheduler local (dask)"
-RUNNING = "encode on a running 2-worker dask cluster"
+RUNNING = "encode on a running 2-process dask cluster"
 
 
 def main() -> None:
@@ -187,7 +246,10 @@ def main() -> None:
         if not args.no_dask:
             plan += [(DASK, dict(workers=2, scheduler="local")), (RUNNING, dict(workers=2))]
         rows: dict[str, list] = {name: [] for name, _ in plan}
+        costs = []
         for r in range(args.repeats):
+            wait_idle(args.wait_idle)
+            costs.append(stage_costs(src, S, batches, shard))
             for name, kw in plan:
                 cluster = client = None
                 if name == RUNNING:
@@ -196,7 +258,7 @@ def main() -> None:
                     # the cluster `--scheduler local` builds for itself, up only for this
                     # measurement (an idle cluster costs CPU: it would skew the others) and
                     # warmed by one untimed job (imports, filters) first
-                    cluster = _local_cluster(2)
+                    cluster = _process_cluster(2)
                     client = Client(cluster)
                     kw = dict(kw, scheduler=cluster.scheduler_address)
                     encode_once(src, work / "warm", **common, **kw)
@@ -220,6 +282,11 @@ def main() -> None:
         # per round, then the median: the machine's speed drifts between rounds (±10 % seen)
         return statistics.median(a["rate"] / b["rate"] for a, b in zip(rows[name], rows[ref]))
 
+    cost = {k: statistics.median(c[k] for c in costs) for k in costs[0]}
+    bound = cost["transform"] / sum(cost.values())
+    print(f"\nCPU ms per image, each stage alone (medians of {len(costs)}): decode + resize + crop "
+          f"{cost['decode']:.2f}, transform {cost['transform']:.2f}, shard write {cost['write']:.2f}; "
+          f"bound for any pipeline on these cores: transform / sum = {bound:.0%} of the transform alone")
     print(f"\nscat1 J={args.J}, 224², float16, zarr (zstd), shard {shard}, batch {args.batch}; {n} JPEGs "
           f"375–500 px; {os.cpu_count()} cores; medians of {args.repeats} rounds")
     print(f"{'pipeline':<44} {'img/s':>7} {'vs transform':>12} {'steady img/s':>12} {'start-up s':>10} "

@@ -76,7 +76,7 @@ def main() -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the augment variants.")
 @click.option("--workers", type=int, default=1, show_default=True, help="Parallel worker processes.")
 @click.option("--scheduler", default=None,
-              help="Run on dask.distributed: a scheduler ADDRESS, or 'local' for a LocalCluster of --workers processes.")
+              help="Run on dask.distributed: a scheduler ADDRESS, or 'local' for a LocalCluster of --workers threads in this process.")
 @click.option("--device", default="cpu", show_default=True, help="Device of the transform (cpu, cuda, cuda:1).")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Images per transform call.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")

@@ -161,9 +161,11 @@ def _marker_path(out: Path, index: int) -> Path:
 
 
 # Decoding and resizing one ~500×375 JPEG costs ~1.1 ms of CPU (docs/benchmarks.md, encode), an
-# eighth or less of its transform: two threads keep well ahead of the transform of a process, and
-# more would only preempt the transform's own threads.
-DECODE_THREADS = 2
+# eighth or less of its transform: a decode thread per four cores (two at least) keeps well ahead
+# of the transform threads of a process on all of them (in-process, or the workers of a threaded
+# dask LocalCluster); more would only preempt the transform. Idle threads cost nothing: a
+# worker process that transforms on fewer cores still decodes at most a window ahead.
+DECODE_THREADS = max(2, -(-(os.cpu_count() or 1) // 4))
 _DECODE = {"pid": None, "pool": None}
 _DECODE_LOCK = threading.Lock()
 
@@ -528,9 +530,11 @@ def encode_shard(task: ShardTask, on_progress: Callable[[int], None] | None = No
     """Encode and write one whole shard, then commit its marker. Runs in any process (the unit of
     work of the process pool and of dask): decode threads ahead, the transform in this thread."""
     if task.torch_threads:
-        import torch
+        from scatstore.transforms._torch_backend import set_thread_openmp_threads
 
-        torch.set_num_threads(task.torch_threads)
+        # this thread only: a dask worker of a threaded LocalCluster runs tasks in several
+        # threads of one process, and the process-wide setter would also change the others'
+        set_thread_openmp_threads(task.torch_threads)
     enc = _ShardEncoder(task, on_progress)
     for _task, slot, item, variant, result in _prepared([task], _window(task)):
         enc.add(slot, item, variant, result)
@@ -764,32 +768,47 @@ def _run_tasks(cfg: EncodeConfig, tasks: list[ShardTask], bar) -> Iterable[Shard
                 yield result
 
 
-def local_cluster(n_workers: int):
-    """The dask LocalCluster that ``--scheduler local`` runs on; start one yourself (and pass its
-    ``scheduler_address`` as ``scheduler``) to run several jobs on the same warm workers.
+def local_cluster(n_workers: int, processes: bool = False):
+    """The dask LocalCluster that ``--scheduler local`` runs on: ``n_workers`` single-threaded
+    workers. Start one yourself (and pass its ``scheduler_address`` as ``scheduler``) to run
+    several jobs on the same warm workers.
 
-    The layout of ``--workers N`` without dask: N worker processes, one task at a time each (one
-    dask thread); each task runs the transform on cores / N torch threads with its decode threads
-    ahead. Two of dask's defaults are changed for these workers (measured on the encode benchmark):
+    ``processes=False`` (what ``--scheduler local`` uses): the workers are threads of this
+    process, the layout dask recommends for work that releases the GIL, which every heavy stage
+    here does (libjpeg-turbo, torch's resampler, the transform's C kernels and torch ops, zstd,
+    sha256). Measured on the encode benchmark (docs/benchmarks.md): the cluster is up in 0.2 s
+    instead of 1.6-1.9 s (no worker processes to spawn, each importing distributed, torch and
+    zarr and building its own filters), and the workers share one copy of the filters and FFT
+    plans. ``processes=True``: one process per worker, each task on cores / N torch threads,
+    the layout of ``--workers N`` without dask and of a real cluster's workers; for that case
+    two of dask's defaults are changed:
 
     - no ``MALLOC_TRIM_THRESHOLD_=65536`` in their environment: setting it turns off glibc's
       adaptive mmap threshold, so every allocation over 128 kB (each decoded image, each batch)
       becomes a fresh mmap whose pages fault in again (decode 2.1-2.3 instead of 1.4-1.7 ms CPU
       per image, the transform +10 %);
-    - no statistical profiler (it takes the GIL to sample every thread's stack every 10 ms) and
-      calmer memory / system monitors: an idle 2-worker cluster then costs 9 % of a core instead
-      of 13 %, and none of it takes the GIL from a task 100 times a second."""
+    - calmer memory / system monitors.
+
+    Either way the statistical profiler is off: it takes the GIL to sample every thread's stack
+    every 10 ms (with thread workers, this process's own threads too). Thread workers get no
+    memory limit: their memory monitor would measure the whole process against a per-worker
+    share and pause them, and encode tasks hold no dask data to spill."""
     import dask
     from distributed import LocalCluster
 
-    environ = {k: v for k, v in (dask.config.get("distributed.nanny.pre-spawn-environ") or {}).items()
-               if k != "MALLOC_TRIM_THRESHOLD_"}
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ,
-                          "distributed.worker.profile.enabled": False,
-                          "distributed.worker.memory.monitor-interval": "1s",
-                          "distributed.admin.system-monitor.interval": "2s"}):
-        return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                            dashboard_address=":0")  # any free port: never a clash with another
+    settings = {"distributed.worker.profile.enabled": False,
+                "distributed.worker.memory.monitor-interval": "1s",
+                "distributed.admin.system-monitor.interval": "2s"}
+    kwargs: dict[str, Any] = {}
+    if processes:
+        settings["distributed.nanny.pre-spawn-environ"] = {
+            k: v for k, v in (dask.config.get("distributed.nanny.pre-spawn-environ") or {}).items()
+            if k != "MALLOC_TRIM_THRESHOLD_"}
+    else:
+        kwargs["memory_limit"] = 0
+    with dask.config.set(settings):
+        return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=processes,
+                            dashboard_address=":0", **kwargs)  # any free port: never a clash
 
 
 def _run_dask(cfg: EncodeConfig, tasks: list[ShardTask], bar) -> Iterable[ShardResult]:

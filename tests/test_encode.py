@@ -185,6 +185,27 @@ def test_dask_local_cluster_gives_the_same_bytes(imagenet_src, tmp_path):
     assert _store_digest(one) == _store_digest(dask)
 
 
+@pytest.mark.slow
+def test_dask_cluster_of_processes_gives_the_same_bytes(imagenet_src, tmp_path):
+    """A running cluster of worker processes (what `--scheduler ADDRESS` reaches), next to the
+    thread workers of `--scheduler local`: same bytes."""
+    from distributed import Client
+
+    from scatstore.pipelines.encode import local_cluster
+
+    threaded = tmp_path / "threads"
+    _run(imagenet_src, threaded, method="scat1", J=2, format="h5", workers=2, scheduler="local")
+    with local_cluster(2, processes=True) as cluster, Client(cluster):
+        assert len(cluster.workers) == 2
+        procs = tmp_path / "procs"
+        _run(imagenet_src, procs, method="scat1", J=2, format="h5", workers=2,
+             scheduler=cluster.scheduler_address)
+    assert _store_digest(threaded) == _store_digest(procs)
+    one = tmp_path / "one"
+    _run(imagenet_src, one, method="scat1", J=2, format="h5", workers=1)
+    assert _store_digest(one) == _store_digest(procs)
+
+
 def test_sigkill_then_resume_is_identical_to_a_clean_run(imagenet_src, tmp_path):
     clean = tmp_path / "clean"
     _run(imagenet_src, clean, method="scat1", J=2, format="wds", shard_size=2)

@@ -180,6 +180,29 @@ def test_batch_validation(data):
     b.slots = b.slots + SHARD
     with pytest.raises(StoreError, match="outside"):
         w.write_shard(0, b)
+    for bad in (np.nan, np.inf, -np.inf):  # float16 overflow must never reach a shard
+        b = make_batch(data, spec, 0)
+        b.x = b.x.copy()
+        b.x.flat[b.x.size // 2 + 1] = bad
+        with pytest.raises(StoreError, match="NaN or inf"):
+            w.write_shard(0, b)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_all_finite_matches_numpy(data, dtype):
+    from scatstore.stores.base import all_finite
+
+    x = data["coef"][:4].astype(dtype)  # real scattering coefficients of skimage photos
+    info = np.finfo(dtype)
+    x.flat[7] = info.max  # the largest finite values are still finite
+    x.flat[8] = -info.max
+    x.flat[9] = info.tiny / 4  # subnormal
+    assert all_finite(x) and np.isfinite(x).all()
+    for bad in (np.nan, np.inf, -np.inf):
+        y = x.copy()
+        y.flat[-1] = bad
+        assert not all_finite(y)
+        assert not all_finite(y[:, ::-1])  # non-contiguous views too
 
 
 # --------------------------------------------------------------------------------------- round trip

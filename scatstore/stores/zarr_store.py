@@ -66,7 +66,12 @@ def compression_info(spec: StoreSpec) -> dict:
 def _create(store, name, **kw):
     import zarr
 
-    return zarr.create_array(store, name=name, fill_value=0, overwrite=True, **kw)
+    # write_empty_chunks: zarr otherwise compares every chunk with the fill value before writing
+    # it (a byte-wise pass over the whole shard, 0.15 ms per scat1 sample, 40 % of the write);
+    # a chunk of zeros then costs a few bytes of zstd instead of being left out. Not stored in
+    # the metadata: readers see a valid shard either way.
+    return zarr.create_array(store, name=name, fill_value=0, overwrite=True,
+                             config={"write_empty_chunks": True}, **kw)
 
 
 def _mem():
@@ -167,8 +172,12 @@ class ZarrWriter(StoreWriter):
 
         for name, kw in _array_defs(spec).items():
             src = {"x": batch.x, "qscale": batch.qscale, "qoffset": batch.qoffset, "hw": batch.hw}[name]
-            full = np.zeros((hi - lo, *kw["shape"][1:]), dtype=kw["dtype"])
-            full[local] = np.asarray(src)
+            src = np.asarray(src)
+            if len(local) == hi - lo and src.dtype == np.dtype(kw["dtype"]):
+                full = src  # every slot of the shard kept (slots are sorted and unique)
+            else:  # rejected samples leave rows of zeros
+                full = np.zeros((hi - lo, *kw["shape"][1:]), dtype=kw["dtype"])
+                full[local] = src
             put(name, kw, full)
         if spec.dtype == "bytes":
             lengths = [len(b) for b in batch.x]
