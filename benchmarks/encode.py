@@ -26,8 +26,9 @@ of the machine hit all of them alike), times:
   cluster costs ~9 % of a core (heartbeats, monitors) that would slow the other pipelines down.
 
 Before each round, each stage is also timed alone (CPU ms per image: decode + resize, the
-transform, the shard write): their sum is what any pipeline must spend per image, so
-``transform / sum`` bounds the in-process ratio on a machine whose cores the transform fills.
+transform, the shard write). On a machine whose cores the transform alone fills, a pipeline
+spends at least the transform alone's CPU per image (cores / its rate) plus the other stages',
+which bounds its ratio to the transform alone: printed per round.
 
 Prints medians over the rounds: rates, the per-round ratios to the transform alone and of dask to
 ``--workers 2`` (per round, because the machine's speed drifts between rounds),
@@ -162,9 +163,8 @@ def _process_cluster(n: int):
 def stage_costs(src: Path, S, batches, shard: int) -> dict:
     """CPU ms per image of each stage run alone in one thread: decode + resize + crop, the
     transform (one OpenMP thread: no spin-waiting team), the shard write (zarr, zstd; with zarr's
-    own I/O thread). Their sum is what any pipeline has to spend per image, so
-    ``transform / sum`` bounds its rate relative to the transform alone when all of them share
-    the cores the transform alone fills."""
+    own I/O thread). What a pipeline spends per image beyond the transform: the bound printed at
+    the end follows from them."""
     from concurrent.futures import ThreadPoolExecutor
 
     def measure() -> dict:
@@ -283,10 +283,21 @@ def main() -> None:
         return statistics.median(a["rate"] / b["rate"] for a, b in zip(rows[name], rows[ref]))
 
     cost = {k: statistics.median(c[k] for c in costs) for k in costs[0]}
-    bound = cost["transform"] / sum(cost.values())
-    print(f"\nCPU ms per image, each stage alone (medians of {len(costs)}): decode + resize + crop "
-          f"{cost['decode']:.2f}, transform {cost['transform']:.2f}, shard write {cost['write']:.2f}; "
-          f"bound for any pipeline on these cores: transform / sum = {bound:.0%} of the transform alone")
+    cores = os.cpu_count() or 1
+    # Per round: the transform alone on all cores spends cores / rate of CPU per image (more than
+    # one thread alone: the threads share caches and memory bandwidth); a pipeline on the same
+    # cores spends at least that plus the other stages' cost alone.
+    bounds = []
+    for c, row in zip(costs, rows[ALONE]):
+        t_all = 1e3 * cores / row["rate"]
+        bounds.append(t_all / (t_all + c["decode"] + c["write"]))
+    t_all = 1e3 * cores / statistics.median(r["rate"] for r in rows[ALONE])
+    print(f"\nCPU ms per image, each stage alone in one thread (medians of {len(costs)}): decode + "
+          f"resize + crop {cost['decode']:.2f}, transform {cost['transform']:.2f} (on all {cores} "
+          f"cores, transform alone: {t_all:.2f}), shard write {cost['write']:.2f}")
+    print(f"bound for any pipeline on these cores: transform alone / (transform alone + decode + "
+          f"write) = {statistics.median(bounds):.0%} (rounds: "
+          f"{', '.join(f'{b:.0%}' for b in bounds)})")
     print(f"\nscat1 J={args.J}, 224², float16, zarr (zstd), shard {shard}, batch {args.batch}; {n} JPEGs "
           f"375–500 px; {os.cpu_count()} cores; medians of {args.repeats} rounds")
     print(f"{'pipeline':<44} {'img/s':>7} {'vs transform':>12} {'steady img/s':>12} {'start-up s':>10} "
