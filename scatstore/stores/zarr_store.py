@@ -163,12 +163,8 @@ class ZarrWriter(StoreWriter):
                 arr[lo:hi] = full
             enc = _encode(name, kw, assign)
             key = self._shard_paths(name, kw, index)
-            path = self.root / key
-            if key in enc:
-                rel = f"{GROUP}/{key}"
-                files[rel] = atomic_write_bytes(path, enc[key])
-            elif path.exists():  # all fill value: zarr writes no file; drop a stale one
-                path.unlink()
+            # written even when all zeros (write_empty_chunks): the shard file always exists
+            files[f"{GROUP}/{key}"] = atomic_write_bytes(self.root / key, enc[key])
 
         for name, kw in _array_defs(spec).items():
             src = {"x": batch.x, "qscale": batch.qscale, "qoffset": batch.qoffset, "hw": batch.hw}[name]
