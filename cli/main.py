@@ -94,6 +94,8 @@ def encode_cmd(src, out, method, J, L, codec, fmt, shard_size, size, dtype, comp
         encode(cfg)
     except EncodeError as exc:
         _fail(str(exc))
+    except KeyboardInterrupt:  # encode said what is committed and how to resume
+        sys.exit(130)
 
 
 @main.command("report")

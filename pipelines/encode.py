@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import sys
 import threading
@@ -44,6 +45,7 @@ import numpy as np
 JOB_DIR = ".scatstore"
 JOB_FILE = "job.json"
 SHARD_MARKERS = "shards"
+CANCEL_DIR = "cancel"
 REJECTED_FILE = "rejected.jsonl"
 # Methods with a `measure` hook (the learned codec) decode this many samples per shard to record
 # PSNR / MS-SSIM and actual vs estimated rate: a deterministic subset, so cost stays small.
@@ -54,6 +56,10 @@ DTYPES = ("float16", "float32", "uint8")
 
 class EncodeError(RuntimeError):
     """A fatal problem with the job as a whole (bad arguments, unusable SRC or OUT)."""
+
+
+class ShardCancelled(RuntimeError):
+    """A shard task stopped because its run was interrupted (its shard is left for the resume)."""
 
 
 @dataclass
@@ -130,6 +136,7 @@ class ShardTask:
     seed: int
     batch_size: int
     torch_threads: int = 0
+    run: str = ""  # this run's token: names its cancel file
 
 
 @dataclass
@@ -154,6 +161,14 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 def _marker_path(out: Path, index: int) -> Path:
     return out / JOB_DIR / SHARD_MARKERS / f"shard-{index:06d}.json"
+
+
+def _cancel_path(out: Path | str, run: str) -> Path:
+    """Created when the run ``run`` is interrupted. Shard tasks look for it between batches: a
+    file in OUT is what every worker of the job can see (threads, worker processes, the workers
+    of a remote dask cluster, which share OUT), and a running task can be neither killed (a
+    thread) nor reached (a remote process) any other way."""
+    return Path(out) / JOB_DIR / CANCEL_DIR / run
 
 
 # --------------------------------------------------------------------------------------------
@@ -536,10 +551,22 @@ def encode_shard(task: ShardTask, on_progress: Callable[[int], None] | None = No
         # threads of one process, and the process-wide setter would also change the others'
         set_thread_openmp_threads(task.torch_threads)
     enc = _ShardEncoder(task, on_progress)
-    for _task, slot, item, variant, result in _prepared([task], _window(task)):
+    cancel = _cancel_path(task.out, task.run) if task.run else None
+    for k, (_task, slot, item, variant, result) in enumerate(_prepared([task], _window(task))):
+        if cancel is not None and k % task.batch_size == 0 and cancel.exists():
+            raise ShardCancelled(f"shard {task.index}: run {task.run} interrupted")
         enc.add(slot, item, variant, result)
     enc.close()
     return enc.write()
+
+
+def _ignore_sigint() -> None:
+    # Worker processes of the pool: Ctrl-C reaches the whole process group; the parent alone
+    # handles it (cancels the queued shards, lets the running ones stop at their next batch),
+    # instead of each worker dying with a traceback of its own.
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class _TransformThreads:
@@ -732,7 +759,8 @@ def _load_markers(out: Path, writer, n_shards: int) -> dict[int, dict]:
     return done
 
 
-def _make_tasks(cfg, method, index, spec, todo: Iterable[int], torch_threads: int) -> list[ShardTask]:
+def _make_tasks(cfg, method, index, spec, todo: Iterable[int], torch_threads: int,
+                run: str = "") -> list[ShardTask]:
     variants = cfg.variants
     tasks = []
     for s in todo:
@@ -743,7 +771,7 @@ def _make_tasks(cfg, method, index, spec, todo: Iterable[int], torch_threads: in
             slots=slots, items=[index.items[i // variants] for i in slots],
             variants=[i % variants for i in slots], size=cfg.size, dtype=cfg.dtype,
             keep_aspect=index.layout == "coco", augment=cfg.augment, seed=cfg.seed,
-            batch_size=cfg.batch_size, torch_threads=torch_threads))
+            batch_size=cfg.batch_size, torch_threads=torch_threads, run=run))
     return tasks
 
 
@@ -760,12 +788,27 @@ def _run_tasks(cfg: EncodeConfig, tasks: list[ShardTask], bar) -> Iterable[Shard
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         # spawn, not fork: the parent may hold torch thread pools and open file handles.
-        with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=mp.get_context("spawn")) as ex:
+        ex = ProcessPoolExecutor(max_workers=cfg.workers, mp_context=mp.get_context("spawn"),
+                                 initializer=_ignore_sigint)
+        try:
             futures = [ex.submit(encode_shard, t) for t in tasks]
             for fut in as_completed(futures):
                 result = fut.result()
                 bar.update(result.n_items)
                 yield result
+        except BaseException:
+            _cancel_run(cfg, tasks)
+            ex.shutdown(wait=True, cancel_futures=True)
+            raise
+        ex.shutdown(wait=True)
+
+
+def _cancel_run(cfg: EncodeConfig, tasks: list[ShardTask]) -> None:
+    """Tell the run's running shard tasks to stop (they look between batches)."""
+    if tasks and tasks[0].run:
+        path = _cancel_path(cfg.out, tasks[0].run)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
 
 
 def local_cluster(n_workers: int, processes: bool = False):
@@ -818,21 +861,35 @@ def _run_dask(cfg: EncodeConfig, tasks: list[ShardTask], bar) -> Iterable[ShardR
         client = Client(cluster)
     else:
         client = Client(cfg.scheduler)
+    futures: list = []
+    dask_log, dask_level = None, logging.NOTSET
     try:
         # pure=False: a task's result is a side effect on disk, never deduplicated by dask. The
         # run's own token in the key: on a shared, long-running cluster another job's (or an
         # earlier run's) shard N must never be taken for this one's.
-        run = uuid.uuid4().hex[:12]
+        run = tasks[0].run or uuid.uuid4().hex[:12]
         futures = [client.submit(encode_shard, t, pure=False, key=f"encode-shard-{t.index}-{run}")
                    for t in tasks]
         for fut in as_completed(futures):
             result = fut.result()
             bar.update(result.n_items)
             yield result
+    except BaseException:
+        # Running tasks cannot be killed (thread workers) or may run on; they stop at their
+        # next batch. Closing the cluster then waits for its worker threads.
+        if cluster is not None:  # our own workers' notes on the tasks cancelled (or stopped): noise
+            dask_log = logging.getLogger("distributed")
+            dask_level = dask_log.level
+            dask_log.setLevel(logging.CRITICAL)
+        _cancel_run(cfg, tasks)
+        client.cancel(futures)
+        raise
     finally:
         client.close()
         if cluster is not None:
             cluster.close()
+        if dask_log is not None:
+            dask_log.setLevel(dask_level)
 
 
 def _progress_bar(cfg: EncodeConfig, total: int, initial: int):
@@ -894,7 +951,8 @@ def encode(cfg: EncodeConfig, log: Callable[[str], None] | None = None,
     # (dask starts them with OMP_NUM_THREADS=1 per worker thread).
     local = cfg.scheduler in (None, "local")
     threads = max(1, (os.cpu_count() or 1) // cfg.workers) if cfg.workers > 1 and local else 0
-    tasks = _make_tasks(cfg, method, index, spec, todo, threads)
+    run = uuid.uuid4().hex[:12]
+    tasks = _make_tasks(cfg, method, index, spec, todo, threads, run)
 
     started, wall_started = time.perf_counter(), time.time()
     done_slots = sum(len(m["record"]["slots"]) + len(m["rejected"]) for m in done.values())
@@ -902,15 +960,23 @@ def encode(cfg: EncodeConfig, log: Callable[[str], None] | None = None,
     sums = {"decode_cpu_s": 0.0, "encode_s": 0.0, "encode_cpu_s": 0.0, "write_s": 0.0,
             "write_cpu_s": 0.0}
     t_first, t_last = float("inf"), wall_started
-    with _progress_bar(cfg, n_slots, done_slots) as bar:
-        for result in _run_tasks(cfg, tasks, bar):
-            results[result.index] = {"record": result.record, "rejected": result.rejected,
-                                     "quality": result.quality}
-            for k in sums:
-                sums[k] += result.stats.get(k, 0.0)
-            t_first = min(t_first, result.stats.get("t_start", t_first))
-            t_last = max(t_last, result.stats.get("t_end", t_last))
-            bar.set_postfix(shards=f"{len(results)}/{n_shards}")
+    try:
+        with _progress_bar(cfg, n_slots, done_slots) as bar:
+            for result in _run_tasks(cfg, tasks, bar):
+                results[result.index] = {"record": result.record, "rejected": result.rejected,
+                                         "quality": result.quality}
+                for k in sums:
+                    sums[k] += result.stats.get(k, 0.0)
+                t_first = min(t_first, result.stats.get("t_start", t_first))
+                t_last = max(t_last, result.stats.get("t_end", t_last))
+                bar.set_postfix(shards=f"{len(results)}/{n_shards}")
+    except KeyboardInterrupt:
+        committed = sum(1 for i in range(n_shards) if _marker_path(cfg.out, i).exists())
+        log(f"interrupted: {committed}/{n_shards} shards committed in {cfg.out}; "
+            "re-run the same command to resume")
+        raise
+    finally:
+        _cancel_path(cfg.out, run).unlink(missing_ok=True)
     elapsed = time.perf_counter() - started
 
     manifest = _commit(cfg, index, method, spec, params, results, writer)

@@ -231,6 +231,75 @@ def test_sigkill_then_resume_is_identical_to_a_clean_run(imagenet_src, tmp_path)
     assert verify(killed).ok
 
 
+@pytest.fixture(scope="module")
+def longer_src(tmp_path_factory) -> Path:
+    """Enough one-sample shards that a job is still running when interrupted."""
+    return make_imagenet_layout(tmp_path_factory.mktemp("src") / "imagenet", n_per_class=12, seed=3)
+
+
+@pytest.mark.parametrize("mode", [[], ["--workers", "2"], ["--workers", "2", "--scheduler", "local"]],
+                         ids=["in-process", "process-pool", "dask-threads"])
+def test_ctrl_c_stops_cleanly_and_the_resume_is_identical(longer_src, tmp_path, mode):
+    clean = tmp_path / "clean"
+    _run(longer_src, clean, method="scat1", J=2, format="wds", shard_size=1)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "scatstore.cli.main", "encode", str(longer_src), str(out),
+           "--method", "scat1", "--J", "2", "--format", "wds", "--shard-size", "1",
+           "--size", str(SIZE), "--quiet", *mode]
+    # its own process group, signalled as a whole: what Ctrl-C in a terminal does (the pool's
+    # worker processes get it too)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    markers = out / ".scatstore" / "shards"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if markers.exists() and any(markers.glob("shard-*.json")):
+            break
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert not (out / "manifest.json").exists(), "the job finished before it could be interrupted"
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "WARNING" not in err, err
+    assert "re-run the same command to resume" in err
+    committed = len(list(markers.glob("shard-*.json")))
+    assert f"interrupted: {committed}/36 shards committed" in err
+    assert not any((out / ".scatstore" / "cancel").glob("*")), "the cancel file outlived the run"
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert _store_digest(out) == _store_digest(clean)
+    assert verify(out).ok
+
+
+def test_a_cancelled_run_stops_its_shard_tasks(imagenet_src, tmp_path):
+    """A shard task of an interrupted run stops at its next batch, before writing anything."""
+    from scatstore.pipelines import encode as engine
+
+    out = tmp_path / "out"
+    _run(imagenet_src, out, method="raw", format="wds")  # a valid OUT for the task to write to
+    cfg = EncodeConfig(src=imagenet_src, out=out, method="raw", format="wds", size=SIZE,
+                       shard_size=5, batch_size=2, progress=False)
+    from scatstore.sources import discover
+    from scatstore.stores import StoreSpec
+    from scatstore.transforms.methods import make_method
+
+    index = discover(imagenet_src)
+    method = make_method("raw")
+    spec = StoreSpec(format="wds", n_slots=len(index.items), shard_size=5,
+                     sample_shape=method.sample_shape(SIZE), dtype="uint8", quantized=False,
+                     has_hw=False, compression="default")
+    task = engine._make_tasks(cfg, method, index, spec, [1], 0, run="r1")[0]
+    shard = out / "shard-000001.tar"
+    before = shard.read_bytes()
+    shard.unlink()
+    engine._cancel_run(cfg, [task])
+    with pytest.raises(engine.ShardCancelled, match="shard 1"):
+        engine.encode_shard(task)
+    assert not shard.exists()
+    engine._cancel_path(out, "r1").unlink()
+    engine.encode_shard(task)  # the same task of a run not cancelled writes its shard
+    assert shard.read_bytes() == before
+
+
 def test_fatal_errors_are_clear(imagenet_src, tmp_path):
     with pytest.raises(EncodeError, match="does not exist"):
         _run(tmp_path / "nope", tmp_path / "o1", method="raw")
