@@ -759,6 +759,10 @@ def _load_markers(out: Path, writer, n_shards: int) -> dict[int, dict]:
     return done
 
 
+def _committed(out: Path, n_shards: int) -> int:
+    return sum(1 for i in range(n_shards) if _marker_path(out, i).exists())
+
+
 def _make_tasks(cfg, method, index, spec, todo: Iterable[int], torch_threads: int,
                 run: str = "") -> list[ShardTask]:
     variants = cfg.variants
@@ -971,10 +975,16 @@ def encode(cfg: EncodeConfig, log: Callable[[str], None] | None = None,
                 t_last = max(t_last, result.stats.get("t_end", t_last))
                 bar.set_postfix(shards=f"{len(results)}/{n_shards}")
     except KeyboardInterrupt:
-        committed = sum(1 for i in range(n_shards) if _marker_path(cfg.out, i).exists())
-        log(f"interrupted: {committed}/{n_shards} shards committed in {cfg.out}; "
-            "re-run the same command to resume")
+        log(f"interrupted: {_committed(cfg.out, n_shards)}/{n_shards} shards committed in "
+            f"{cfg.out}; re-run the same command to resume")
         raise
+    except OSError as exc:
+        # Source files that cannot be read are rejected one by one (rejected.jsonl): what
+        # reaches here failed to write (a full disk, a quota, a lost mount).
+        raise EncodeError(
+            f"cannot write {exc.filename or cfg.out}: {exc.strerror or exc}; "
+            f"{_committed(cfg.out, n_shards)}/{n_shards} shards committed; "
+            "re-run the same command to resume once fixed") from exc
     finally:
         _cancel_path(cfg.out, run).unlink(missing_ok=True)
     elapsed = time.perf_counter() - started

@@ -300,6 +300,31 @@ def test_a_cancelled_run_stops_its_shard_tasks(imagenet_src, tmp_path):
     assert shard.read_bytes() == before
 
 
+@pytest.mark.parametrize("fmt", ["zarr", "wds", "h5"])
+def test_a_full_disk_is_a_clear_error_and_the_resume_is_identical(imagenet_src, tmp_path, fmt):
+    import resource
+
+    clean = tmp_path / "clean"
+    _run(imagenet_src, clean, method="scat1", J=2, format=fmt)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "scatstore.cli.main", "encode", str(imagenet_src), str(out),
+           "--method", "scat1", "--J", "2", "--format", fmt, "--shard-size", "5",
+           "--size", str(SIZE), "--quiet"]
+
+    def small_files():  # no file over 16 kB: a shard write fails as on a full disk (EFBIG)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 10, 16 << 10))
+
+    proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=small_files, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "scatstore: error: cannot write" in proc.stderr and "File too large" in proc.stderr
+    assert "re-run the same command to resume" in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert not (out / "manifest.json").exists()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert _store_digest(out) == _store_digest(clean)
+    assert verify(out).ok
+
+
 def test_fatal_errors_are_clear(imagenet_src, tmp_path):
     with pytest.raises(EncodeError, match="does not exist"):
         _run(tmp_path / "nope", tmp_path / "o1", method="raw")

@@ -427,7 +427,13 @@ class StoreWriter:
     def write_shard(self, shard_index: int, batch: ShardBatch) -> ShardRecord:
         """Write all files of shard ``shard_index`` (and nothing shared), then its record."""
         batch.validate(self.spec, shard_index)
-        files, extra = self._write_files(shard_index, batch)
+        try:
+            files, extra = self._write_files(shard_index, batch)
+        except OSError as exc:
+            if exc.filename or exc.errno is None:
+                raise
+            # tarfile, h5py and zarr's stores write without naming the file: say which shard
+            raise OSError(exc.errno, exc.strerror, f"{self.out}/{shard_name(shard_index)}") from exc
         rec = ShardRecord(
             index=int(shard_index), count=len(batch),
             slots=[int(s) for s in np.asarray(batch.slots)], keys=list(batch.keys),

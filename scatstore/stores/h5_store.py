@@ -9,6 +9,7 @@ variable-length strings, meta as JSON), ``qscale``/``qoffset`` float32 (n, C, K)
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import threading
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .base import (ShardBatch, StoreError, StoreSpec, StoreWriter, atomic_write_bytes,
-                   commit_tmp, parse_compression, records_arrays, sha256_file, shard_name, tmp_path)
+                   parse_compression, records_arrays, shard_name)
 from .dataset import ScatDataset, load_index_npy
 from .wds_store import build_index, npy_bytes
 
@@ -57,7 +58,7 @@ class H5Writer(StoreWriter):
         spec = self.spec
         n = len(batch)
         path = self.h5_path(index)
-        tmp = tmp_path(path)
+        buf = io.BytesIO()
         filt = h5_filter(spec)
         extra: dict = {}
         strdt = h5py.string_dtype("utf-8")
@@ -71,7 +72,10 @@ class H5Writer(StoreWriter):
                     kw.update(filt)
             return f.create_dataset(name, data=data, **kw)
 
-        with h5py.File(tmp, "w", libver="earliest", track_order=False) as f:
+        # Built in memory, then written by plain file I/O: a failed write (a full disk) is then an
+        # ordinary OSError, where HDF5 writing to disk itself leaves its objects in a state that
+        # crashes the interpreter at exit (seen: a segfault after "file too large").
+        with h5py.File(buf, "w", libver="earliest", track_order=False) as f:
             f.attrs["scatstore_layout"] = LAYOUT
             f.attrs["shard"] = int(index)
             f.attrs["spec"] = json.dumps(spec.to_dict(), sort_keys=True)
@@ -95,8 +99,7 @@ class H5Writer(StoreWriter):
                 ds(f, "qoffset", batch.qoffset.astype(np.float32), n)
             if spec.has_hw:
                 ds(f, "hw", np.asarray(batch.hw, dtype=np.int32))
-        commit_tmp(tmp, path)
-        files = {path.name: {"sha256": sha256_file(path), "bytes": path.stat().st_size}}
+        files = {path.name: atomic_write_bytes(path, buf.getbuffer())}
         return files, extra
 
     def _finalize_index(self, records: list):
