@@ -24,11 +24,13 @@ How it runs (timings: docs/benchmarks.md, "Encode pipeline"):
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -856,7 +858,39 @@ def local_cluster(n_workers: int, processes: bool = False):
                             dashboard_address=":0", **kwargs)  # any free port: never a clash
 
 
+@contextlib.contextmanager
+def _sigint_as_flag():
+    """While dask runs the job, Ctrl-C sets the yielded flag instead of raising.
+
+    A KeyboardInterrupt raised inside one of distributed's blocking client calls breaks it
+    (seen: its cancel callback failing on an unset future, logged with a traceback); the job's
+    loop looks at the flag between waits and raises KeyboardInterrupt itself. A second Ctrl-C
+    raises at once. Only the main thread can take signals: elsewhere the flag stays unset."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield flag
+        return
+
+    def on_sigint(signum, frame):
+        if flag.is_set():
+            raise KeyboardInterrupt
+        flag.set()
+
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def _run_dask(cfg: EncodeConfig, tasks: list[ShardTask], bar) -> Iterable[ShardResult]:
+    with _sigint_as_flag() as interrupted:
+        yield from _run_dask_tasks(cfg, tasks, bar, interrupted)
+
+
+def _run_dask_tasks(cfg: EncodeConfig, tasks: list[ShardTask], bar,
+                    interrupted: threading.Event) -> Iterable[ShardResult]:
     from distributed import Client, as_completed
 
     cluster = None
@@ -874,10 +908,17 @@ def _run_dask(cfg: EncodeConfig, tasks: list[ShardTask], bar) -> Iterable[ShardR
         run = tasks[0].run or uuid.uuid4().hex[:12]
         futures = [client.submit(encode_shard, t, pure=False, key=f"encode-shard-{t.index}-{run}")
                    for t in tasks]
-        for fut in as_completed(futures):
-            result = fut.result()
-            bar.update(result.n_items)
-            yield result
+        pending = as_completed(futures)
+        while not pending.is_empty():
+            if interrupted.is_set():
+                raise KeyboardInterrupt
+            if not pending.has_ready():
+                time.sleep(0.02)
+                continue
+            for fut in pending.next_batch(block=False):
+                result = fut.result()
+                bar.update(result.n_items)
+                yield result
     except BaseException:
         # Running tasks cannot be killed (thread workers) or may run on; they stop at their
         # next batch. Closing the cluster then waits for its worker threads.
