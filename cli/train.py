@@ -6,8 +6,6 @@ on CUDA), each rank reads its own shard, and rank 0 logs and writes checkpoints.
 """
 from __future__ import annotations
 
-import inspect
-import math
 import os
 import random
 import sys
@@ -22,82 +20,31 @@ def _echo(msg: str) -> None:
     click.echo(f"scatstore train: {msg}", err=True)
 
 
-def _manifest(path: str) -> dict:
-    try:
-        from scatstore.stores.manifest import read_manifest
-    except ImportError:
-        return {}
+def _store(path: str) -> dict:
+    """The store's manifest, or a one-line error (no store there, or an unfinished one)."""
+    from scatstore.stores import StoreError, read_manifest
+
+    if not os.path.isdir(path):
+        _fail(f"{path}: no such store directory")
     try:
         return read_manifest(path)
-    except Exception:  # noqa: BLE001 - the loader reports real problems with the store
-        return {}
+    except StoreError as exc:
+        _fail(str(exc))
 
 
-def _as_factory(obj):
-    """Turn what ``scatstore.loader`` returns into ``f(epoch) -> iterable``."""
-    if hasattr(obj, "set_epoch"):
-        def factory(epoch: int):
-            obj.set_epoch(epoch)
-            return obj
-    elif callable(obj) and not hasattr(obj, "__iter__"):
-        factory = obj
-    else:
-        def factory(epoch: int):
-            return obj
-    if hasattr(obj, "bytes_read"):
-        return _CounterFactory(factory, obj)
-    return factory
-
-
-class _CounterFactory:
-    """A factory that exposes the loader's ``bytes_read`` counter to the engine."""
-
-    def __init__(self, factory, obj):
-        self._factory, self._obj = factory, obj
-
-    def __call__(self, epoch: int):
-        return self._factory(epoch)
-
-    @property
-    def bytes_read(self):
-        v = self._obj.bytes_read
-        return v() if callable(v) else v
+def _fail(message: str) -> None:
+    click.echo(f"scatstore: error: {message}", err=True)
+    sys.exit(2)
 
 
 def _store_loader(path: str, *, batch_size: int, train: bool, seed: int, num_workers: int,
                   device: str, rank: int, world: int):
-    try:
-        import scatstore
-        loader_fn = scatstore.loader
-    except (AttributeError, ImportError) as e:
-        raise click.ClickException(
-            f"cannot read the store {path!r}: the streaming loader (scatstore.loader) is not "
-            f"available in this installation ({e}). Train the pixel baseline with --pixels SRC.") from e
-    kwargs = dict(batch_size=batch_size, shuffle=train, seed=seed, num_workers=num_workers,
-                  drop_last=train, device=device)
-    params = inspect.signature(loader_fn).parameters
-    has_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    if world > 1:
-        if "rank" in params or has_var_kw:
-            kwargs.update(rank=rank, world_size=world)
-        else:
-            _echo("warning: scatstore.loader takes no rank/world_size; relying on it to shard by "
-                  "itself under torch.distributed")
-    return loader_fn(path, **kwargs)
+    """The streaming loader of a store: called with an epoch, it gives that epoch's batches of
+    this rank; its ``bytes_read`` counter feeds the engine's I/O figure."""
+    from scatstore import loader
 
-
-def _infer_shapes(manifest: dict, loader, factory) -> tuple[int | None, int | None]:
-    """(in_channels, input_size) from the manifest's sample_shape, the loader, or a first batch."""
-    shape = manifest.get("sample_shape")
-    if shape is None:
-        shape = getattr(loader, "sample_shape", None)
-    if shape is None:
-        x, _ = next(iter(factory(0)))
-        shape = tuple(x.shape[1:])
-    shape = [int(s) for s in shape]
-    if len(shape) < 3:
-        return (math.prod(shape) if shape else None), None
-    return math.prod(shape[:-2]), shape[-1]
+    return loader(path, batch_size, shuffle=train, seed=seed, num_workers=num_workers,
+                  drop_last=train, device=device, rank=rank, world_size=world)
 
 
 @click.command("train")
@@ -179,21 +126,20 @@ def train_cmd(data, pixels, arch, epochs, batch_size, lr, momentum, weight_decay
             n_classes = num_classes or train_f.num_classes
             data_desc = {"kind": "pixels", "path": os.path.abspath(pixels)}
         else:
-            manifest = _manifest(data)
-            ld = _store_loader(data, batch_size=batch_size, train=True, seed=seed,
-                               num_workers=num_workers, device=str(dev), rank=rank, world=world)
-            train_f = _as_factory(ld)
+            manifest = _store(data)
+            if val is not None:
+                _store(val)
+            train_f = _store_loader(data, batch_size=batch_size, train=True, seed=seed,
+                                    num_workers=num_workers, device=str(dev), rank=rank, world=world)
             val_f = None
             if val is not None:
-                vld = _store_loader(val, batch_size=batch_size, train=False, seed=seed,
-                                    num_workers=num_workers, device=str(dev), rank=rank, world=world)
-                val_f = _as_factory(vld)
-            method = (manifest.get("method") or {}).get("name") if isinstance(manifest.get("method"), dict) \
-                else manifest.get("method")
-            arch = canonical_arch(arch or _DEFAULT_ARCH.get(method or "", "scatresnet10"))
-            in_channels, input_size = _infer_shapes(manifest, ld, train_f)
-            n_classes = num_classes or len(manifest.get("class_names") or []) \
-                or getattr(ld, "num_classes", None) or len(getattr(ld, "class_names", None) or [])
+                val_f = _store_loader(val, batch_size=batch_size, train=False, seed=seed,
+                                      num_workers=num_workers, device=str(dev), rank=rank, world=world)
+            method = manifest["method"]["name"]
+            arch = canonical_arch(arch or _DEFAULT_ARCH.get(method, "scatresnet10"))
+            # what the loader yields: C·K channels of coefficients, 3 of pixels, a codec's latents
+            in_channels, input_size = train_f.in_channels, train_f.input_size
+            n_classes = num_classes or len(manifest.get("class_names") or [])
             if not n_classes:
                 raise click.UsageError("cannot tell the number of classes from the store; pass --num-classes")
             data_desc = {"kind": "store", "path": os.path.abspath(data), "method": method}

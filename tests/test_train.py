@@ -366,50 +366,41 @@ def test_cli_trains_pixel_baseline_and_resumes(demo_jpegs, tmp_path):
     assert ck["meta"]["num_classes"] == sum(p.is_dir() for p in (demo_jpegs / "train").iterdir())
 
 
-class _FakeStoreLoader:
-    """Stands in for ``scatstore.loader`` (same call signature) to test the store branch."""
-
-    calls: list = []
-
-    def __init__(self, path, batch_size, shuffle, seed, num_workers, drop_last, device):
-        _FakeStoreLoader.calls.append(dict(path=path, batch_size=batch_size, shuffle=shuffle))
-        self.x, self.y = _toy_data(n=24, c=6, hw=7)
-        self.x = self.x.view(24, 2, 3, 7, 7)                  # (B, C, K, h, w)
-        self.batch_size, self.epochs, self.bytes_read = batch_size, [], 0
-        self.num_classes = 3
-
-    def set_epoch(self, epoch):
-        self.epochs.append(epoch)
-
-    def __iter__(self):
-        for i in range(0, 24, self.batch_size):
-            self.bytes_read += 100
-            yield self.x[i:i + self.batch_size], self.y[i:i + self.batch_size]
-
-
-def test_cli_store_branch_uses_scatstore_loader(tmp_path, monkeypatch):
-    import scatstore
+def test_cli_trains_on_a_real_store(tmp_path):
     from click.testing import CliRunner
 
     from scatstore.cli.train import train_cmd
-    monkeypatch.setattr(scatstore, "loader", _FakeStoreLoader, raising=False)
-    _FakeStoreLoader.calls = []
-    r = CliRunner().invoke(train_cmd, [str(tmp_path), "--val", str(tmp_path), "--arch", "scatwrn",
-                                       "--epochs", "2", "--batch-size", "8", "--no-progress",
-                                       "--device", "cpu"])
+    from scatstore.pipelines.encode import EncodeConfig, encode
+    from scatstore.sources.demo_data import make_imagenet_layout
+
+    src = make_imagenet_layout(tmp_path / "src", n_per_class=4, seed=0)
+    for name in ("train", "val"):
+        encode(EncodeConfig(src=src, out=tmp_path / name, method="scat1", J=2, size=64,
+                            shard_size=4, progress=False), log=lambda m: None)
+    r = CliRunner().invoke(train_cmd, [str(tmp_path / "train"), "--val", str(tmp_path / "val"),
+                                       "--epochs", "2", "--batch-size", "4", "--num-workers", "1",
+                                       "--no-progress", "--device", "cpu"])
     assert r.exit_code == 0, r.output
+    # the default architecture for scat1, on 3·17 channels of 16×16 maps, 3 classes
+    assert "scatresnet50" in r.stderr and "input (51, 16, 16)" in r.stderr and "3 classes" in r.stderr
     lines = [json.loads(ln) for ln in r.stdout.splitlines() if ln.startswith("{")]
     assert [ln["epoch"] for ln in lines] == [1, 2]
-    assert [ln["bytes_read"] for ln in lines] == [300, 300]         # the loader's own counter
-    assert [c["shuffle"] for c in _FakeStoreLoader.calls] == [True, False]
+    # the loader's own counter of bytes read from the shards: every sample of the training store
+    # each epoch, some compressed 4-sample chunks more than once (a shuffled batch takes samples
+    # of several chunks); never more than a chunk per sample
+    stored = sum(f.stat().st_size for f in (tmp_path / "train" / "data.zarr" / "x").rglob("*")
+                 if f.is_file() and f.name != "zarr.json")
+    assert all(0.95 * stored <= ln["bytes_read"] <= 4 * stored for ln in lines), (lines, stored)
 
 
-def test_cli_store_branch_without_loader(tmp_path, monkeypatch):
-    import scatstore.loaders
+def test_cli_refuses_a_missing_or_unfinished_store(tmp_path):
     from click.testing import CliRunner
 
     from scatstore.cli.train import train_cmd
-    monkeypatch.delattr(scatstore.loaders, "loader", raising=False)
-    monkeypatch.delattr(scatstore, "loader", raising=False)
-    r = CliRunner().invoke(train_cmd, [str(tmp_path), "--epochs", "1"])
-    assert r.exit_code != 0 and "scatstore.loader" in r.output and "--pixels" in r.output
+
+    r = CliRunner().invoke(train_cmd, [str(tmp_path / "nope"), "--epochs", "1"])
+    assert r.exit_code == 2 and "no such store directory" in r.output
+    (tmp_path / "half").mkdir()  # what an interrupted encode leaves: no manifest yet
+    r = CliRunner().invoke(train_cmd, [str(tmp_path / "half"), "--epochs", "1"])
+    assert r.exit_code == 2 and "not a finished scatstore store" in r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit)
