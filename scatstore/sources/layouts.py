@@ -139,6 +139,17 @@ def _is_image_name(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
+def relative_to(path: str, root: str) -> str:
+    """``path`` relative to ``root``, with "/" separators.
+
+    Every path listed here is ``root`` + separator + names (os.scandir joins them so): cutting
+    the prefix gives what os.path.relpath would, ~40× faster (relpath normalises both paths each
+    call: ~50 s for ImageNet's 1.28 M files, called three times each)."""
+    prefix = root if root.endswith(os.sep) else root + os.sep
+    rel = path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, root)
+    return rel if os.sep == "/" else rel.replace(os.sep, "/")
+
+
 def _inside(real: str, real_root: str) -> bool:
     return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
 
@@ -152,7 +163,7 @@ class _Walker:
         self.refused: list[dict] = []
 
     def _rel(self, path: str) -> str:
-        return os.path.relpath(path, self.root).replace(os.sep, "/")
+        return relative_to(path, self.root)
 
     def entries(self, directory: str):
         """Sorted (name, path, is_dir, size) for the non-hidden entries of ``directory``."""
@@ -298,7 +309,7 @@ def _discover_imagenet(root: str, walker: _Walker, split: str | None) -> SourceI
     synsets = _read_synsets(root) or (_read_synsets(class_root) if class_root != root else {})
     descriptions = [synsets.get(c, c) for c in class_names] if synsets else None
 
-    rel_cls = [os.path.relpath(p, class_root).replace(os.sep, "/") for _i, p, _s in files]
+    rel_cls = [relative_to(p, class_root) for _i, p, _s in files]
     stems = [os.path.splitext(r.rsplit("/", 1)[-1])[0] for r in rel_cls]
     counts: dict[str, int] = {}
     for s in stems:

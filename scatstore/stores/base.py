@@ -289,7 +289,9 @@ class ShardRecord:
         self.extra = _canon(self.extra)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        # the fields as they are (plain JSON values already): dataclasses.asdict would deep-copy
+        # every sample's meta, ~0.5 s per 20k samples at the job's commit
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ShardRecord":
