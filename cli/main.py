@@ -74,7 +74,9 @@ def main() -> None:
 @click.option("--augment", type=int, default=0, show_default=True,
               help="Store K random-resized-crop+flip variants per image (0: one centre crop).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the augment variants.")
-@click.option("--workers", type=int, default=1, show_default=True, help="Parallel worker processes.")
+@click.option("--workers", type=int, default=1, show_default=True, help="Parallel workers: N worker processes, or with --scheduler local N dask worker "
+                   "threads. 1: one process, decode threads ahead of a transform thread per core "
+                   "(the fastest on one machine).")
 @click.option("--scheduler", default=None,
               help="Run on dask.distributed: a scheduler ADDRESS, or 'local' for a LocalCluster of --workers threads in this process.")
 @click.option("--device", default="cpu", show_default=True, help="Device of the transform (cpu, cuda, cuda:1).")
