@@ -566,8 +566,6 @@ def _ignore_sigint() -> None:
     # Worker processes of the pool: Ctrl-C reaches the whole process group; the parent alone
     # handles it (cancels the queued shards, lets the running ones stop at their next batch),
     # instead of each worker dying with a traceback of its own.
-    import signal
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
