@@ -10,6 +10,8 @@ from pathlib import Path
 
 import click
 
+from .params import DeviceParam
+
 
 def _fail(message: str, code: int = 2) -> None:
     click.echo(f"scatstore: error: {message}", err=True)
@@ -60,7 +62,7 @@ def _load_training_images(src: str, layout: str, max_images: int, seed: int, log
 @click.option("--layout", default="auto", show_default=True, help="Source layout (auto, imagenet, coco, folder).")
 @click.option("--max-images", type=int, default=2000, show_default=True,
               help="Decode at most this many source images (random subset) into memory.")
-@click.option("--device", default="cpu", show_default=True, help="torch device for training (cpu, cuda).")
+@click.option("--device", type=DeviceParam(), default="cpu", show_default=True, help="torch device for training (cpu, cuda).")
 @click.option("--seed", type=int, default=0, show_default=True)
 def fit_codec_cmd(src, codec, channels, beta, target_bpp, steps, batch_size, lr, size, hidden, layout,
                   max_images, device, seed):
@@ -133,7 +135,7 @@ def _reference_image(manifest: dict, meta: dict, size: int, src_root: str | None
               default=None, help="Source root for the quality metrics (default: the manifest's).")
 @click.option("--limit", type=int, default=None, help="Decode only the first N samples.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--device", default="cpu", show_default=True, help="torch device for the decoder network.")
+@click.option("--device", type=DeviceParam(), default="cpu", show_default=True, help="torch device for the decoder network.")
 @click.option("--no-metrics", is_flag=True, help="Only write PNGs, skip PSNR / MS-SSIM.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def decode_cmd(out, dest, codec, src_root, limit, batch_size, device, no_metrics, as_json):

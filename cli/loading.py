@@ -7,6 +7,8 @@ import sys
 
 import click
 
+from .params import DeviceParam
+
 
 @click.command("bench-load")
 @click.argument("data", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
@@ -17,7 +19,8 @@ import click
               help="Reader threads (scatstore) / DataLoader worker processes (baselines).")
 @click.option("--seconds", type=float, default=5.0, show_default=True, help="Duration of one run.")
 @click.option("--repeats", type=int, default=3, show_default=True, help="Runs per row (median).")
-@click.option("--device", default="cpu", show_default=True, help="Device the batches go to.")
+@click.option("--device", type=DeviceParam(), default="cpu", show_default=True,
+              help="Device the batches go to.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def bench_load_cmd(data, jpeg, batch_size, num_workers, seconds, repeats, device, as_json):
     """Samples/s and MB/s of the scatstore loader over each DATA store, from the page cache,

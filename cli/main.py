@@ -10,6 +10,8 @@ import sys
 
 import click
 
+from .params import DeviceParam
+
 from scatstore import __version__
 
 # command name -> "module:attribute" of a click command defined elsewhere in scatstore.cli
@@ -79,7 +81,8 @@ def main() -> None:
                    "(the fastest on one machine).")
 @click.option("--scheduler", default=None,
               help="Run on dask.distributed: a scheduler ADDRESS, or 'local' for a LocalCluster of --workers threads in this process.")
-@click.option("--device", default="cpu", show_default=True, help="Device of the transform (cpu, cuda, cuda:1).")
+@click.option("--device", type=DeviceParam(), default="cpu", show_default=True,
+              help="Device of the transform (cpu, cuda, cuda:1).")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Images per transform call.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def encode_cmd(src, out, method, J, L, codec, fmt, shard_size, size, dtype, compression, layout, split, augment,

@@ -12,6 +12,8 @@ import sys
 
 import click
 
+from .params import DeviceParam
+
 # store method name -> default architecture
 _DEFAULT_ARCH = {"scat1": "scatresnet50", "scat2": "scatresnet10", "cae": "cresnet51", "raw": "resnet18"}
 
@@ -66,7 +68,8 @@ def _store_loader(path: str, *, batch_size: int, train: bool, seed: int, num_wor
 @click.option("--warmup-epochs", type=int, default=0, show_default=True)
 @click.option("--val", "val", type=click.Path(exists=True, path_type=str), default=None,
               help="Held-out data: a store (or a source folder with --pixels).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1.")
+@click.option("--device", type=DeviceParam(allow_auto=True), default="auto", show_default=True,
+              help="auto, cpu, cuda, cuda:1.")
 @click.option("--amp", is_flag=True, help="Mixed precision: bfloat16 autocast on CPU, float16 + GradScaler on CUDA.")
 @click.option("--checkpoint-dir", type=click.Path(file_okay=False, path_type=str), default=None,
               help="Write DIR/last.pt after every epoch.")

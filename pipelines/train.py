@@ -86,9 +86,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None or str(device) == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    d = torch.device(device)
+    from scatstore.devices import usable_device
+
+    d = usable_device(device)
     if d.type == "cuda" and d.index is None:
-        d = torch.device("cuda", local_rank)
+        d = usable_device(torch.device("cuda", local_rank))
     return d
 
 

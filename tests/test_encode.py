@@ -325,6 +325,22 @@ def test_a_full_disk_is_a_clear_error_and_the_resume_is_identical(imagenet_src, 
     assert verify(out).ok
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_a_device_this_machine_lacks_is_refused_before_any_work(imagenet_src, tmp_path):
+    from click.testing import CliRunner
+
+    from scatstore.cli.main import main
+
+    out = tmp_path / "out"
+    for device, why in (("cuda", "CUDA"), ("cuda:3", "CUDA"), ("gpu", "unknown device")):
+        r = CliRunner().invoke(main, ["encode", str(imagenet_src), str(out), "--device", device,
+                                      "--quiet"])
+        assert r.exit_code == 2 and "Invalid value for '--device'" in r.output and why in r.output
+        with pytest.raises(EncodeError, match=why):
+            _run(imagenet_src, out, method="scat1", J=2, device=device)
+    assert not out.exists(), "nothing may be written for a job that cannot run"
+
+
 def test_fatal_errors_are_clear(imagenet_src, tmp_path):
     with pytest.raises(EncodeError, match="does not exist"):
         _run(tmp_path / "nope", tmp_path / "o1", method="raw")

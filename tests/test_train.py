@@ -14,7 +14,8 @@ import torch
 
 from scatstore.loaders.pixels import shard_indices
 from scatstore.models import build_model
-from scatstore.pipelines.train import (JSON_KEYS, load_checkpoint, lr_at, tensor_batches, train)
+from scatstore.pipelines.train import (JSON_KEYS, load_checkpoint, lr_at, resolve_device,
+                                       tensor_batches, train)
 
 CLASSES = ("brick", "grass", "gravel")
 
@@ -391,6 +392,19 @@ def test_cli_trains_on_a_real_store(tmp_path):
     stored = sum(f.stat().st_size for f in (tmp_path / "train" / "data.zarr" / "x").rglob("*")
                  if f.is_file() and f.name != "zarr.json")
     assert all(0.95 * stored <= ln["bytes_read"] <= 4 * stored for ln in lines), (lines, stored)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cli_refuses_a_device_this_machine_lacks(tmp_path):
+    from click.testing import CliRunner
+
+    from scatstore.cli.train import train_cmd
+
+    r = CliRunner().invoke(train_cmd, [str(tmp_path), "--device", "cuda", "--epochs", "1"])
+    assert r.exit_code == 2 and "Invalid value for '--device'" in r.output and "CUDA" in r.output
+    with pytest.raises(ValueError, match="CUDA"):
+        resolve_device("cuda")
+    assert resolve_device("auto") == torch.device("cpu")
 
 
 def test_cli_refuses_a_missing_or_unfinished_store(tmp_path):

@@ -95,7 +95,12 @@ class RawMethod:
 
 def make_method(name: str, *, J: int = 3, L: int = 8, device: str = "cpu",
                 backend: str = "torch", codec: str | None = None):
-    """Build the encode method called ``name`` (one of :data:`METHODS`)."""
+    """Build the encode method called ``name`` (one of :data:`METHODS`). ``ValueError`` for bad
+    parameters or a device this machine cannot use."""
+    if name in ("scat1", "scat2", "cae"):
+        from scatstore.devices import usable_device
+
+        usable_device(device)
     if name in ("scat1", "scat2"):
         if not 1 <= J <= 8:
             raise ValueError(f"J must be in 1..8, got {J}")
