@@ -96,11 +96,13 @@ def encode_cmd(src, out, method, J, L, codec, fmt, shard_size, size, dtype, comp
                            compression=compression, layout=layout, split=split,
                            augment=augment, seed=seed, workers=workers, scheduler=scheduler,
                            device=device, batch_size=batch_size, progress=not quiet)
-        encode(cfg)
+        manifest = encode(cfg)
     except EncodeError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:  # encode said what is committed and how to resume
         sys.exit(130)
+    if not manifest["count"]:  # committed (for report and rejected.jsonl), but nothing to train on
+        _fail(f"no source file of {src} could be used: see {out}/rejected.jsonl", 1)
 
 
 @main.command("report")

@@ -130,6 +130,9 @@ def train_cmd(data, pixels, arch, epochs, batch_size, lr, momentum, weight_decay
             data_desc = {"kind": "pixels", "path": os.path.abspath(pixels)}
         else:
             manifest = _store(data)
+            if not manifest["count"]:
+                _fail(f"{data} holds no samples ({manifest['rejected']} source files rejected: "
+                      "see its rejected.jsonl)")
             if val is not None:
                 _store(val)
             train_f = _store_loader(data, batch_size=batch_size, train=True, seed=seed,
@@ -156,10 +159,13 @@ def train_cmd(data, pixels, arch, epochs, batch_size, lr, momentum, weight_decay
         meta = {"arch": arch, "in_channels": int(in_channels), "num_classes": int(n_classes),
                 "input_size": int(input_size) if input_size else None, "data": data_desc,
                 "batch_size": batch_size, "seed": seed}
-        train(model, train_f, val_f, epochs=epochs, lr=lr, momentum=momentum,
-              weight_decay=weight_decay, amp=amp, device=dev, checkpoint_dir=checkpoint_dir,
-              resume=resume, schedule=schedule, warmup_epochs=warmup_epochs,
-              progress=not no_progress and sys.stderr is not None, meta=meta)
+        try:
+            train(model, train_f, val_f, epochs=epochs, lr=lr, momentum=momentum,
+                  weight_decay=weight_decay, amp=amp, device=dev, checkpoint_dir=checkpoint_dir,
+                  resume=resume, schedule=schedule, warmup_epochs=warmup_epochs,
+                  progress=not no_progress and sys.stderr is not None, meta=meta)
+        except ValueError as exc:  # data or settings that cannot train (the engine says which)
+            _fail(str(exc))
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

@@ -1037,6 +1037,11 @@ def encode(cfg: EncodeConfig, log: Callable[[str], None] | None = None,
         stats.update(sums, images=encoded_now, elapsed_s=elapsed,
                      ready_s=max(0.0, t_first - wall_started), steady_s=max(0.0, t_last - t_first))
     log(_summary_line(cfg, manifest, rate))
+    n_rejected = manifest["rejected"]
+    if n_rejected and n_rejected >= 0.1 * (n_rejected + manifest["count"]):
+        # a wrong SRC (or a damaged copy of it) shows here first: say so, not only in the counts
+        log(f"warning: {n_rejected} of {n_rejected + manifest['count']} source files were "
+            f"rejected; their reasons are in {cfg.out / REJECTED_FILE}")
     return manifest
 
 

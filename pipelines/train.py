@@ -328,6 +328,12 @@ def train(model: nn.Module, train_batches_factory: BatchesFactory,
             total = len(source)  # type: ignore[arg-type]
         except TypeError:
             total = None
+        if total == 0:
+            # e.g. a small store and a batch larger than it, the last partial batch dropped:
+            # training would "run" without a single step and report a loss of 0
+            raise ValueError(f"epoch {epoch + 1}: the training data gives no batch: fewer samples "
+                             "per process than the batch size, and the partial batch is dropped; "
+                             "lower the batch size (--batch-size)")
         from tqdm import tqdm
         bar = tqdm(total=total, desc=f"epoch {epoch + 1}/{epochs}", file=sys.stderr, unit="batch",
                    disable=not progress or rank != 0, dynamic_ncols=True, mininterval=0.5, leave=False)

@@ -146,14 +146,35 @@ def test_trap_files_are_rejected_with_reasons_and_the_job_goes_on(tmp_path):
     src = tmp_path / "traps"
     expected = make_trap_files(src)
     out = tmp_path / "out"
-    m = _run(src, out, method="scat1", J=2, format="wds", layout="folder")
+    said: list[str] = []
+    m = encode(EncodeConfig(src=src, out=out, method="scat1", J=2, format="wds", layout="folder",
+                            size=SIZE, shard_size=5, progress=False), log=said.append)
     rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
     bad = {n for n, outcome in expected.items() if outcome != "ok"}
     good = {n for n, outcome in expected.items() if outcome == "ok"}
+    # this many rejections is worth a line of its own, not only a count in the summary
+    assert said[-1] == (f"warning: {len(bad)} of {len(expected)} source files were rejected; "
+                        f"their reasons are in {out / 'rejected.jsonl'}")
     assert {Path(r["path"]).name for r in rejected} == bad
     assert all(r["reason"] and r["code"] == expected[Path(r["path"]).name] for r in rejected)
     assert m["rejected"] == len(bad) and m["count"] == len(good)
     assert {Path(open_dataset(out)[i][2]["path"]).name for i in range(m["count"])} == good
+
+
+def test_a_source_with_no_usable_image_is_an_error_after_the_commit(tmp_path):
+    from click.testing import CliRunner
+
+    from scatstore.cli.main import main
+
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    (src / "a" / "x.JPEG").write_bytes(b"\xff\xd8\xff\xe0 cut short")  # truncated JPEG
+    (src / "a" / "y.jpg").write_text("not an image")
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["encode", str(src), str(out), "--size", str(SIZE), "--quiet"])
+    assert r.exit_code == 1 and f"no source file of {src} could be used" in r.output
+    m = read_manifest(out)  # committed all the same: report and rejected.jsonl say why
+    assert m["count"] == 0 and m["rejected"] == 2 and verify(out).ok
 
 
 def test_report_ratios(imagenet_src, tmp_path):

@@ -382,6 +382,10 @@ def test_cli_trains_on_a_real_store(tmp_path):
                                        "--epochs", "2", "--batch-size", "4", "--num-workers", "1",
                                        "--no-progress", "--device", "cpu"])
     assert r.exit_code == 0, r.output
+    # 12 samples and batches of 16 with the partial one dropped: not a silent epoch of no steps
+    r_big = CliRunner().invoke(train_cmd, [str(tmp_path / "train"), "--epochs", "1",
+                                           "--batch-size", "16", "--no-progress", "--device", "cpu"])
+    assert r_big.exit_code == 2 and "gives no batch" in r_big.output, r_big.output
     # the default architecture for scat1, on 3·17 channels of 16×16 maps, 3 classes
     assert "scatresnet50" in r.stderr and "input (51, 16, 16)" in r.stderr and "3 classes" in r.stderr
     lines = [json.loads(ln) for ln in r.stdout.splitlines() if ln.startswith("{")]
