@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -47,6 +48,7 @@ import numpy as np
 JOB_DIR = ".scatstore"
 JOB_FILE = "job.json"
 SHARD_MARKERS = "shards"
+LOCK_FILE = "lock"
 CANCEL_DIR = "cancel"
 REJECTED_FILE = "rejected.jsonl"
 # Methods with a `measure` hook (the learned codec) decode this many samples per shard to record
@@ -706,8 +708,9 @@ def _fingerprint(params: dict) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
 
 
-def _check_out(cfg: EncodeConfig, params: dict) -> bool:
-    """Validate OUT. Returns True if OUT already holds (part of) this very job."""
+def _check_out(cfg: EncodeConfig, params: dict):
+    """Validate and lock OUT. Returns (whether OUT already holds part of this very job, the
+    lock of this run on OUT: see ``_job_lock``)."""
     out = cfg.out
     if out.exists() and not out.is_dir():
         raise EncodeError(f"OUT {out} exists and is not a directory")
@@ -719,6 +722,15 @@ def _check_out(cfg: EncodeConfig, params: dict) -> bool:
         probe.unlink()
     except OSError as exc:
         raise EncodeError(f"OUT {out} is not writable: {exc.strerror or exc}") from exc
+    lock = _job_lock(out)  # before job.json: two new jobs racing for one OUT never mix
+    try:
+        return _check_job_file(out, params), lock
+    except BaseException:
+        lock.close()
+        raise
+
+
+def _check_job_file(out: Path, params: dict) -> bool:
     job_file = out / JOB_DIR / JOB_FILE
     if job_file.exists():
         try:
@@ -739,6 +751,34 @@ def _check_out(cfg: EncodeConfig, params: dict) -> bool:
     _atomic_write_text(job_file, json.dumps({"fingerprint": _fingerprint(params), "params": params},
                                             indent=2, sort_keys=True))
     return False
+
+
+def _job_lock(out: Path):
+    """Hold OUT for this run: a second encode into the same OUT at the same time is refused.
+
+    An advisory ``flock`` on ``OUT/.scatstore/lock``: the kernel drops it when the process ends
+    however it ends, so a killed job never leaves OUT locked. (Two jobs would not corrupt OUT,
+    since every file is written whole and renamed and the bytes are deterministic, but each
+    would redo the other's shards.) On file systems without working flock (some NFS mounts)
+    the lock may not hold across machines."""
+    import fcntl
+
+    f = open(out / JOB_DIR / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise EncodeError(f"OUT {out} is being written by another encode ({holder}); wait for "
+                          "it to end, or stop it and re-run to resume") from None
+    except OSError:
+        return f  # no flock here: go on unlocked
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    f.flush()
+    return f
 
 
 def _load_markers(out: Path, writer, n_shards: int) -> dict[int, dict]:
@@ -973,76 +1013,78 @@ def encode(cfg: EncodeConfig, log: Callable[[str], None] | None = None,
     except (ValueError, FileNotFoundError) as exc:
         raise EncodeError(str(exc)) from exc
     params = job_params(cfg, method, index.fingerprint())
-    resuming = _check_out(cfg, params)
-
-    n_slots = len(index.items) * cfg.variants
-    stored_dtype = _stored_dtype(cfg, method)
-    spec = StoreSpec(format=cfg.format, n_slots=n_slots, shard_size=cfg.shard_size,
-                     sample_shape=method.sample_shape(cfg.size), dtype=stored_dtype,
-                     quantized=stored_dtype == "uint8" and method.output_kind == "coefficients",
-                     has_hw=index.layout == "coco", compression=cfg.compression)
-    n_shards = -(-n_slots // cfg.shard_size)
-    writer = writer_for(cfg.out, spec)
-    writer.prepare()
-
-    done = _load_markers(cfg.out, writer, n_shards) if resuming else {}
-    todo = [s for s in range(n_shards) if s not in done]
-    if resuming:
-        log(f"resuming: {len(done)}/{n_shards} shards complete and verified, {len(todo)} to do")
-    # Torch threads per task: in-process, the caller's setting (0); local worker processes share
-    # this machine's cores; on a remote cluster (--scheduler ADDRESS) the workers' own setting
-    # (dask starts them with OMP_NUM_THREADS=1 per worker thread).
-    local = cfg.scheduler in (None, "local")
-    threads = max(1, (os.cpu_count() or 1) // cfg.workers) if cfg.workers > 1 and local else 0
-    run = uuid.uuid4().hex[:12]
-    tasks = _make_tasks(cfg, method, index, spec, todo, threads, run)
-
-    started, wall_started = time.perf_counter(), time.time()
-    done_slots = sum(len(m["record"]["slots"]) + len(m["rejected"]) for m in done.values())
-    results: dict[int, dict] = dict(done)
-    sums = {"decode_cpu_s": 0.0, "encode_s": 0.0, "encode_cpu_s": 0.0, "write_s": 0.0,
-            "write_cpu_s": 0.0}
-    t_first, t_last = float("inf"), wall_started
+    resuming, lock = _check_out(cfg, params)  # the lock: released below, or when the process dies
     try:
-        with _progress_bar(cfg, n_slots, done_slots) as bar:
-            for result in _run_tasks(cfg, tasks, bar):
-                results[result.index] = {"record": result.record, "rejected": result.rejected,
-                                         "quality": result.quality}
-                for k in sums:
-                    sums[k] += result.stats.get(k, 0.0)
-                t_first = min(t_first, result.stats.get("t_start", t_first))
-                t_last = max(t_last, result.stats.get("t_end", t_last))
-                bar.set_postfix(shards=f"{len(results)}/{n_shards}")
-    except KeyboardInterrupt:
-        log(f"interrupted: {_committed(cfg.out, n_shards)}/{n_shards} shards committed in "
-            f"{cfg.out}; re-run the same command to resume")
-        raise
-    except OSError as exc:
-        # Source files that cannot be read are rejected one by one (rejected.jsonl): what
-        # reaches here failed to write (a full disk, a quota, a lost mount).
-        raise EncodeError(
-            f"cannot write {exc.filename or cfg.out}: {exc.strerror or exc}; "
-            f"{_committed(cfg.out, n_shards)}/{n_shards} shards committed; "
-            "re-run the same command to resume once fixed") from exc
-    finally:
-        _cancel_path(cfg.out, run).unlink(missing_ok=True)
-    elapsed = time.perf_counter() - started
+        n_slots = len(index.items) * cfg.variants
+        stored_dtype = _stored_dtype(cfg, method)
+        spec = StoreSpec(format=cfg.format, n_slots=n_slots, shard_size=cfg.shard_size,
+                         sample_shape=method.sample_shape(cfg.size), dtype=stored_dtype,
+                         quantized=stored_dtype == "uint8" and method.output_kind == "coefficients",
+                         has_hw=index.layout == "coco", compression=cfg.compression)
+        n_shards = -(-n_slots // cfg.shard_size)
+        writer = writer_for(cfg.out, spec)
+        writer.prepare()
 
-    manifest = _commit(cfg, index, method, spec, params, results, writer)
-    manifest = read_manifest(cfg.out)
-    encoded_now = sum(len(r["record"]["slots"]) for i, r in results.items() if i not in done)
-    rate = encoded_now / elapsed if elapsed > 0 and encoded_now else 0.0
-    if stats is not None:
-        t_first = min(t_first, t_last)
-        stats.update(sums, images=encoded_now, elapsed_s=elapsed,
-                     ready_s=max(0.0, t_first - wall_started), steady_s=max(0.0, t_last - t_first))
-    log(_summary_line(cfg, manifest, rate))
-    n_rejected = manifest["rejected"]
-    if n_rejected and n_rejected >= 0.1 * (n_rejected + manifest["count"]):
-        # a wrong SRC (or a damaged copy of it) shows here first: say so, not only in the counts
-        log(f"warning: {n_rejected} of {n_rejected + manifest['count']} source files were "
-            f"rejected; their reasons are in {cfg.out / REJECTED_FILE}")
-    return manifest
+        done = _load_markers(cfg.out, writer, n_shards) if resuming else {}
+        todo = [s for s in range(n_shards) if s not in done]
+        if resuming:
+            log(f"resuming: {len(done)}/{n_shards} shards complete and verified, {len(todo)} to do")
+        # Torch threads per task: in-process, the caller's setting (0); local worker processes share
+        # this machine's cores; on a remote cluster (--scheduler ADDRESS) the workers' own setting
+        # (dask starts them with OMP_NUM_THREADS=1 per worker thread).
+        local = cfg.scheduler in (None, "local")
+        threads = max(1, (os.cpu_count() or 1) // cfg.workers) if cfg.workers > 1 and local else 0
+        run = uuid.uuid4().hex[:12]
+        tasks = _make_tasks(cfg, method, index, spec, todo, threads, run)
+
+        started, wall_started = time.perf_counter(), time.time()
+        done_slots = sum(len(m["record"]["slots"]) + len(m["rejected"]) for m in done.values())
+        results: dict[int, dict] = dict(done)
+        sums = {"decode_cpu_s": 0.0, "encode_s": 0.0, "encode_cpu_s": 0.0, "write_s": 0.0,
+                "write_cpu_s": 0.0}
+        t_first, t_last = float("inf"), wall_started
+        try:
+            with _progress_bar(cfg, n_slots, done_slots) as bar:
+                for result in _run_tasks(cfg, tasks, bar):
+                    results[result.index] = {"record": result.record, "rejected": result.rejected,
+                                             "quality": result.quality}
+                    for k in sums:
+                        sums[k] += result.stats.get(k, 0.0)
+                    t_first = min(t_first, result.stats.get("t_start", t_first))
+                    t_last = max(t_last, result.stats.get("t_end", t_last))
+                    bar.set_postfix(shards=f"{len(results)}/{n_shards}")
+        except KeyboardInterrupt:
+            log(f"interrupted: {_committed(cfg.out, n_shards)}/{n_shards} shards committed in "
+                f"{cfg.out}; re-run the same command to resume")
+            raise
+        except OSError as exc:
+            # Source files that cannot be read are rejected one by one (rejected.jsonl): what
+            # reaches here failed to write (a full disk, a quota, a lost mount).
+            raise EncodeError(
+                f"cannot write {exc.filename or cfg.out}: {exc.strerror or exc}; "
+                f"{_committed(cfg.out, n_shards)}/{n_shards} shards committed; "
+                "re-run the same command to resume once fixed") from exc
+        finally:
+            _cancel_path(cfg.out, run).unlink(missing_ok=True)
+        elapsed = time.perf_counter() - started
+
+        manifest = _commit(cfg, index, method, spec, params, results, writer)
+        manifest = read_manifest(cfg.out)
+        encoded_now = sum(len(r["record"]["slots"]) for i, r in results.items() if i not in done)
+        rate = encoded_now / elapsed if elapsed > 0 and encoded_now else 0.0
+        if stats is not None:
+            t_first = min(t_first, t_last)
+            stats.update(sums, images=encoded_now, elapsed_s=elapsed,
+                         ready_s=max(0.0, t_first - wall_started), steady_s=max(0.0, t_last - t_first))
+        log(_summary_line(cfg, manifest, rate))
+        n_rejected = manifest["rejected"]
+        if n_rejected and n_rejected >= 0.1 * (n_rejected + manifest["count"]):
+            # a wrong SRC (or a damaged copy of it) shows here first: say so, not only in the counts
+            log(f"warning: {n_rejected} of {n_rejected + manifest['count']} source files were "
+                f"rejected; their reasons are in {cfg.out / REJECTED_FILE}")
+        return manifest
+    finally:
+        lock.close()
 
 
 def _commit(cfg, index, method, spec, params, results, writer) -> dict:

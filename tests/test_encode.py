@@ -291,6 +291,26 @@ def test_ctrl_c_stops_cleanly_and_the_resume_is_identical(longer_src, tmp_path, 
     assert verify(out).ok
 
 
+def test_a_second_encode_into_a_busy_out_is_refused_and_a_killed_one_leaves_no_lock(longer_src,
+                                                                                     tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "scatstore.cli.main", "encode", str(longer_src), str(out),
+           "--method", "scat1", "--J", "2", "--format", "wds", "--shard-size", "1",
+           "--size", str(SIZE), "--quiet"]
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    markers = out / ".scatstore" / "shards"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and first.poll() is None and not any(markers.glob("*.json")):
+        time.sleep(0.005)
+    with pytest.raises(EncodeError, match=rf"being written by another encode \(pid {first.pid} "):
+        _run(longer_src, out, method="scat1", J=2, format="wds", shard_size=1)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert not (out / "manifest.json").exists(), "the first job ended before the second started"
+    m = _run(longer_src, out, method="scat1", J=2, format="wds", shard_size=1)  # resumes
+    assert m["count"] == 36 and verify(out).ok
+
+
 def test_a_cancelled_run_stops_its_shard_tasks(imagenet_src, tmp_path):
     """A shard task of an interrupted run stops at its next batch, before writing anything."""
     from scatstore.pipelines import encode as engine
