@@ -50,6 +50,25 @@ def _store_digest(out: Path) -> dict[str, str]:
     return digests
 
 
+def _cli_encode(src: Path, out: Path, shard_size: int, *extra: str) -> list[str]:
+    """The `scatstore encode` command line of the subprocess tests (scat1 J=2, wds)."""
+    return [sys.executable, "-m", "scatstore.cli.main", "encode", str(src), str(out),
+            "--method", "scat1", "--J", "2", "--format", "wds", "--shard-size", str(shard_size),
+            "--size", str(SIZE), "--quiet", *extra]
+
+
+def _wait_for_commits(proc: subprocess.Popen, out: Path, n: int) -> Path:
+    """Wait until the job running in ``proc`` has committed ``n`` shards (or ended); returns the
+    folder of its shard markers."""
+    markers = out / ".scatstore" / "shards"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if markers.exists() and len(list(markers.glob("shard-*.json"))) >= n:
+            break
+        time.sleep(0.005)
+    return markers
+
+
 def _reference_scattering(src_root: Path, meta: dict, J: int, order: int, keep_aspect=False):
     # the engine's decode: JPEGs ≥ 6× the frame come out of the decoder already reduced
     img, _ = decode_for_frame(src_root / meta["path"], SIZE, keep_aspect=keep_aspect)
@@ -231,16 +250,9 @@ def test_sigkill_then_resume_is_identical_to_a_clean_run(imagenet_src, tmp_path)
     clean = tmp_path / "clean"
     _run(imagenet_src, clean, method="scat1", J=2, format="wds", shard_size=2)
     killed = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "scatstore.cli.main", "encode", str(imagenet_src), str(killed),
-           "--method", "scat1", "--J", "2", "--format", "wds", "--shard-size", "2",
-           "--size", str(SIZE), "--quiet"]
+    cmd = _cli_encode(imagenet_src, killed, 2)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    markers = killed / ".scatstore" / "shards"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if markers.exists() and len(list(markers.glob("shard-*.json"))) >= 2:
-            break
-        time.sleep(0.01)
+    _wait_for_commits(proc, killed, 2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "manifest.json").exists(), "the job finished before it could be killed"
@@ -264,19 +276,12 @@ def test_ctrl_c_stops_cleanly_and_the_resume_is_identical(longer_src, tmp_path, 
     clean = tmp_path / "clean"
     _run(longer_src, clean, method="scat1", J=2, format="wds", shard_size=1)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "scatstore.cli.main", "encode", str(longer_src), str(out),
-           "--method", "scat1", "--J", "2", "--format", "wds", "--shard-size", "1",
-           "--size", str(SIZE), "--quiet", *mode]
+    cmd = _cli_encode(longer_src, out, 1, *mode)
     # its own process group, signalled as a whole: what Ctrl-C in a terminal does (the pool's
     # worker processes get it too)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-    markers = out / ".scatstore" / "shards"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if markers.exists() and any(markers.glob("shard-*.json")):
-            break
-        time.sleep(0.005)
+    markers = _wait_for_commits(proc, out, 1)
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert not (out / "manifest.json").exists(), "the job finished before it could be interrupted"
@@ -294,14 +299,9 @@ def test_ctrl_c_stops_cleanly_and_the_resume_is_identical(longer_src, tmp_path, 
 def test_a_second_encode_into_a_busy_out_is_refused_and_a_killed_one_leaves_no_lock(longer_src,
                                                                                      tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "scatstore.cli.main", "encode", str(longer_src), str(out),
-           "--method", "scat1", "--J", "2", "--format", "wds", "--shard-size", "1",
-           "--size", str(SIZE), "--quiet"]
-    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    markers = out / ".scatstore" / "shards"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and first.poll() is None and not any(markers.glob("*.json")):
-        time.sleep(0.005)
+    first = subprocess.Popen(_cli_encode(longer_src, out, 1), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    _wait_for_commits(first, out, 1)
     with pytest.raises(EncodeError, match=rf"being written by another encode \(pid {first.pid} "):
         _run(longer_src, out, method="scat1", J=2, format="wds", shard_size=1)
     first.send_signal(signal.SIGKILL)
@@ -348,9 +348,7 @@ def test_a_full_disk_is_a_clear_error_and_the_resume_is_identical(imagenet_src, 
     clean = tmp_path / "clean"
     _run(imagenet_src, clean, method="scat1", J=2, format=fmt)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "scatstore.cli.main", "encode", str(imagenet_src), str(out),
-           "--method", "scat1", "--J", "2", "--format", fmt, "--shard-size", "5",
-           "--size", str(SIZE), "--quiet"]
+    cmd = [*_cli_encode(imagenet_src, out, 5), "--format", fmt]  # the last --format counts
 
     def small_files():  # no file over 16 kB: a shard write fails as on a full disk (EFBIG)
         resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 10, 16 << 10))
