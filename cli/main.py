@@ -88,7 +88,7 @@ def main() -> None:
 def encode_cmd(src, out, method, J, L, codec, fmt, shard_size, size, dtype, compression, layout, split, augment,
                seed, workers, scheduler, device, batch_size, quiet):
     """Encode the images under SRC into a sharded store at OUT (re-run to resume)."""
-    from scatstore.pipelines.encode import EncodeConfig, EncodeError, encode
+    from scatstore.pipelines.encode import EncodeConfig, EncodeError, JobTerminated, encode
 
     try:
         cfg = EncodeConfig(src=src, out=out, method=method, J=J, L=L, codec=codec, format=fmt,
@@ -99,8 +99,8 @@ def encode_cmd(src, out, method, J, L, codec, fmt, shard_size, size, dtype, comp
         manifest = encode(cfg)
     except EncodeError as exc:
         _fail(str(exc))
-    except KeyboardInterrupt:  # encode said what is committed and how to resume
-        sys.exit(130)
+    except KeyboardInterrupt as exc:  # encode said what is committed and how to resume
+        sys.exit(143 if isinstance(exc, JobTerminated) else 130)  # 128 + the signal's number
     if not manifest["count"]:  # committed (for report and rejected.jsonl), but nothing to train on
         _fail(f"no source file of {src} could be used: see {out}/rejected.jsonl", 1)
 

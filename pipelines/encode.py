@@ -62,6 +62,11 @@ class EncodeError(RuntimeError):
     """A fatal problem with the job as a whole (bad arguments, unusable SRC or OUT)."""
 
 
+class JobTerminated(KeyboardInterrupt):
+    """SIGTERM (a batch scheduler's time limit or preemption, ``kill``): the job stops as on
+    Ctrl-C, committing the shards done, instead of dying where it stands."""
+
+
 class ShardCancelled(RuntimeError):
     """A shard task stopped because its run was interrupted (its shard is left for the resume)."""
 
@@ -564,11 +569,13 @@ def encode_shard(task: ShardTask, on_progress: Callable[[int], None] | None = No
     return enc.write()
 
 
-def _ignore_sigint() -> None:
-    # Worker processes of the pool: Ctrl-C reaches the whole process group; the parent alone
-    # handles it (cancels the queued shards, lets the running ones stop at their next batch),
-    # instead of each worker dying with a traceback of its own.
+def _leave_stop_signals_to_the_parent() -> None:
+    # Worker processes of the pool: Ctrl-C reaches the whole process group, and a batch
+    # scheduler sends SIGTERM to every process of the job; the parent alone handles them
+    # (cancels the queued shards, lets the running ones stop at their next batch), instead of
+    # each worker dying with a traceback of its own or breaking the pool under the parent.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class _TransformThreads:
@@ -833,7 +840,7 @@ def _run_tasks(cfg: EncodeConfig, tasks: list[ShardTask], bar) -> Iterable[Shard
 
         # spawn, not fork: the parent may hold torch thread pools and open file handles.
         ex = ProcessPoolExecutor(max_workers=cfg.workers, mp_context=mp.get_context("spawn"),
-                                 initializer=_ignore_sigint)
+                                 initializer=_leave_stop_signals_to_the_parent)
         try:
             futures = [ex.submit(encode_shard, t) for t in tasks]
             for fut in as_completed(futures):
@@ -896,39 +903,69 @@ def local_cluster(n_workers: int, processes: bool = False):
                             dashboard_address=":0", **kwargs)  # any free port: never a clash
 
 
+class _StopRequest:
+    """Set by a stop signal while dask runs the job: which exception the job's loop raises."""
+
+    def __init__(self):
+        self.exception: type[BaseException] | None = None
+
+
 @contextlib.contextmanager
-def _sigint_as_flag():
-    """While dask runs the job, Ctrl-C sets the yielded flag instead of raising.
+def _stop_signals_as_flag():
+    """While dask runs the job, Ctrl-C and SIGTERM only record the request.
 
     A KeyboardInterrupt raised inside one of distributed's blocking client calls breaks it
     (seen: its cancel callback failing on an unset future, logged with a traceback); the job's
-    loop looks at the flag between waits and raises KeyboardInterrupt itself. A second Ctrl-C
-    raises at once. Only the main thread can take signals: elsewhere the flag stays unset."""
-    flag = threading.Event()
-    if threading.current_thread() is not threading.main_thread() \
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        yield flag
+    loop looks at the request between waits and raises it itself. A second signal raises at
+    once. Only the main thread can take signals: elsewhere nothing is recorded."""
+    stop = _StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
         return
 
-    def on_sigint(signum, frame):
-        if flag.is_set():
-            raise KeyboardInterrupt
-        flag.set()
+    def on_signal(signum, frame):
+        exc = JobTerminated if signum == signal.SIGTERM else KeyboardInterrupt
+        if stop.exception is not None:
+            raise exc
+        stop.exception = exc
 
-    signal.signal(signal.SIGINT, on_sigint)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, on_signal)
     try:
-        yield flag
+        yield stop
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM raises JobTerminated in the main thread while the job runs (by default the
+    process dies at once, and the shards in flight are redone by the resume); left alone when
+    the caller has a handler of its own."""
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def on_sigterm(signum, frame):
+        raise JobTerminated
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _run_dask(cfg: EncodeConfig, tasks: list[ShardTask], bar) -> Iterable[ShardResult]:
-    with _sigint_as_flag() as interrupted:
-        yield from _run_dask_tasks(cfg, tasks, bar, interrupted)
+    with _stop_signals_as_flag() as stop:
+        yield from _run_dask_tasks(cfg, tasks, bar, stop)
 
 
 def _run_dask_tasks(cfg: EncodeConfig, tasks: list[ShardTask], bar,
-                    interrupted: threading.Event) -> Iterable[ShardResult]:
+                    stop: _StopRequest) -> Iterable[ShardResult]:
     from distributed import Client, as_completed
 
     cluster = None
@@ -948,8 +985,8 @@ def _run_dask_tasks(cfg: EncodeConfig, tasks: list[ShardTask], bar,
                    for t in tasks]
         pending = as_completed(futures)
         while not pending.is_empty():
-            if interrupted.is_set():
-                raise KeyboardInterrupt
+            if stop.exception is not None:
+                raise stop.exception
             if not pending.has_ready():
                 time.sleep(0.02)
                 continue
@@ -1044,7 +1081,7 @@ def encode(cfg: EncodeConfig, log: Callable[[str], None] | None = None,
                 "write_cpu_s": 0.0}
         t_first, t_last = float("inf"), wall_started
         try:
-            with _progress_bar(cfg, n_slots, done_slots) as bar:
+            with _sigterm_as_interrupt(), _progress_bar(cfg, n_slots, done_slots) as bar:
                 for result in _run_tasks(cfg, tasks, bar):
                     results[result.index] = {"record": result.record, "rejected": result.rejected,
                                              "quality": result.quality}
@@ -1053,8 +1090,9 @@ def encode(cfg: EncodeConfig, log: Callable[[str], None] | None = None,
                     t_first = min(t_first, result.stats.get("t_start", t_first))
                     t_last = max(t_last, result.stats.get("t_end", t_last))
                     bar.set_postfix(shards=f"{len(results)}/{n_shards}")
-        except KeyboardInterrupt:
-            log(f"interrupted: {_committed(cfg.out, n_shards)}/{n_shards} shards committed in "
+        except KeyboardInterrupt as exc:
+            how = " (SIGTERM)" if isinstance(exc, JobTerminated) else ""
+            log(f"interrupted{how}: {_committed(cfg.out, n_shards)}/{n_shards} shards committed in "
                 f"{cfg.out}; re-run the same command to resume")
             raise
         except OSError as exc:

@@ -270,26 +270,28 @@ def longer_src(tmp_path_factory) -> Path:
     return make_imagenet_layout(tmp_path_factory.mktemp("src") / "imagenet", n_per_class=12, seed=3)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 @pytest.mark.parametrize("mode", [[], ["--workers", "2"], ["--workers", "2", "--scheduler", "local"]],
                          ids=["in-process", "process-pool", "dask-threads"])
-def test_ctrl_c_stops_cleanly_and_the_resume_is_identical(longer_src, tmp_path, mode):
+def test_a_stop_signal_stops_cleanly_and_the_resume_is_identical(longer_src, tmp_path, mode, sig):
     clean = tmp_path / "clean"
     _run(longer_src, clean, method="scat1", J=2, format="wds", shard_size=1)
     out = tmp_path / "out"
     cmd = _cli_encode(longer_src, out, 1, *mode)
-    # its own process group, signalled as a whole: what Ctrl-C in a terminal does (the pool's
-    # worker processes get it too)
+    # its own process group, signalled as a whole: what Ctrl-C in a terminal does, and a batch
+    # scheduler's SIGTERM at its time limit (the pool's worker processes get it too)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     markers = _wait_for_commits(proc, out, 1)
-    os.killpg(proc.pid, signal.SIGINT)
+    os.killpg(proc.pid, sig)
     _, err = proc.communicate(timeout=120)
     assert not (out / "manifest.json").exists(), "the job finished before it could be interrupted"
-    assert proc.returncode == 130, err
+    assert proc.returncode == 128 + sig, err
     assert "Traceback" not in err and "WARNING" not in err, err
     assert "re-run the same command to resume" in err
     committed = len(list(markers.glob("shard-*.json")))
-    assert f"interrupted: {committed}/36 shards committed" in err
+    how = " (SIGTERM)" if sig == signal.SIGTERM else ""
+    assert f"interrupted{how}: {committed}/36 shards committed" in err
     assert not any((out / ".scatstore" / "cancel").glob("*")), "the cancel file outlived the run"
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert _store_digest(out) == _store_digest(clean)
