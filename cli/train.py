@@ -34,6 +34,21 @@ def _store(path: str) -> dict:
         _fail(str(exc))
 
 
+def _interrupted_note(checkpoint_dir: str | None) -> str:
+    """What an interrupted run leaves to resume from."""
+    if not checkpoint_dir:
+        return "interrupted (no --checkpoint-dir: nothing to resume from)"
+    from scatstore.pipelines.train import load_checkpoint
+
+    path = os.path.join(checkpoint_dir, "last.pt")
+    try:
+        epoch = int(load_checkpoint(path)["epoch"])
+    except (OSError, ValueError, KeyError, RuntimeError):
+        return f"interrupted before the first checkpoint in {checkpoint_dir}"
+    return (f"interrupted; {path} holds epoch {epoch}: re-run the same command with --resume "
+            "to continue from it")
+
+
 def _fail(message: str) -> None:
     click.echo(f"scatstore: error: {message}", err=True)
     sys.exit(2)
@@ -166,6 +181,10 @@ def train_cmd(data, pixels, arch, epochs, batch_size, lr, momentum, weight_decay
                   progress=not no_progress and sys.stderr is not None, meta=meta)
         except ValueError as exc:  # data or settings that cannot train (the engine says which)
             _fail(str(exc))
+        except KeyboardInterrupt:
+            if rank == 0:
+                _echo(_interrupted_note(checkpoint_dir))
+            sys.exit(130)
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

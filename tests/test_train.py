@@ -411,6 +411,34 @@ def test_cli_refuses_a_device_this_machine_lacks(tmp_path):
     assert resolve_device("auto") == torch.device("cpu")
 
 
+def test_cli_ctrl_c_says_which_checkpoint_to_resume_from(tmp_path):
+    import signal
+    import time
+
+    from scatstore.pipelines.encode import EncodeConfig, encode
+    from scatstore.sources.demo_data import make_imagenet_layout
+
+    src = make_imagenet_layout(tmp_path / "src", n_per_class=4, seed=0)
+    store = tmp_path / "store"
+    encode(EncodeConfig(src=src, out=store, method="scat1", J=2, size=64, shard_size=4,
+                        progress=False), log=lambda m: None)
+    ck = tmp_path / "ck"
+    proc = subprocess.Popen([sys.executable, "-m", "scatstore.cli.main", "train", str(store),
+                             "--arch", "scatresnet10", "--epochs", "1000", "--batch-size", "4",
+                             "--num-workers", "1", "--no-progress", "--device", "cpu",
+                             "--checkpoint-dir", str(ck)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and not (ck / "last.pt").exists():
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    epoch = load_checkpoint(ck / "last.pt")["epoch"]
+    assert f"interrupted; {ck / 'last.pt'} holds epoch {epoch}: re-run the same command with " \
+           "--resume" in err
+
+
 def test_cli_refuses_a_missing_or_unfinished_store(tmp_path):
     from click.testing import CliRunner
 
