@@ -89,6 +89,9 @@ def fit_codec_cmd(src, codec, channels, beta, target_bpp, steps, batch_size, lr,
     except (ValueError, RuntimeError) as exc:
         _fail(str(exc))
     digest = model.save(codec)
+    if "stopped_at_step" in model.info:
+        click.echo(f"stopped by Ctrl-C after {model.info['stopped_at_step']} of {steps} steps: the "
+                   "codec holds the weights so far", err=True)
     final = model.info.get("final") or {}
     click.echo(f"codec written to {codec}: C={channels}, {Path(codec).stat().st_size:,} bytes, "
                f"{digest}; training estimate {final.get('bpp', float('nan')):.4f} bpp, "

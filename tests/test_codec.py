@@ -223,6 +223,29 @@ def test_training_reduces_loss_and_reports_bpp(train_images):
         fit_codec(train_images, channels=2, beta=0.01, steps=1, size=30, progress=False)
 
 
+def test_ctrl_c_during_training_keeps_the_weights_so_far(train_images, tmp_path):
+    def interrupt_at(n):
+        def progress(step, stats):
+            if step == n:
+                raise KeyboardInterrupt
+        return progress
+
+    # interrupted in step 5's report: steps 0-4 done and kept, frozen into a working codec
+    codec = fit_codec(train_images, channels=2, beta=0.01, steps=50, batch_size=2, size=24,
+                      hidden=8, seed=1, progress=interrupt_at(5))
+    assert codec.info["stopped_at_step"] == 5 and codec.config["steps"] == 50
+    codec.save(tmp_path / "early.cae")
+    loaded = load_codec(tmp_path / "early.cae")
+    assert loaded.info["stopped_at_step"] == 5
+    x = np.stack([center_crop(train_images[0], 24)])  # the saved weights and tables are these
+    assert loaded.encode(x) == codec.encode(x)
+    assert np.array_equal(loaded.decode_images(loaded.decode_symbols(loaded.encode(x))),
+                          codec.decode_images(codec.decode_symbols(codec.encode(x))))
+    with pytest.raises(KeyboardInterrupt):  # before the first step: nothing worth keeping
+        fit_codec(train_images, channels=2, beta=0.01, steps=50, batch_size=2, size=24, hidden=8,
+                  seed=1, progress=interrupt_at(0))
+
+
 # ------------------------------------------------------------------ metrics
 
 

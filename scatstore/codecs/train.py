@@ -84,6 +84,8 @@ def fit_codec(images: Sequence[np.ndarray] | CropSampler, channels: int, beta: f
     """Train a CAE on random crops of ``images`` (uint8 HWC) and return the frozen :class:`Codec`.
 
     ``progress``: True shows a tqdm bar (loss, PSNR, bpp); a callable gets ``(step, stats)``.
+    Ctrl-C after the first step stops the training early: the codec is frozen from the weights
+    so far (``info["stopped_at_step"]``) instead of losing them; before it, it is raised.
     """
     if size % 8:
         raise ValueError("training crop size must be a multiple of 8")
@@ -113,37 +115,44 @@ def fit_codec(images: Sequence[np.ndarray] | CropSampler, channels: int, beta: f
     ema: dict[str, float] = {}
     t0 = time.perf_counter()
     model.train()
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step) * g["lr_scale"]
-        x = CAE.preprocess(torch.from_numpy(sampler.batch(batch_size)).to(dev))
-        y = model.encoder(x)
-        y_hat = y + (torch.round(y) - y).detach()
-        x_hat = model.decoder(y_hat)
-        mse = torch.mean((x_hat - x) ** 2)
-        noise = torch.empty_like(y).uniform_(-0.5, 0.5)
-        pixels = x.shape[0] * x.shape[2] * x.shape[3]
-        bpp = -torch.log2(model.density.likelihood(y + noise).clamp_min(1e-9)).sum() / pixels
-        bpp_aux = -torch.log2(model.density.likelihood(y.detach() + noise).clamp_min(1e-9)).sum() / pixels
-        rate = torch.relu(bpp - target_bpp) if target_bpp is not None else bpp
-        loss = mse + beta * rate + 1e-3 * bpp_aux
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        opt.step()
-        stats = {"loss": loss.item(), "mse": mse.item(), "bpp": bpp.item()}
-        for k, v in stats.items():
-            ema[k] = v if k not in ema else 0.95 * ema[k] + 0.05 * v
-        ema_psnr = 10 * math.log10(1.0 / max(ema["mse"], 1e-12))
-        if step % 10 == 0 or step == steps - 1:
-            history.append({"step": step, **{k: round(v, 6) for k, v in ema.items()},
-                            "psnr": round(ema_psnr, 3)})
-        if bar is not None:
-            bar.update(1)
+    stopped_at, done = None, 0
+    try:
+        for step in range(steps):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step) * g["lr_scale"]
+            x = CAE.preprocess(torch.from_numpy(sampler.batch(batch_size)).to(dev))
+            y = model.encoder(x)
+            y_hat = y + (torch.round(y) - y).detach()
+            x_hat = model.decoder(y_hat)
+            mse = torch.mean((x_hat - x) ** 2)
+            noise = torch.empty_like(y).uniform_(-0.5, 0.5)
+            pixels = x.shape[0] * x.shape[2] * x.shape[3]
+            bpp = -torch.log2(model.density.likelihood(y + noise).clamp_min(1e-9)).sum() / pixels
+            bpp_aux = -torch.log2(model.density.likelihood(y.detach() + noise).clamp_min(1e-9)).sum() / pixels
+            rate = torch.relu(bpp - target_bpp) if target_bpp is not None else bpp
+            loss = mse + beta * rate + 1e-3 * bpp_aux
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            opt.step()
+            stats = {"loss": loss.item(), "mse": mse.item(), "bpp": bpp.item()}
+            for k, v in stats.items():
+                ema[k] = v if k not in ema else 0.95 * ema[k] + 0.05 * v
+            ema_psnr = 10 * math.log10(1.0 / max(ema["mse"], 1e-12))
             if step % 10 == 0 or step == steps - 1:
-                bar.set_postfix(loss=f"{ema['loss']:.4g}", psnr=f"{ema_psnr:.2f}", bpp=f"{ema['bpp']:.3f}")
-        elif callable(progress):
-            progress(step, {**ema, "psnr": ema_psnr})
+                history.append({"step": step, **{k: round(v, 6) for k, v in ema.items()},
+                                "psnr": round(ema_psnr, 3)})
+            if bar is not None:
+                bar.update(1)
+                if step % 10 == 0 or step == steps - 1:
+                    bar.set_postfix(loss=f"{ema['loss']:.4g}", psnr=f"{ema_psnr:.2f}", bpp=f"{ema['bpp']:.3f}")
+            elif callable(progress):
+                progress(step, {**ema, "psnr": ema_psnr})
+            done = step + 1
+    except KeyboardInterrupt:
+        if not done:
+            raise
+        stopped_at = done
     if bar is not None:
         bar.close()
     model.eval()
@@ -155,4 +164,7 @@ def fit_codec(images: Sequence[np.ndarray] | CropSampler, channels: int, beta: f
               "training_quantization": "straight-through rounding (decoder), uniform noise (rate)"}
     info = {"train_seconds": round(time.perf_counter() - t0, 2), "device": str(dev),
             "final": history[-1] if history else None, "history": history[-50:]}
+    if stopped_at is not None:
+        info["stopped_at_step"] = stopped_at
     return Codec(model, tables, config, None, info, "cpu")
+
