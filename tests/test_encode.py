@@ -57,15 +57,19 @@ def _cli_encode(src: Path, out: Path, shard_size: int, *extra: str) -> list[str]
             "--size", str(SIZE), "--quiet", *extra]
 
 
-def _wait_for_commits(proc: subprocess.Popen, out: Path, n: int) -> Path:
+def _wait_for_commits(proc: subprocess.Popen, out: Path, n: int, freeze: bool = False) -> Path:
     """Wait until the job running in ``proc`` has committed ``n`` shards (or ended); returns the
-    folder of its shard markers."""
+    folder of its shard markers. ``freeze``: then SIGSTOP its process group, so that a slow test
+    machine cannot let it finish before the test acts on it (SIGCONT resumes it; a signal sent
+    meanwhile is delivered then)."""
     markers = out / ".scatstore" / "shards"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         if markers.exists() and len(list(markers.glob("shard-*.json"))) >= n:
             break
         time.sleep(0.005)
+    if freeze and proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGSTOP)
     return markers
 
 
@@ -282,8 +286,9 @@ def test_a_stop_signal_stops_cleanly_and_the_resume_is_identical(longer_src, tmp
     # scheduler's SIGTERM at its time limit (the pool's worker processes get it too)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-    markers = _wait_for_commits(proc, out, 1)
+    markers = _wait_for_commits(proc, out, 1, freeze=True)
     os.killpg(proc.pid, sig)
+    os.killpg(proc.pid, signal.SIGCONT)
     _, err = proc.communicate(timeout=120)
     assert not (out / "manifest.json").exists(), "the job finished before it could be interrupted"
     assert proc.returncode == 128 + sig, err
@@ -302,8 +307,8 @@ def test_a_second_encode_into_a_busy_out_is_refused_and_a_killed_one_leaves_no_l
                                                                                      tmp_path):
     out = tmp_path / "out"
     first = subprocess.Popen(_cli_encode(longer_src, out, 1), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-    _wait_for_commits(first, out, 1)
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    _wait_for_commits(first, out, 1, freeze=True)  # stopped, holding OUT
     with pytest.raises(EncodeError, match=rf"being written by another encode \(pid {first.pid} "):
         _run(longer_src, out, method="scat1", J=2, format="wds", shard_size=1)
     first.send_signal(signal.SIGKILL)
