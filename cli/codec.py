@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import zlib
 from pathlib import Path
 
 import click
 
-from .params import DeviceParam
-
-
-def _fail(message: str, code: int = 2) -> None:
-    click.echo(f"scatstore: error: {message}", err=True)
-    sys.exit(code)
+from .common import DeviceParam, fail
 
 
 def _load_training_images(src: str, layout: str, max_images: int, seed: int, log) -> list:
@@ -27,7 +21,7 @@ def _load_training_images(src: str, layout: str, max_images: int, seed: int, log
     index = discover(src, layout=layout)
     items = list(index.items)
     if not items:
-        _fail(f"SRC {src} holds no images (layout {index.layout})")
+        fail(f"SRC {src} holds no images (layout {index.layout})")
     if len(items) > max_images:
         pick = np.random.default_rng(seed).choice(len(items), size=max_images, replace=False)
         items = [items[i] for i in sorted(pick)]
@@ -40,7 +34,7 @@ def _load_training_images(src: str, layout: str, max_images: int, seed: int, log
     log(f"training on {len(images)} images from {src} ({index.layout} layout"
         + (f", {bad} undecodable skipped" if bad else "") + ")")
     if not images:
-        _fail("no decodable training images")
+        fail("no decodable training images")
     return images
 
 
@@ -75,11 +69,11 @@ def fit_codec_cmd(src, codec, channels, beta, target_bpp, steps, batch_size, lr,
     from scatstore.codecs import fit_codec
 
     if channels < 1 or channels > 1024:
-        _fail("--channels must be in 1..1024")
+        fail("--channels must be in 1..1024")
     if size % 8 or size < 16:
-        _fail("--size must be a multiple of 8, at least 16")
+        fail("--size must be a multiple of 8, at least 16")
     if steps < 1 or batch_size < 1:
-        _fail("--steps and --batch-size must be >= 1")
+        fail("--steps and --batch-size must be >= 1")
     log = lambda m: click.echo(m, err=True)  # noqa: E731
     images = _load_training_images(src, layout, max_images, seed, log)
     try:
@@ -87,7 +81,7 @@ def fit_codec_cmd(src, codec, channels, beta, target_bpp, steps, batch_size, lr,
                           batch_size=batch_size, size=size, hidden=hidden, lr=lr, device=device,
                           seed=seed, progress=True)
     except (ValueError, RuntimeError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     digest = model.save(codec)
     if "stopped_at_step" in model.info:
         click.echo(f"stopped by Ctrl-C after {model.info['stopped_at_step']} of {steps} steps: the "
@@ -157,16 +151,16 @@ def decode_cmd(out, dest, codec, src_root, limit, batch_size, device, no_metrics
     manifest = ds.manifest
     method = manifest.get("method") or {}
     if method.get("name") != "cae":
-        _fail(f"{out} holds method {method.get('name')!r}, not 'cae': nothing to decode")
+        fail(f"{out} holds method {method.get('name')!r}, not 'cae': nothing to decode")
     params = method.get("params") or {}
     codec_path = codec or params.get("codec_path")
     if not codec_path or not os.path.exists(codec_path):
-        _fail(f"codec file not found ({codec_path!r}): pass --codec PATH")
+        fail(f"codec file not found ({codec_path!r}): pass --codec PATH")
     model = load_codec(codec_path, device=device)
     try:
         model.check_compatible(manifest)
     except CodecMismatchError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     size = int((manifest.get("preprocess") or {}).get("size", 0)) or None
     n = len(ds) if limit is None else min(limit, len(ds))
     Path(dest).mkdir(parents=True, exist_ok=True)
@@ -188,7 +182,7 @@ def decode_cmd(out, dest, codec, src_root, limit, batch_size, device, no_metrics
         try:
             symbols = model.decode_symbols(blobs, names)
         except CorruptBitstreamError as exc:
-            _fail(str(exc), code=1)
+            fail(str(exc), code=1)
         images = model.decode_images(symbols)
         for img, name, meta in zip(images, names, metas):
             hw = meta.get("hw")

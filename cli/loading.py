@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import click
 
-from .params import DeviceParam
+from .common import DeviceParam, fail
 
 
 @click.command("bench-load")
@@ -48,8 +47,7 @@ def bench_load_cmd(data, jpeg, batch_size, num_workers, seconds, repeats, device
             bench.warm_files([jpeg])
             jpg = bench.measure_jpeg(jpeg, batch_size, num_workers, seconds, repeats)
     except (StoreError, ValueError) as exc:
-        click.echo(f"scatstore: error: {exc}", err=True)
-        sys.exit(2)
+        fail(str(exc))
     if as_json:
         click.echo(json.dumps({"loader": rows, "plain_webdataset": plain, "jpeg": jpg},
                               indent=2, default=str))

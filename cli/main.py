@@ -10,9 +10,9 @@ import sys
 
 import click
 
-from .params import DeviceParam
-
 from scatstore import __version__
+
+from .common import DeviceParam, fail
 
 # command name -> "module:attribute" of a click command defined elsewhere in scatstore.cli
 _LAZY_COMMANDS = {
@@ -32,11 +32,6 @@ class _LazyGroup(click.Group):
             module, attr = _LAZY_COMMANDS[name].split(":")
             return getattr(importlib.import_module(module), attr)
         return super().get_command(ctx, name)
-
-
-def _fail(message: str, code: int = 2) -> None:
-    click.echo(f"scatstore: error: {message}", err=True)
-    sys.exit(code)
 
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -98,11 +93,11 @@ def encode_cmd(src, out, method, J, L, codec, fmt, shard_size, size, dtype, comp
                            device=device, batch_size=batch_size, progress=not quiet)
         manifest = encode(cfg)
     except EncodeError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     except KeyboardInterrupt as exc:  # encode said what is committed and how to resume
         sys.exit(143 if isinstance(exc, JobTerminated) else 130)  # 128 + the signal's number
     if not manifest["count"]:  # committed (for report and rejected.jsonl), but nothing to train on
-        _fail(f"no source file of {src} could be used: see {out}/rejected.jsonl", 1)
+        fail(f"no source file of {src} could be used: see {out}/rejected.jsonl", 1)
 
 
 @main.command("report")
@@ -116,7 +111,7 @@ def report_cmd(out, as_json):
     try:
         r = report(out)
     except StoreError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     click.echo(json.dumps(r, indent=2) if as_json else format_report(r))
 
 
@@ -129,7 +124,7 @@ def verify_cmd(out):
     try:
         result = verify(out)
     except StoreError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if result.ok:
         click.echo(f"ok: {out}")
         return
@@ -152,7 +147,7 @@ def demo_cmd(out, n_per_class, workers, quiet):
     try:
         run_demo(out, n_per_class=n_per_class, workers=workers, progress=not quiet)
     except EncodeError as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from .params import DeviceParam
+from .common import DeviceParam, fail
 
 # store method name -> default architecture
 _DEFAULT_ARCH = {"scat1": "scatresnet50", "scat2": "scatresnet10", "cae": "cresnet51", "raw": "resnet18"}
@@ -27,11 +27,11 @@ def _store(path: str) -> dict:
     from scatstore.stores import StoreError, read_manifest
 
     if not os.path.isdir(path):
-        _fail(f"{path}: no such store directory")
+        fail(f"{path}: no such store directory")
     try:
         return read_manifest(path)
     except StoreError as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 def _interrupted_note(checkpoint_dir: str | None) -> str:
@@ -47,11 +47,6 @@ def _interrupted_note(checkpoint_dir: str | None) -> str:
         return f"interrupted before the first checkpoint in {checkpoint_dir}"
     return (f"interrupted; {path} holds epoch {epoch}: re-run the same command with --resume "
             "to continue from it")
-
-
-def _fail(message: str) -> None:
-    click.echo(f"scatstore: error: {message}", err=True)
-    sys.exit(2)
 
 
 def _store_loader(path: str, *, batch_size: int, train: bool, seed: int, num_workers: int,
@@ -146,14 +141,13 @@ def train_cmd(data, pixels, arch, epochs, batch_size, lr, momentum, weight_decay
         else:
             manifest = _store(data)
             if not manifest["count"]:
-                _fail(f"{data} holds no samples ({manifest['rejected']} source files rejected: "
+                fail(f"{data} holds no samples ({manifest['rejected']} source files rejected: "
                       "see its rejected.jsonl)")
-            if val is not None:
-                _store(val)
             train_f = _store_loader(data, batch_size=batch_size, train=True, seed=seed,
                                     num_workers=num_workers, device=str(dev), rank=rank, world=world)
             val_f = None
             if val is not None:
+                _store(val)
                 val_f = _store_loader(val, batch_size=batch_size, train=False, seed=seed,
                                       num_workers=num_workers, device=str(dev), rank=rank, world=world)
             method = manifest["method"]["name"]
@@ -180,7 +174,7 @@ def train_cmd(data, pixels, arch, epochs, batch_size, lr, momentum, weight_decay
                   resume=resume, schedule=schedule, warmup_epochs=warmup_epochs,
                   progress=not no_progress and sys.stderr is not None, meta=meta)
         except ValueError as exc:  # data or settings that cannot train (the engine says which)
-            _fail(str(exc))
+            fail(str(exc))
         except KeyboardInterrupt:
             if rank == 0:
                 _echo(_interrupted_note(checkpoint_dir))

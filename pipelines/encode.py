@@ -811,7 +811,7 @@ def _committed(out: Path, n_shards: int) -> int:
 
 
 def _make_tasks(cfg, method, index, spec, todo: Iterable[int], torch_threads: int,
-                run: str = "") -> list[ShardTask]:
+                run: str) -> list[ShardTask]:
     variants = cfg.variants
     tasks = []
     for s in todo:
@@ -848,18 +848,17 @@ def _run_tasks(cfg: EncodeConfig, tasks: list[ShardTask], bar) -> Iterable[Shard
                 bar.update(result.n_items)
                 yield result
         except BaseException:
-            _cancel_run(cfg, tasks)
+            _cancel_run(cfg.out, tasks[0].run)
             ex.shutdown(wait=True, cancel_futures=True)
             raise
         ex.shutdown(wait=True)
 
 
-def _cancel_run(cfg: EncodeConfig, tasks: list[ShardTask]) -> None:
-    """Tell the run's running shard tasks to stop (they look between batches)."""
-    if tasks and tasks[0].run:
-        path = _cancel_path(cfg.out, tasks[0].run)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch()
+def _cancel_run(out: Path, run: str) -> None:
+    """Tell the running shard tasks of ``run`` to stop (they look between batches)."""
+    path = _cancel_path(out, run)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch()
 
 
 def local_cluster(n_workers: int, processes: bool = False):
@@ -911,6 +910,23 @@ class _StopRequest:
 
 
 @contextlib.contextmanager
+def _signal_handlers(handlers: dict):
+    """Install ``handlers`` (signal -> function) while the block runs and restore the previous
+    ones after; only in the main thread, the only one Python runs signal handlers in."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in handlers}
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
 def _stop_signals_as_flag():
     """While dask runs the job, Ctrl-C and SIGTERM only record the request.
 
@@ -919,9 +935,6 @@ def _stop_signals_as_flag():
     loop looks at the request between waits and raises it itself. A second signal raises at
     once. Only the main thread can take signals: elsewhere nothing is recorded."""
     stop = _StopRequest()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
 
     def on_signal(signum, frame):
         exc = JobTerminated if signum == signal.SIGTERM else KeyboardInterrupt
@@ -929,34 +942,21 @@ def _stop_signals_as_flag():
             raise exc
         stop.exception = exc
 
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    for sig in previous:
-        signal.signal(sig, on_signal)
-    try:
+    with _signal_handlers({signal.SIGINT: on_signal, signal.SIGTERM: on_signal}):
         yield stop
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
-@contextlib.contextmanager
+def _raise_job_terminated(signum, frame):
+    raise JobTerminated
+
+
 def _sigterm_as_interrupt():
     """SIGTERM raises JobTerminated in the main thread while the job runs (by default the
     process dies at once, and the shards in flight are redone by the resume); left alone when
     the caller has a handler of its own."""
-    if threading.current_thread() is not threading.main_thread() \
-            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        yield
-        return
-
-    def on_sigterm(signum, frame):
-        raise JobTerminated
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return contextlib.nullcontext()
+    return _signal_handlers({signal.SIGTERM: _raise_job_terminated})
 
 
 def _run_dask(cfg: EncodeConfig, tasks: list[ShardTask], bar) -> Iterable[ShardResult]:
@@ -980,7 +980,7 @@ def _run_dask_tasks(cfg: EncodeConfig, tasks: list[ShardTask], bar,
         # pure=False: a task's result is a side effect on disk, never deduplicated by dask. The
         # run's own token in the key: on a shared, long-running cluster another job's (or an
         # earlier run's) shard N must never be taken for this one's.
-        run = tasks[0].run or uuid.uuid4().hex[:12]
+        run = tasks[0].run
         futures = [client.submit(encode_shard, t, pure=False, key=f"encode-shard-{t.index}-{run}")
                    for t in tasks]
         pending = as_completed(futures)
@@ -1001,7 +1001,7 @@ def _run_dask_tasks(cfg: EncodeConfig, tasks: list[ShardTask], bar,
             dask_log = logging.getLogger("distributed")
             dask_level = dask_log.level
             dask_log.setLevel(logging.CRITICAL)
-        _cancel_run(cfg, tasks)
+        _cancel_run(cfg.out, tasks[0].run)
         client.cancel(futures)
         raise
     finally:

@@ -339,7 +339,7 @@ def test_a_cancelled_run_stops_its_shard_tasks(imagenet_src, tmp_path):
     shard = out / "shard-000001.tar"
     before = shard.read_bytes()
     shard.unlink()
-    engine._cancel_run(cfg, [task])
+    engine._cancel_run(out, "r1")
     with pytest.raises(engine.ShardCancelled, match="shard 1"):
         engine.encode_shard(task)
     assert not shard.exists()

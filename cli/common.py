@@ -1,7 +1,16 @@
-"""Parameter types shared by the commands."""
+"""What the commands share: the one-line fatal error and the checked ``--device`` type."""
 from __future__ import annotations
 
+import sys
+from typing import NoReturn
+
 import click
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """``scatstore: error: MESSAGE`` on stderr, then exit ``code`` (2: bad input or usage)."""
+    click.echo(f"scatstore: error: {message}", err=True)
+    sys.exit(code)
 
 
 class DeviceParam(click.ParamType):
