@@ -29,6 +29,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/scattering.py
 	$(PY) benchmarks/encode.py
+	$(PY) benchmarks/job_overhead.py
 	$(PY) benchmarks/loading.py
 	$(PY) benchmarks/entropy_coding.py
 

@@ -143,8 +143,8 @@ def relative_to(path: str, root: str) -> str:
     """``path`` relative to ``root``, with "/" separators.
 
     Every path listed here is ``root`` + separator + names (os.scandir joins them so): cutting
-    the prefix gives what os.path.relpath would, ~40× faster (relpath normalises both paths each
-    call: ~50 s for ImageNet's 1.28 M files, called three times each)."""
+    the prefix gives what os.path.relpath would, ~17× faster (0.3 against 5.1 µs: relpath
+    normalises both paths each call; called three times per file, ~18 s for ImageNet's 1.28 M)."""
     prefix = root if root.endswith(os.sep) else root + os.sep
     rel = path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, root)
     return rel if os.sep == "/" else rel.replace(os.sep, "/")
