@@ -107,8 +107,14 @@ def _reference_image(manifest: dict, meta: dict, size: int, src_root: str | None
     path = meta.get("path")
     if not root or not path:
         return None
-    full = os.path.join(root, path)
-    if not os.path.exists(full):
+    from scatstore.stores import StoreError
+    from scatstore.stores.safepath import inside
+
+    try:  # meta.path comes from the store: only ever a file below the source root
+        full = inside(root, path, "sample path")
+    except StoreError:
+        return None
+    if not full.is_file():
         return None
     img = decode_image(full)
     pre = manifest.get("preprocess") or {}
@@ -147,7 +153,13 @@ def decode_cmd(out, dest, codec, src_root, limit, batch_size, device, no_metrics
     import scatstore
     from scatstore.codecs import CodecMismatchError, CorruptBitstreamError, load_codec, ms_ssim, psnr
 
-    ds = scatstore.open_dataset(out)
+    from scatstore.stores import StoreError
+    from scatstore.stores.safepath import safe_name
+
+    try:
+        ds = scatstore.open_dataset(out)
+    except StoreError as exc:
+        fail(str(exc))
     manifest = ds.manifest
     method = manifest.get("method") or {}
     if method.get("name") != "cae":
@@ -170,13 +182,16 @@ def decode_cmd(out, dest, codec, src_root, limit, batch_size, device, no_metrics
     for start in tqdm(range(0, n, batch_size), desc="decode", unit="batch", disable=as_json):
         blobs, names, metas = [], [], []
         for i in range(start, min(n, start + batch_size)):
-            x, _label, meta = ds[i]
+            try:
+                x, _label, meta = ds[i]
+                # the PNG is named by the sample's store key (unique, checked when the store
+                # was opened), never by a free-form meta field
+                key = safe_name(ds.keys[i], "sample key")
+            except StoreError as exc:
+                fail(str(exc), code=1)
             meta = meta or {}
-            key = meta.get("source_key") or meta.get("key") or f"{i:08d}"
-            if meta.get("variant") is not None:
-                key = f"{key}_{meta['variant']}"
             blobs.append(bytes(x))
-            names.append(str(key))
+            names.append(key)
             metas.append(meta)
             nbytes += len(x)
         try:

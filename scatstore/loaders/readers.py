@@ -10,8 +10,8 @@ from scatstore.stores.bulk import BulkReader
 from scatstore.stores.registry import get_format
 
 
-def make_reader(ds) -> BulkReader:
-    """The fastest reader for ``ds`` (an opened ScatDataset)."""
+def make_reader(ds, skip_damaged: bool = False) -> BulkReader:
+    """The fastest reader for ``ds`` (an opened ScatDataset); ``skip_damaged``: see BulkReader."""
     if ds.spec.sample_nbytes is None:  # variable-length samples
-        return BulkReader(ds)
-    return get_format(ds.spec.format).bulk_reader(ds)
+        return BulkReader(ds, skip_damaged)
+    return get_format(ds.spec.format).bulk_reader(ds, skip_damaged)

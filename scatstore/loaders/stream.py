@@ -143,7 +143,8 @@ class StoreLoader:
                  rank: int | None = None, world_size: int | None = None, epoch: int = 0,
                  start_step: int = 0, buffer_size: int | None = None, prefetch: int = 2,
                  variants: str = "draw", flip: bool = False, flip_align: str = "interp",
-                 crop_cells: int = 0, normalize_pixels: bool = True, codec=None):
+                 crop_cells: int = 0, normalize_pixels: bool = True, codec=None,
+                 skip_damaged: bool = False):
         from scatstore.stores import open_dataset
 
         from .readers import make_reader
@@ -156,7 +157,7 @@ class StoreLoader:
         self.dataset = open_dataset(self.path, raw=True)
         self.manifest = self.dataset.manifest
         self.spec = self.dataset.spec
-        self.reader = make_reader(self.dataset)
+        self.reader = make_reader(self.dataset, skip_damaged=skip_damaged)
         self.batch_size = int(batch_size)
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
@@ -452,9 +453,13 @@ class LoaderEpoch:
                     del item
                     xf, yy = o._finish(x, qp, y, self.epoch, st, None)
                 else:
-                    _, xf, yy = item
+                    _, xf, yy, st = item
                     del item
                 step += 1
+                if o.reader.damaged:  # skip_damaged: drop the samples of damaged chunks
+                    xf, yy = self._drop_damaged(xf, yy, st)
+                    if not len(yy):
+                        continue
                 if self.track:
                     o._step = step
                 yield xf, yy
@@ -466,6 +471,14 @@ class LoaderEpoch:
                 except queue.Empty:
                     pass
                 th.join(timeout=0.05)
+
+    def _drop_damaged(self, xf, yy, st: int):
+        rows = self.plan.order[st * self.owner.batch_size: st * self.owner.batch_size + len(yy)]
+        keep = ~np.isin(rows, np.fromiter(self.owner.reader.damaged, dtype=np.int64))
+        if keep.all():
+            return xf, yy
+        k = torch.from_numpy(keep).to(yy.device)
+        return xf[k], yy[k]
 
     # ------------------------------------------------------------------ assembler thread
     def _assemble(self, q: queue.Queue, stop: threading.Event):
@@ -570,7 +583,7 @@ class LoaderEpoch:
                         xf, yy = o._finish(out.view(n, *shape), None, y, self.epoch, st, None)
                         del out
                     del xt, qs
-                    q.put(("done", xf, yy))
+                    q.put(("done", xf, yy, st))
                 del d
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -617,7 +630,9 @@ def loader(path, batch_size: int, shuffle: bool = True, seed: int = 0,
     ``start_step`` (resume), ``buffer_size`` (samples per shuffle window), ``prefetch`` (batches),
     ``variants`` (``"draw"``: one augment variant per image per epoch; ``"all"``), ``flip``,
     ``flip_align``, ``crop_cells``, ``normalize_pixels``, ``codec`` (a loaded codec for ``cae``
-    stores).
+    stores), ``skip_damaged`` (a chunk failing its crc32c check is counted, logged and its
+    samples left out of their batches, instead of raising ``StoreError``; the count is
+    ``loader.reader.damaged``).
     """
     return StoreLoader(path, batch_size, shuffle=shuffle, seed=seed, num_workers=num_workers,
                        drop_last=drop_last, device=device, **kw)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,12 +21,11 @@ from .errors import StoreError
 from .files import atomic_write_bytes, json_bytes, remove_tmp_files, sha256_file
 from .manifest import build_manifest, write_manifest
 from .registry import format_names
+from .safepath import check_key
 
 DTYPES = ("float16", "float32", "uint8", "bytes")
 QUANT_SCHEMES = ("affine", "sqrt")
 STATE_DIR = "_store"          # spec.json + one record per committed shard
-KEY_MAX = 90                  # ustar name field is 100 bytes: KEY + ".x.npy"
-_KEY_RE = re.compile(r"^[A-Za-z0-9_\-+=,@~:]+$")
 _SPEC_FORMAT_VERSION = 1
 
 
@@ -44,13 +42,6 @@ def all_finite(x: np.ndarray) -> bool:
     utype, exponent = bits
     u = x.view(utype)
     return not bool(((u & utype(exponent)) == utype(exponent)).any())
-
-
-def check_key(key: str) -> str:
-    if not isinstance(key, str) or not key or len(key) > KEY_MAX or not _KEY_RE.match(key):
-        raise StoreError(f"invalid sample key {key!r}: keys are 1..{KEY_MAX} characters of "
-                         "[A-Za-z0-9_-+=,@~:] (no dots, slashes or spaces)")
-    return key
 
 
 def shard_name(index: int) -> str:

@@ -31,6 +31,7 @@ Fast paths (no per-sample Python beyond building the I/O vector, no extra copy):
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections import OrderedDict
@@ -39,6 +40,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import StoreError
+
+log = logging.getLogger("scatstore.stores")
 
 IOV_MAX = 1000  # os.preadv accepts at most IOV_MAX (1024 on Linux) buffers per call
 
@@ -61,7 +64,7 @@ def _preadv_all(fd: int, bufs: list, offset: int) -> int:
     while bufs:
         n = os.preadv(fd, bufs[:IOV_MAX], offset + done)
         if n <= 0:
-            raise EOFError(f"short read at offset {offset + done} (truncated file?)")
+            raise StoreError(f"short read at offset {offset + done} (truncated file?)")
         done += n
         # drop the filled buffers, trim a partly filled one
         while bufs and n >= len(bufs[0]):
@@ -132,13 +135,27 @@ def _scatter(dst: list, src: np.ndarray) -> None:
         d[:] = memoryview(flat[k]).cast("B")
 
 
+class DamagedChunk(Exception):
+    """Raised inside a reader for a chunk that fails its check; ``read`` turns it into a
+    ``StoreError`` or, with ``skip_damaged``, into skipped samples."""
+
+
 class BulkReader:
     """Common state: the dataset, sample geometry, per-process file descriptor cache; ``read`` of
-    the base class goes through the dataset's own ``get_batch`` (any store, bitstreams too)."""
+    the base class goes through the dataset's own ``get_batch`` (any store, bitstreams too).
+
+    Damaged data (a chunk whose crc32c does not match, an undecodable chunk) raises a
+    ``StoreError`` naming the shard file; with ``skip_damaged=True`` the samples of the damaged
+    chunk are zero-filled instead, their dataset indices added to ``damaged`` (for the loader to
+    drop them from its batches), and one warning is logged per chunk."""
 
     name = "generic"
 
-    def __init__(self, ds):
+    def __init__(self, ds, skip_damaged: bool = False):
+        self.skip_damaged = bool(skip_damaged)
+        self.damaged: set = set()
+        self.damaged_chunks = 0
+        self._dlock = threading.Lock()
         self.ds = ds
         self.spec = ds.spec
         self.root = Path(ds.root)
@@ -174,6 +191,21 @@ class BulkReader:
 
     def close(self):
         self._fds.clear()
+
+    def damaged_read(self, idx, out, why: str) -> None:
+        """A damaged chunk holding the dataset indices ``idx`` (its outputs ``out``): raise, or
+        zero-fill and record them (``skip_damaged``)."""
+        if not self.skip_damaged:
+            raise StoreError(why)
+        for d in out:
+            d[:] = bytes(len(d))
+        with self._dlock:
+            new = [int(i) for i in np.asarray(idx).reshape(-1) if int(i) not in self.damaged]
+            self.damaged.update(new)
+            if new:
+                self.damaged_chunks += 1
+        if new:
+            log.warning("%s: skipping its %d samples (skip_damaged)", why, len(new))
 
     def read(self, idx: np.ndarray, x_out, q_out) -> int:  # generic: the dataset's own reader
         b = self.ds.get_batch(idx)

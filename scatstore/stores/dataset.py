@@ -16,6 +16,7 @@ after open reopens them) and the object pickles without them, so it can go to Da
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from pathlib import Path
@@ -44,7 +45,8 @@ class ScatDataset:
         self._pid = None
         self._h: dict = {}
         self._lock = threading.Lock()
-        self._load_index()
+        with self._read_errors("its index"):
+            self._load_index()
         if len(self.slots) != self.manifest["count"]:
             raise StoreError(f"{self.root}: index holds {len(self.slots)} samples, manifest count "
                              f"is {self.manifest['count']}")
@@ -87,6 +89,21 @@ class ScatDataset:
     def __exit__(self, *exc):
         self.close()
 
+    @contextlib.contextmanager
+    def _read_errors(self, what: str, i=None):
+        """Whatever the libraries raise on a damaged or hostile file (zarr's checksum
+        ValueError, h5py's OSError, a MemoryError from a size read from the store, ...) becomes
+        a ``StoreError`` naming the store, the shard and what was read."""
+        try:
+            yield
+        except StoreError:
+            raise
+        except (OSError, ValueError, KeyError, IndexError, TypeError, EOFError, MemoryError,
+                OverflowError, RuntimeError, UnicodeDecodeError) as e:
+            where = f"shard {int(self._shard_of[i]):06d}, " if i is not None and \
+                hasattr(self, "_shard_of") else ""
+            raise StoreError(f"{self.root}: cannot read {where}{what}: {type(e).__name__}: {e}") from None
+
     # ---------------------------------------------------------------- map-style API
     def __len__(self) -> int:
         return len(self.slots)
@@ -120,8 +137,9 @@ class ScatDataset:
     def get(self, i, raw: bool | None = None):
         raw = self.raw if raw is None else raw
         i = self._index(i)
-        x, qs, qo, hw = self._read(np.asarray([i]))
-        meta = dict(self._meta(i))
+        with self._read_errors(f"sample {self.keys[i]!r}", i):
+            x, qs, qo, hw = self._read(np.asarray([i]))
+            meta = dict(self._meta(i))
         meta["key"] = self.keys[i]
         meta["slot"] = int(self.slots[i])
         if hw is not None:
@@ -141,7 +159,8 @@ class ScatDataset:
         """Stacked stored arrays: ``x`` (B, ...) (a list of bytes for bitstreams), ``y`` int64,
         ``slot`` int64, ``key`` list, and ``qscale``/``qoffset``/``hw`` when the store has them."""
         idx = np.asarray([self._index(i) for i in np.asarray(indices).reshape(-1)], dtype=np.int64)
-        x, qs, qo, hw = self._read(idx)
+        with self._read_errors(f"{len(idx)} samples", idx[0] if len(idx) else None):
+            x, qs, qo, hw = self._read(idx)
         out = {"x": x, "y": self.labels[idx].copy(), "slot": self.slots[idx].copy(),
                "key": [self.keys[i] for i in idx]}
         if qs is not None:

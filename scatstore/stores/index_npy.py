@@ -7,11 +7,13 @@ with ``allow_pickle=False`` and read the same way.
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
 
 from .errors import StoreError
+from .safepath import check_key_array, inside
 
 
 def npy_bytes(a: np.ndarray) -> bytes:
@@ -41,15 +43,40 @@ def build_index(ga: dict, exts: list, offsets: list) -> np.ndarray:
     return idx
 
 
+def check_npy_size(path) -> None:
+    """Refuse a ``.npy`` file whose header promises more (or less) data than the file holds,
+    before anything is allocated (an edited header claiming 2^36 rows would otherwise be a
+    MemoryError), or whose dtype holds Python objects."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version in ((2, 0), (3, 0)):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise ValueError(f"unsupported .npy version {version}")
+        start = f.tell()
+        size = os.fstat(f.fileno()).st_size
+    if dtype.hasobject:
+        raise ValueError("the array holds Python objects (never unpickled)")
+    want = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if want != size - start:
+        raise ValueError(f"its header describes {shape} {dtype} ({want} bytes) but the file holds "
+                         f"{size - start} bytes of data")
+
+
 def load_index_npy(root: Path, manifest: dict) -> np.ndarray:
     """The structured ``index.npy`` of wds/h5 stores (never unpickled)."""
-    p = root / manifest["store"].get("index", "index.npy")
+    p = inside(root, manifest["store"].get("index", "index.npy"), "manifest store.index")
     try:
+        check_npy_size(p)
         a = np.load(p, allow_pickle=False)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError, MemoryError) as e:
         raise StoreError(f"cannot read {p}: {e}") from None
-    if a.dtype.names is None or not {"slot", "shard", "pos", "y", "key"} <= set(a.dtype.names):
+    if a.dtype.names is None or not {"slot", "shard", "pos", "y", "key"} <= set(a.dtype.names) \
+            or a.ndim != 1 or a.dtype["key"].kind != "S":
         raise StoreError(f"{p} is not a scatstore index")
+    check_key_array(a["key"], p)
     return a
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from .errors import StoreError
 from .files import atomic_write_bytes, json_bytes
 from .registry import get_format
+from .safepath import safe_relpath
 
 MANIFEST_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -229,16 +230,17 @@ def validate_manifest(m: dict) -> None:
                 raise StoreError(f"manifest.store.shards[{i}].files[{rel!r}] is malformed")
     for rel in store["global_files"]:
         _check_rel(rel)
+    for name in ("index", "group"):  # format fields naming a file or folder of the store
+        if name in store:
+            _check_rel(store[name])
     if total != count:
         raise StoreError(f"manifest shard counts sum to {total}, count={count}")
     _req(m, "bytes_stored", int)
 
 
 def _check_rel(rel: str) -> None:
-    """Paths in a manifest are relative, inside the store, without '..'."""
-    p = Path(rel)
-    if p.is_absolute() or ".." in p.parts or rel.startswith("/") or "\\" in rel:
-        raise StoreError(f"manifest names a path outside the store: {rel!r}")
+    """Paths in a manifest are relative, inside the store, of safe components."""
+    safe_relpath(rel, "manifest path")
 
 
 def write_manifest(out: Path, manifest: dict) -> None:

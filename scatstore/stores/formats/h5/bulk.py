@@ -16,8 +16,8 @@ from ...index_npy import load_index_npy
 class H5BulkReader(BulkReader):
     name = "h5"
 
-    def __init__(self, ds):
-        super().__init__(ds)
+    def __init__(self, ds, skip_damaged: bool = False):
+        super().__init__(ds, skip_damaged)
 
         ix = load_index_npy(self.root, ds.manifest)
         self.shard = ix["shard"].astype(np.int64)

@@ -15,8 +15,8 @@ from .tar import BLOCK
 class WdsBulkReader(BulkReader):
     name = "wds"
 
-    def __init__(self, ds):
-        super().__init__(ds)
+    def __init__(self, ds, skip_damaged: bool = False):
+        super().__init__(ds, skip_damaged)
         ix = load_index_npy(self.root, ds.manifest)
         self.shard = ix["shard"].astype(np.int64)
         self.pos = ix["pos"].astype(np.int64)

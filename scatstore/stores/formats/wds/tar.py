@@ -53,7 +53,11 @@ def check_member_name(name: str) -> tuple[str, str]:
 
 
 def read_member(fd: int, off: int, size: int, expect: str) -> bytes:
-    """pread one member's data at ``off``, after checking the header in front of it."""
+    """pread one member's data at ``off``, after checking the header in front of it (offsets and
+    sizes come from the index: checked against the file's size before anything is allocated)."""
+    if off < BLOCK or size < 0 or off + size > os.fstat(fd).st_size:
+        raise StoreError(f"member {expect!r}: index offset {off} / size {size} lie outside the "
+                         "shard file (damaged index or truncated shard)")
     buf = os.pread(fd, BLOCK + size, off - BLOCK)
     if len(buf) != BLOCK + size:
         raise StoreError(f"short read of member {expect!r} (truncated shard?)")

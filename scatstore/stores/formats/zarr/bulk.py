@@ -7,7 +7,9 @@ import threading
 
 import numpy as np
 
-from ...bulk import BulkReader, _LRU, _preadv_all, _runs, _scatter, as_dst
+import google_crc32c
+
+from ...bulk import BulkReader, DamagedChunk, _LRU, _preadv_all, _runs, _scatter, as_dst
 from ...errors import StoreError
 from .writer import GROUP
 
@@ -15,8 +17,8 @@ from .writer import GROUP
 class ZarrBulkReader(BulkReader):
     name = "zarr"
 
-    def __init__(self, ds):
-        super().__init__(ds)
+    def __init__(self, ds, skip_damaged: bool = False):
+        super().__init__(ds, skip_damaged)
         self.group = self.root / GROUP
         meta = json.loads((self.group / "x" / "zarr.json").read_text())
         self.chunk_samples, self.mode, self.key_fmt = self._parse(meta)
@@ -118,21 +120,41 @@ class ZarrBulkReader(BulkReader):
         stops = np.concatenate([brk, [len(slots)]]).tolist()
         dst = as_dst(x_out, len(idx))
         for a, b in zip(starts, stops):
-            total += self._read_chunk(int(chunks[a]), slots[a:b], dst[a:b])
+            try:
+                total += self._read_chunk(int(chunks[a]), slots[a:b], dst[a:b])
+            except DamagedChunk as e:
+                self.damaged_read(idx[a:b], dst[a:b], str(e))
         if q_out is not None:
             shards = slots // ss
             for s in np.unique(shards):
                 sel = shards == s
-                q = self._qparams(int(s))
+                try:
+                    q = self._qparams(int(s))
+                except ValueError as e:  # zarr-python's checksum mismatch
+                    self.damaged_read(idx[sel], [], f"{self.group}/qscale|qoffset of shard "
+                                      f"{int(s):06d}: {e}")
+                    q_out[sel] = 0
+                    continue
                 q_out[sel] = q[slots[sel] - s * ss]
                 total += int(sel.sum()) * q_out[0].nbytes
         return total
+
+    def _check_crc(self, path, shard: int, within: int, bufs: list, stored: bytes) -> None:
+        crc = 0
+        for b in bufs:
+            crc = google_crc32c.extend(crc, np.frombuffer(b, dtype=np.uint8))
+        if np.uint32(crc).tobytes() != bytes(stored):
+            raise DamagedChunk(f"shard {shard:06d} is damaged: {path}: inner chunk {within} fails "
+                               "its crc32c check")
 
     def _read_chunk(self, chunk: int, slots: np.ndarray, out) -> int:
         cs, ss, nbs = self.chunk_samples, self.spec.shard_size, self.sample_nbytes
         if self.mode == "library":
             lo = chunk * cs
-            blk = np.asarray(self._zarr_array("x")[lo: min(lo + cs, self.spec.n_slots)])
+            try:
+                blk = np.asarray(self._zarr_array("x")[lo: min(lo + cs, self.spec.n_slots)])
+            except (ValueError, RuntimeError) as e:  # checksum mismatch, undecodable chunk
+                raise DamagedChunk(f"{self.group}/x chunk {chunk}: {e}") from None
             _scatter(out, np.ascontiguousarray(blk[slots - lo]))
             return blk.nbytes
         shard = (chunk * cs) // ss
@@ -145,23 +167,52 @@ class ZarrBulkReader(BulkReader):
         fd = self._fd(path)
         base = int(off[within])
         local = slots - chunk * cs
+        crc = self._crc_chunk
         if self.mode == "raw":
-            if int(nb[within]) != cs * nbs + self._crc_chunk:
-                raise StoreError(f"{path}: chunk {within} has {int(nb[within])} bytes, "
-                                      f"expected {cs * nbs + self._crc_chunk}")
+            if int(nb[within]) != cs * nbs + crc:
+                raise DamagedChunk(f"{path}: chunk {within} has {int(nb[within])} bytes, "
+                                   f"expected {cs * nbs + crc}")
+            if crc and len(local) == cs:  # the whole chunk, in order: check it in the outputs
+                total = _preadv_all(fd, list(out), base)
+                stored = os.pread(fd, crc, base + cs * nbs)
+                self._check_crc(path, shard, within, out, stored)
+                return total + crc
+            if crc:  # part of a chunk: read it whole once, check, copy the rows out
+                buf = self._chunk_scratch(cs * nbs + crc)
+                _preadv_all(fd, [buf], base)
+                self._check_crc(path, shard, within, [buf[: cs * nbs]], buf[cs * nbs:])
+                rows = np.frombuffer(buf, dtype=np.uint8, count=cs * nbs).reshape(cs, nbs)
+                _scatter(out, rows[local])
+                return len(buf)
             total = 0
             for a, b in _runs(local):
                 total += _preadv_all(fd, out[a:b], base + int(local[a]) * nbs)
             return total
-        # zstd: read the whole compressed chunk, decompress (GIL released by numcodecs)
+        # zstd: read the whole compressed chunk, check its crc32c, decompress (GIL released)
         n = int(nb[within])
+        if n < crc or base + n > self._file_size(path):
+            raise DamagedChunk(f"{path}: chunk {within} lies outside the shard file")
         comp = os.pread(fd, n, base)
         if len(comp) != n:
-            raise StoreError(f"{path}: short read of chunk {within}")
-        payload = memoryview(comp)[: n - self._crc_chunk]
+            raise DamagedChunk(f"{path}: short read of chunk {within}")
+        payload = memoryview(comp)[: n - crc]
+        if crc:
+            self._check_crc(path, shard, within, [payload], comp[n - crc:])
         buf = getattr(self._scratch, "buf", None)
         if buf is None or buf.nbytes != cs * nbs:
             buf = self._scratch.buf = np.empty((cs, *self.sample_shape), dtype=self.dtype)
-        self._zstd.decode(payload, out=buf.reshape(-1).view(np.uint8))
+        try:
+            self._zstd.decode(payload, out=buf.reshape(-1).view(np.uint8))
+        except RuntimeError as e:  # a checksum-less store: zstd's own frame check
+            raise DamagedChunk(f"{path}: chunk {within}: {e}") from None
         _scatter(out, buf[local])
         return n
+
+    def _chunk_scratch(self, n: int) -> memoryview:
+        b = getattr(self._scratch, "chunk", None)
+        if b is None or len(b) != n:
+            b = self._scratch.chunk = memoryview(bytearray(n))
+        return b
+
+    def _file_size(self, path) -> int:
+        return os.fstat(self._fd(path)).st_size

@@ -1,13 +1,26 @@
 """Map-style reader of zarr stores (``ScatDataset`` over ``OUT/data.zarr``, written by ``writer.py``)."""
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import threading
 
 import numpy as np
 
 from ...dataset import ScatDataset
+from ...errors import StoreError
+from ...safepath import check_key_array
 from .writer import GROUP
+
+
+def _offsets(arr, total, name: str) -> np.ndarray:
+    """An offsets array: starts at 0, never decreases, ends at ``total`` (when known)."""
+    off = np.asarray(arr[:], dtype=np.int64)
+    if len(off) and (off[0] != 0 or (np.diff(off) < 0).any() or
+                     (total is not None and off[-1] != total)):
+        raise StoreError(f"{name} are not increasing offsets into {total} bytes (damaged store)")
+    return off
 
 
 class _ChunkCache(threading.local):
@@ -20,14 +33,31 @@ class ZarrDataset(ScatDataset):
         import zarr
 
         g = zarr.open_group(str(self.root / GROUP), mode="r")
-        valid = np.asarray(g["valid"][:], dtype=bool)
+        n = self.spec.n_slots
+        valid = np.asarray(self._global(g, "valid", n)[:], dtype=bool)
         self.slots = np.flatnonzero(valid).astype(np.int64)
-        self.labels = np.asarray(g["y"][:], dtype=np.int64)[self.slots]
-        kb = np.asarray(g["key"][:])[self.slots]
+        self.labels = np.asarray(self._global(g, "y", n)[:], dtype=np.int64)[self.slots]
+        kb = np.asarray(self._global(g, "key", n)[:])[self.slots]
+        check_key_array(kb, self.root / GROUP / "key")
         self.keys = [bytes(r).rstrip(b"\0").decode("ascii") for r in kb]
-        self._meta_off = np.asarray(g["meta_offsets"][:], dtype=np.int64)
+        self._meta_off = _offsets(self._global(g, "meta_offsets", n + 1),
+                                  self._global(g, "meta_json", None).shape[0], "meta_offsets")
         if self.spec.dtype == "bytes":
-            self._bits_off = np.asarray(g["bits_offsets"][:], dtype=np.int64)
+            self._bits_off = _offsets(self._global(g, "bits_offsets", n + 1), None, "bits_offsets")
+
+    def _global(self, g, name: str, rows):
+        """A global array whose row count is the expected one and whose chunk files all exist:
+        a zarr.json claiming 2^36 rows would otherwise read as fill values into a huge allocation."""
+        arr = g[name]
+        if rows is not None and (arr.ndim < 1 or arr.shape[0] != rows):
+            raise StoreError(f"{self.root / GROUP / name}: {arr.shape} rows, the manifest says {rows}")
+        n_chunks = -(-arr.shape[0] // arr.chunks[0]) if arr.shape[0] else 0
+        cdir = self.root / GROUP / name / "c"
+        have = sum(1 for _ in itertools.islice(os.scandir(cdir), n_chunks)) if cdir.is_dir() else 0
+        if have < n_chunks:
+            raise StoreError(f"{self.root / GROUP / name}: {arr.shape[0]} rows need {n_chunks} chunk "
+                             f"files, {have} exist (damaged or edited store)")
+        return arr
 
     def _group(self):
         h = self._handles()
