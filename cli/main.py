@@ -118,18 +118,19 @@ def report_cmd(out, as_json):
 @main.command("verify")
 @click.argument("out", type=click.Path(exists=True, file_okay=False))
 def verify_cmd(out):
-    """Check every shard's checksum and the counts; exit 1 naming any damaged shard."""
-    from scatstore.stores import StoreError, verify
+    """Check the manifest, every file's checksum, archive members, unlisted files and the counts;
+    print every problem and exit 1 when there is any."""
+    from scatstore.stores import verify
 
-    try:
-        result = verify(out)
-    except StoreError as exc:
-        fail(str(exc))
+    result = verify(out)
     if result.ok:
-        click.echo(f"ok: {out}")
+        click.echo(f"ok: {out} ({result.count} samples, {result.n_shards} shards, "
+                   f"{result.files_checked} files checked)")
         return
-    for problem in result.damaged:
-        click.echo(f"damaged: shard {problem[0]}: {problem[1]}: {problem[2]}", err=True)
+    for line in result.lines():
+        click.echo(line, err=True)
+    click.echo(f"scatstore: error: {out}: {len(result.damaged)} damaged files, "
+               f"{len(result.problems)} other problems", err=True)
     sys.exit(1)
 
 

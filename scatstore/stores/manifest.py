@@ -13,7 +13,7 @@ from typing import Any
 
 from .errors import StoreError
 from .files import atomic_write_bytes, json_bytes
-from .registry import get_format
+from .registry import format_names, get_format
 from .safepath import safe_relpath
 
 MANIFEST_VERSION = 1
@@ -64,14 +64,26 @@ def upgrade_manifest(m: dict) -> dict:
     while v < MANIFEST_VERSION:
         if v not in UPGRADES:
             raise StoreError(f"no upgrade from manifest format_version {v}")
-        m = UPGRADES[v](m)
+        try:
+            m = UPGRADES[v](m)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise StoreError(f"manifest format_version {v} is malformed ({type(e).__name__}: {e})") from None
         v = m["format_version"]
     return m
 
 
 def read_manifest(path) -> dict:
     """Read ``manifest.json`` (``path`` is the store directory or the file), upgraded to
-    ``MANIFEST_VERSION``. Raises ``StoreError`` when missing, not JSON, or too new."""
+    ``MANIFEST_VERSION`` and validated. Raises ``StoreError`` when missing, not JSON, too new or
+    inconsistent."""
+    m = load_manifest_json(path)
+    validate_manifest(m)
+    return m
+
+
+def load_manifest_json(path) -> dict:
+    """``manifest.json`` parsed and upgraded, not yet validated (``StoreError`` when it cannot be
+    read, is not JSON, or has an unsupported version)."""
     p = Path(path)
     if p.is_dir():
         p = p / MANIFEST_NAME
@@ -80,15 +92,13 @@ def read_manifest(path) -> dict:
     except FileNotFoundError:
         raise StoreError(f"{p} not found: not a finished scatstore store "
                          "(an interrupted encode leaves no manifest; re-run it to resume)") from None
-    except OSError as e:
+    except (OSError, UnicodeDecodeError) as e:
         raise StoreError(f"cannot read {p}: {e}") from None
     try:
         m = json.loads(text)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise StoreError(f"{p} is corrupt (not JSON: {e})") from None
-    m = upgrade_manifest(m)
-    validate_manifest(m)
-    return m
+    return upgrade_manifest(m)
 
 
 # --------------------------------------------------------------------------------------- versions
@@ -174,73 +184,129 @@ def build_manifest(engine: dict, spec, layout: str, records: list,
     return m
 
 
-def _req(m: dict, key: str, types, where: str = "manifest"):
-    if key not in m:
-        raise StoreError(f"{where} lacks {key!r}")
-    if not isinstance(m[key], types) or (isinstance(m[key], bool) and bool not in
-                                          (types if isinstance(types, tuple) else (types,))):
-        raise StoreError(f"{where}.{key} has type {type(m[key]).__name__}, expected {types}")
-    return m[key]
+class _Problems(list):
+    """Collects every structural problem of a manifest (verify prints them all)."""
+
+    def req(self, m, key: str, types, where: str = "manifest"):
+        """``m[key]`` when present and of ``types`` (bool is not an int), else None (noted)."""
+        if not isinstance(m, dict):
+            return None
+        if key not in m:
+            self.append(f"{where} lacks {key!r}")
+            return None
+        v = m[key]
+        tt = types if isinstance(types, tuple) else (types,)
+        if not isinstance(v, tt) or (isinstance(v, bool) and bool not in tt):
+            self.append(f"{where}.{key} has type {type(v).__name__}, expected "
+                        f"{' or '.join(t.__name__ for t in tt)}")
+            return None
+        return v
+
+    def rel(self, rel, where: str) -> bool:
+        try:
+            safe_relpath(rel, where)
+        except StoreError as e:
+            self.append(str(e))
+            return False
+        return True
+
+
+def manifest_problems(m) -> list:
+    """Every structural problem of a current-version manifest (empty when it is sound): types,
+    counts that do not add up, a shard list that does not match the spec, unsafe paths."""
+    pr = _Problems()
+    if not isinstance(m, dict):
+        return ["manifest is not a JSON object"]
+    if pr.req(m, "format_version", int) not in (None, MANIFEST_VERSION):
+        pr.append(f"manifest format_version {m['format_version']} != {MANIFEST_VERSION}")
+    pr.req(m, "created_by", dict)
+    method = pr.req(m, "method", dict)
+    if method is not None:
+        pr.req(method, "name", str, "manifest.method")
+        pr.req(method, "params", dict, "manifest.method")
+    pr.req(m, "dtype", str)
+    if m.get("quantization") is not None and not isinstance(m["quantization"], dict):
+        pr.append("manifest.quantization must be an object or null")
+    if m.get("sample_shape") is not None and not isinstance(m["sample_shape"], list):
+        pr.append("manifest.sample_shape must be a list or null")
+    count = pr.req(m, "count", int)
+    n_slots = pr.req(m, "n_slots", int)
+    rejected = pr.req(m, "rejected", int)
+    if None not in (count, n_slots, rejected) and (count > n_slots or count < 0 or rejected < 0):
+        pr.append(f"manifest counts are inconsistent (count={count}, n_slots={n_slots}, "
+                  f"rejected={rejected})")
+    names = pr.req(m, "class_names", list)
+    if names is not None and not all(isinstance(n, str) for n in names):
+        pr.append("manifest.class_names must be strings")
+    if m.get("source") is not None and not isinstance(m["source"], dict):
+        pr.append("manifest.source must be an object or null")
+    pr.req(m, "job", dict)
+    pr.req(m, "bytes_stored", int)
+    store = pr.req(m, "store", dict)
+    if store is None:
+        return list(pr)
+    fmt = pr.req(store, "format", str, "manifest.store")
+    if fmt is not None and fmt not in format_names():
+        pr.append(f"manifest.store.format {fmt!r} is not a known format {format_names()}")
+    pr.req(store, "layout", str, "manifest.store")
+    shard_size = pr.req(store, "shard_size", int, "manifest.store")
+    if shard_size is not None and shard_size < 1:
+        pr.append(f"manifest.store.shard_size is {shard_size}: must be >= 1")
+        shard_size = None
+    n_shards = pr.req(store, "n_shards", int, "manifest.store")
+    shards = pr.req(store, "shards", list, "manifest.store")
+    glob = pr.req(store, "global_files", dict, "manifest.store")
+    if shards is not None and n_shards is not None and len(shards) != n_shards:
+        pr.append(f"manifest.store lists {len(shards)} shards, n_shards={n_shards}")
+    if None not in (shard_size, n_shards, n_slots) and -(-n_slots // shard_size) != n_shards:
+        pr.append(f"manifest.store.n_shards {n_shards} != ceil(n_slots {n_slots} / shard_size "
+                  f"{shard_size}) = {-(-n_slots // shard_size)}")
+    spec = store.get("spec")
+    if spec is not None:
+        if not isinstance(spec, dict):
+            pr.append("manifest.store.spec must be an object")
+        else:
+            for k, v in (("format", fmt), ("n_slots", n_slots), ("shard_size", shard_size),
+                         ("dtype", m.get("dtype"))):
+                if v is not None and k in spec and spec[k] != v:
+                    pr.append(f"manifest.store.spec.{k}={spec[k]!r} contradicts {v!r}")
+    total = 0
+    for i, s in enumerate(shards or []):
+        where = f"manifest.store.shards[{i}]"
+        if not isinstance(s, dict) or s.get("index") != i:
+            pr.append(f"{where} is malformed (not an object with index {i})")
+            continue
+        c = pr.req(s, "count", int, where)
+        if c is not None:
+            total += c
+            if c < 0 or (shard_size is not None and c > shard_size):
+                pr.append(f"{where}.count {c} is outside 0..shard_size")
+        files = pr.req(s, "files", dict, where)
+        for rel, info in (files or {}).items():
+            pr.rel(rel, f"{where} file")
+            if not isinstance(info, dict) or not isinstance(info.get("sha256"), str) \
+                    or not isinstance(info.get("bytes"), int) or isinstance(info.get("bytes"), bool):
+                pr.append(f"{where}.files[{rel!r}] is malformed")
+    for rel, info in (glob or {}).items():
+        pr.rel(rel, "manifest.store.global_files path")
+        if not isinstance(info, dict) or not isinstance(info.get("sha256"), str) \
+                or not isinstance(info.get("bytes"), int):
+            pr.append(f"manifest.store.global_files[{rel!r}] is malformed")
+    for name in ("index", "group"):  # format fields naming a file or folder of the store
+        if name in store:
+            pr.rel(store[name], f"manifest.store.{name}")
+    if count is not None and shards is not None and total != count:
+        pr.append(f"manifest shard counts sum to {total}, count={count}")
+    return list(pr)
 
 
 def validate_manifest(m: dict) -> None:
-    """Structural check of a current-version manifest; raises ``StoreError``."""
-    if _req(m, "format_version", int) != MANIFEST_VERSION:
-        raise StoreError(f"manifest format_version {m['format_version']} != {MANIFEST_VERSION}")
-    _req(m, "created_by", dict)
-    method = _req(m, "method", dict)
-    _req(method, "name", str, "manifest.method")
-    _req(method, "params", dict, "manifest.method")
-    _req(m, "dtype", str)
-    if m.get("quantization") is not None and not isinstance(m["quantization"], dict):
-        raise StoreError("manifest.quantization must be an object or null")
-    if m.get("sample_shape") is not None and not isinstance(m["sample_shape"], list):
-        raise StoreError("manifest.sample_shape must be a list or null")
-    count = _req(m, "count", int)
-    n_slots = _req(m, "n_slots", int)
-    rejected = _req(m, "rejected", int)
-    if count > n_slots or count < 0 or rejected < 0:
-        raise StoreError(f"manifest counts are inconsistent (count={count}, n_slots={n_slots}, "
-                         f"rejected={rejected})")
-    names = _req(m, "class_names", list)
-    if not all(isinstance(n, str) for n in names):
-        raise StoreError("manifest.class_names must be strings")
-    if m.get("source") is not None and not isinstance(m["source"], dict):
-        raise StoreError("manifest.source must be an object or null")
-    _req(m, "job", dict)
-    store = _req(m, "store", dict)
-    _req(store, "format", str, "manifest.store")
-    _req(store, "layout", str, "manifest.store")
-    _req(store, "shard_size", int, "manifest.store")
-    n_shards = _req(store, "n_shards", int, "manifest.store")
-    shards = _req(store, "shards", list, "manifest.store")
-    _req(store, "global_files", dict, "manifest.store")
-    if len(shards) != n_shards:
-        raise StoreError(f"manifest.store lists {len(shards)} shards, n_shards={n_shards}")
-    total = 0
-    for i, s in enumerate(shards):
-        if not isinstance(s, dict) or s.get("index") != i:
-            raise StoreError(f"manifest.store.shards[{i}] is malformed")
-        total += _req(s, "count", int, f"manifest.store.shards[{i}]")
-        files = _req(s, "files", dict, f"manifest.store.shards[{i}]")
-        for rel, info in files.items():
-            _check_rel(rel)
-            if not isinstance(info, dict) or not isinstance(info.get("sha256"), str) \
-                    or not isinstance(info.get("bytes"), int):
-                raise StoreError(f"manifest.store.shards[{i}].files[{rel!r}] is malformed")
-    for rel in store["global_files"]:
-        _check_rel(rel)
-    for name in ("index", "group"):  # format fields naming a file or folder of the store
-        if name in store:
-            _check_rel(store[name])
-    if total != count:
-        raise StoreError(f"manifest shard counts sum to {total}, count={count}")
-    _req(m, "bytes_stored", int)
-
-
-def _check_rel(rel: str) -> None:
-    """Paths in a manifest are relative, inside the store, of safe components."""
-    safe_relpath(rel, "manifest path")
+    """Structural check of a current-version manifest; ``StoreError`` naming the first problem
+    (and how many more there are)."""
+    problems = manifest_problems(m)
+    if problems:
+        more = f" (and {len(problems) - 1} more problems: run scatstore verify)" if len(problems) > 1 else ""
+        raise StoreError(problems[0] + more)
 
 
 def write_manifest(out: Path, manifest: dict) -> None:

@@ -1,18 +1,30 @@
-"""``verify(OUT)``: re-hash every file the manifest lists and check the counts.
+"""``verify(OUT)``: everything that can be checked about a finished store, every problem reported.
 
-Returns a ``VerifyReport``; ``report.exit_code`` is 0 when the store is intact, 1 otherwise, and
-``report.damaged`` names each damaged shard as ``(shard index, file, reason)`` (``-1`` for the
-global files written at finalize: index arrays, zarr metadata).
+1. The manifest: readable, JSON, a supported version, and structurally sound (every problem of
+   ``manifest_problems``: types, counts that do not add up, a shard size of 0, unsafe paths).
+2. Every file it lists: a safe path inside the store, a regular file (no symlink), of the
+   recorded size and sha256.
+3. The format's own checks (``StoreFormat.verify``): files in the format's data area that the
+   manifest does not list (a plain ``shard-*.tar`` glob would read them), archive members (names,
+   extensions: nothing a plain reader would unpickle), chunk checksums, index counts.
+4. The store opens (keys and index sizes checked).
+
+Returns a ``VerifyReport``; ``report.exit_code`` is 0 when the store is intact, 1 otherwise.
+``report.damaged`` names each damaged file as ``(shard index, file, reason)`` (``-1`` for the
+global files written at finalize), ``report.problems`` everything else. Never raises.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .dataset import open_dataset
 from .errors import StoreError
 from .files import sha256_file
-from .manifest import read_manifest
+from .manifest import MANIFEST_NAME, load_manifest_json, manifest_problems
 from .registry import get_format
+from .safepath import inside, safe_relpath
 
 
 @dataclass
@@ -25,6 +37,7 @@ class VerifyReport:
     n_shards: int = 0
     files_checked: int = 0
     bytes_checked: int = 0
+    listed: set = field(default_factory=set)      # files the manifest lists (relative)
 
     @property
     def exit_code(self) -> int:
@@ -45,6 +58,18 @@ class VerifyReport:
                 self.problems.append(f"shard {s['index']:06d}: {what} counts {c}, manifest says "
                                      f"{s['count']}")
 
+    def unlisted(self, root: Path, rels, why: str) -> None:
+        """Record a problem for each of ``rels`` (paths relative to ``root``) the manifest does
+        not list."""
+        for rel in sorted(rels):
+            if rel not in self.listed:
+                self.problems.append(f"unlisted file {rel}: not part of the store ({why})")
+
+    def lines(self) -> list:
+        out = [f"damaged: {'global' if s < 0 else f'shard {s}'}: {f}: {why}"
+               for s, f, why in self.damaged]
+        return out + [f"problem: {p}" for p in self.problems]
+
     def format(self) -> str:
         lines = [f"{self.path}: {'OK' if self.ok else 'DAMAGED'} ({self.count} samples, "
                  f"{self.n_shards} shards, {self.files_checked} files, {self.bytes_checked} bytes checked)"]
@@ -55,7 +80,12 @@ class VerifyReport:
 
 
 def _check_file(root: Path, rel: str, info: dict) -> str | None:
-    p = root / rel
+    try:
+        p = inside(root, rel, "listed file")
+    except StoreError as e:
+        return str(e)
+    if p.is_symlink():
+        return "is a symbolic link (a store's files are regular files)"
     if not p.is_file():
         return "missing"
     size = p.stat().st_size
@@ -66,43 +96,90 @@ def _check_file(root: Path, rel: str, info: dict) -> str | None:
     return None
 
 
+def _files(store: dict):
+    """(shard index, rel, info) of every well-formed file entry of the manifest."""
+    for rel, info in (store.get("global_files") or {}).items():
+        yield -1, rel, info
+    for i, s in enumerate(store.get("shards") or []):
+        if isinstance(s, dict) and isinstance(s.get("files"), dict):
+            for rel, info in s["files"].items():
+                yield i, rel, info
+
+
 def verify(path) -> VerifyReport:
     root = Path(path)
     rep = VerifyReport(path=str(root))
     try:
-        m = read_manifest(root)
+        _verify(root, rep)
+    except Exception as e:  # noqa: BLE001 - verify reports, it never crashes
+        rep.problems.append(f"verify could not finish: {type(e).__name__}: {e}")
+    rep.ok = not rep.damaged and not rep.problems
+    return rep
+
+
+def _verify(root: Path, rep: VerifyReport) -> None:
+    try:
+        m = load_manifest_json(root / MANIFEST_NAME if root.is_dir() else root)
     except StoreError as e:
-        rep.ok = False
         rep.problems.append(str(e))
-        return rep
-    store = m["store"]
-    rep.count, rep.n_shards = m["count"], store["n_shards"]
-    for rel, info in store["global_files"].items():
+        return
+    structural = manifest_problems(m)
+    rep.problems += structural
+    store = m.get("store") if isinstance(m.get("store"), dict) else {}
+    rep.count = m.get("count", 0) if isinstance(m.get("count"), int) else 0
+    rep.n_shards = len(store.get("shards") or []) if isinstance(store.get("shards"), list) else 0
+    for shard, rel, info in _files(store):
+        if not isinstance(info, dict) or not isinstance(info.get("bytes"), int) \
+                or not isinstance(info.get("sha256"), str):
+            continue  # already a structural problem
+        try:
+            safe_relpath(rel)
+        except StoreError:
+            continue  # likewise
+        rep.listed.add(rel)
         why = _check_file(root, rel, info)
         rep.files_checked += 1
         rep.bytes_checked += info["bytes"]
         if why:
-            rep.damaged.append((-1, rel, why))
-    expect_shards = -(-m["n_slots"] // store["shard_size"])
-    if expect_shards != store["n_shards"]:
-        rep.problems.append(f"n_shards {store['n_shards']} != ceil(n_slots / shard_size) = {expect_shards}")
-    per_shard = []
-    for s in store["shards"]:
-        if s["count"] > store["shard_size"]:
-            rep.problems.append(f"shard {s['index']:06d}: count {s['count']} > shard_size")
-        per_shard.append(s["count"])
-        for rel, info in s["files"].items():
-            why = _check_file(root, rel, info)
-            rep.files_checked += 1
-            rep.bytes_checked += info["bytes"]
-            if why:
-                rep.damaged.append((s["index"], rel, why))
-    if m["count"] + 0 != sum(per_shard):
-        rep.problems.append(f"shard counts sum to {sum(per_shard)}, manifest count is {m['count']}")
-    if not any(d[0] < 0 for d in rep.damaged):  # the index is intact: the format's own checks
+            rep.damaged.append((shard, rel, why))
+    try:
+        fmt = get_format(store.get("format"))
+    except StoreError:
+        return  # an unknown format is a structural problem already
+    if structural:
+        return  # the format's checks read the store through the manifest: it must be sound
+    try:
+        fmt.verify(root, m, rep)
+    except Exception as e:  # noqa: BLE001 - any failure to read the store is damage
+        rep.problems.append(f"{fmt.name} checks failed: {type(e).__name__}: {e}")
+    if not rep.damaged:
         try:
-            get_format(store["format"]).verify(root, m, rep)
-        except Exception as e:  # noqa: BLE001 - any failure to read the index is damage
-            rep.problems.append(f"index unreadable: {e}")
-    rep.ok = not rep.damaged and not rep.problems
-    return rep
+            open_dataset(root).close()
+        except StoreError as e:
+            rep.problems.append(f"the store does not open: {e}")
+
+
+def data_files(root: Path, sub: str = "", suffixes: tuple = ()) -> list:
+    """Relative paths of the files below ``root/sub`` (all of them, or those ending in one of
+    ``suffixes`` at its top level), symlinks included, without following them."""
+    base = root / sub if sub else root
+    out = []
+    if not base.is_dir():
+        return out
+    if suffixes:
+        for e in os.scandir(base):
+            if e.name.endswith(suffixes) and not e.is_dir(follow_symlinks=False):
+                out.append(f"{sub}/{e.name}" if sub else e.name)
+        return out
+    for dirpath, dirnames, filenames in os.walk(base):
+        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            out.append(Path(dirpath, name).relative_to(root).as_posix())
+    return out
+
+
+def row_blocks(lo: int, hi: int, row_nbytes: int, target: int = 1 << 26, multiple: int = 1):
+    """``(a, b)`` ranges covering rows ``lo..hi`` of about ``target`` bytes each, a multiple of
+    ``multiple`` rows (verify reads whole arrays in bounded pieces)."""
+    step = max(1, target // max(1, row_nbytes)) // multiple * multiple or multiple
+    for a in range(lo, hi, step):
+        yield a, min(hi, a + step)

@@ -2,10 +2,10 @@
 verifier)."""
 from __future__ import annotations
 
-from ...index_npy import verify_index_npy
 from ...registry import StoreFormat
 from .bulk import H5BulkReader
 from .reader import H5Dataset
+from .verify import verify
 from .writer import LAYOUT, H5Writer
 
 
@@ -16,6 +16,6 @@ def library_versions() -> dict:
 
 
 FORMAT = StoreFormat(name="h5", writer=H5Writer, dataset=H5Dataset, bulk_reader=H5BulkReader,
-                     verify=verify_index_npy, library_versions=library_versions)
+                     verify=verify, library_versions=library_versions)
 
 __all__ = ["FORMAT", "H5Writer", "H5Dataset", "H5BulkReader", "LAYOUT"]

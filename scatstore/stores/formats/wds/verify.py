@@ -1,10 +1,73 @@
-"""The webdataset store's own checks for ``scatstore verify`` (after the files were re-hashed)."""
+"""The webdataset store's own checks for ``scatstore verify`` (after the files were re-hashed):
+no unlisted ``.tar`` beside the shards (a plain ``shard-*.tar`` glob would read it), every member
+of every shard a regular file named ``KEY.EXT`` with a valid key and one of this store's
+extensions (no ``../`` paths, no ``.pyd``/``.pickle`` that ``webdataset``'s default decoders
+would unpickle), each sample's members complete and in order, the keys those of ``index.npy``."""
 from __future__ import annotations
 
+import tarfile
 from pathlib import Path
 
-from ...index_npy import verify_index_npy
+
+from ...errors import StoreError
+from ...index_npy import load_index_npy, verify_index_npy
+from ...verify import data_files
+from .tar import check_member_name, member_exts
 
 
 def verify(root: Path, m: dict, report) -> None:
-    verify_index_npy(root, m, report)
+    from ...base import StoreSpec
+
+    report.unlisted(root, data_files(root, "", (".tar", ".tar.gz", ".tgz", ".tar.zst")),
+                    "a plain shard-*.tar glob would read it")
+    spec = StoreSpec.from_dict(m["store"]["spec"])
+    exts = member_exts(spec)
+    try:
+        ix = load_index_npy(root, m)
+    except StoreError as e:
+        report.problems.append(str(e))
+        ix = None
+    for s in m["store"]["shards"]:
+        keys = None if ix is None else [k.decode("ascii") for k in ix["key"][ix["shard"] == s["index"]]]
+        for rel in sorted(s["files"]):
+            if rel.endswith(".tar"):
+                for why in member_problems(root / rel, exts, keys):
+                    report.damaged.append((s["index"], rel, why))
+    if ix is not None:
+        verify_index_npy(root, m, report)
+
+
+def member_problems(path: Path, exts: list, keys) -> list:
+    """Every problem of the members of one shard tar (empty when it is sound)."""
+    out, seen = [], []
+    try:
+        with tarfile.open(path, mode="r:") as tf:
+            for ti in tf:
+                if not ti.isreg():
+                    out.append(f"member {ti.name!r} is not a regular file")
+                    continue
+                try:
+                    key, ext = check_member_name(ti.name)
+                except StoreError as e:
+                    out.append(str(e))
+                    continue
+                if ext not in exts:
+                    out.append(f"member {ti.name!r}: extension {ext!r} is not one of this store's "
+                               f"{exts}")
+                    continue
+                seen.append((key, ext))
+    except (tarfile.TarError, OSError, EOFError) as e:
+        return out + [f"not a readable tar: {e}"]
+    want_keys = [k for k, _ in seen[:: len(exts)]]
+    if [e for _, e in seen] != exts * (len(seen) // len(exts)) or len(seen) % len(exts) or \
+            any(seen[i][0] != want_keys[i // len(exts)] for i in range(len(seen))):
+        out.append(f"members are not complete samples of {exts} in order")
+    elif keys is not None and want_keys != keys:
+        diff = next((i for i, (a, b) in enumerate(zip(want_keys, keys)) if a != b),
+                    min(len(want_keys), len(keys)))
+        out.append(f"samples {len(want_keys)} in the tar, {len(keys)} in index.npy; first "
+                   f"difference at position {diff}")
+    return out
+
+
+__all__ = ["verify", "member_problems"]
