@@ -156,6 +156,10 @@ def decode_cmd(out, dest, codec, src_root, limit, batch_size, device, no_metrics
     from scatstore.stores import StoreError
     from scatstore.stores.safepath import safe_name
 
+    if batch_size < 1:
+        fail(f"--batch-size must be >= 1, got {batch_size}")
+    if limit is not None and limit < 0:
+        fail(f"--limit must be >= 0, got {limit}")
     try:
         ds = scatstore.open_dataset(out)
     except StoreError as exc:

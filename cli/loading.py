@@ -26,6 +26,14 @@ def bench_load_cmd(data, jpeg, batch_size, num_workers, seconds, repeats, device
     against (a) a JPEG decode + resize + crop DataLoader over --jpeg and (b) a plain webdataset
     pipeline over the same tar shards (when a DATA store is a webdataset store); prints the ratios.
     """
+    import math
+
+    for opt, value, ok, want in (("--batch-size", batch_size, batch_size >= 1, ">= 1"),
+                                 ("--num-workers", num_workers, num_workers >= 0, ">= 0"),
+                                 ("--seconds", seconds, math.isfinite(seconds) and seconds > 0, "> 0"),
+                                 ("--repeats", repeats, repeats >= 1, ">= 1")):
+        if not ok:
+            fail(f"{opt} must be {want}, got {value}")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its thread pool
 
 

@@ -34,6 +34,78 @@ def _store(path: str) -> dict:
         fail(str(exc))
 
 
+def _check_options(ctx, *, epochs, batch_size, lr, momentum, weight_decay, warmup_epochs,
+                   num_workers, seed, image_size, num_classes, arch, pixels) -> str | None:
+    """Every numeric option checked before anything is read or built: one line naming the
+    option, never a traceback from deep inside torch. Returns the canonical arch (or None)."""
+    import math
+
+    def bad(opt, why):
+        fail(f"{opt} {why}")
+
+    if epochs < 1:
+        bad("--epochs", f"must be >= 1, got {epochs}")
+    if batch_size < 1:
+        bad("--batch-size", f"must be >= 1, got {batch_size}")
+    if lr is not None and not (math.isfinite(lr) and lr > 0):
+        bad("--lr", f"must be a finite number > 0, got {lr}")
+    if not (math.isfinite(momentum) and 0 <= momentum < 1):
+        bad("--momentum", f"must be in [0, 1), got {momentum}")
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        bad("--weight-decay", f"must be a finite number >= 0, got {weight_decay}")
+    if warmup_epochs < 0 or warmup_epochs >= epochs:
+        bad("--warmup-epochs", f"must be in 0..{epochs - 1} (fewer than --epochs {epochs}), "
+                               f"got {warmup_epochs}")
+    if num_workers is not None and num_workers < 0:
+        bad("--num-workers", f"must be >= 0, got {num_workers}")
+    if not 0 <= seed < 2 ** 32:
+        bad("--seed", f"must be in 0..2^32-1, got {seed}")
+    if num_classes is not None and num_classes < 2:
+        bad("--num-classes", f"a classifier needs at least 2 classes, got {num_classes}")
+    if pixels is not None and image_size < 32:
+        bad("--image-size", f"must be >= 32 pixels, got {image_size}")
+    if pixels is None and ctx.get_parameter_source("image_size") is \
+            click.core.ParameterSource.COMMANDLINE:
+        _echo("warning: --image-size only applies to --pixels; a store's samples keep their size")
+    if arch is None:
+        return None
+    from scatstore.models import canonical_arch
+
+    try:
+        return canonical_arch(arch)
+    except ValueError as exc:
+        bad("--arch", str(exc))
+
+
+def check_val_store(train_manifest: dict, val_manifest: dict, train_path: str, val_path: str) -> None:
+    """The validation store must be labeled with the training store's classes, in the same
+    order (label i means the same class in both); a one-line error naming both lists."""
+    t = list(train_manifest.get("class_names") or [])
+    v = list(val_manifest.get("class_names") or [])
+    if not v:
+        fail(f"--val {val_path} is unlabeled (no class names): it cannot be "
+                               "scored; encode the validation images from class folders")
+    if v != t:
+        def show(names):
+            return "[" + ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "") + "]"
+        fail(f"--val {val_path} has classes {show(v)}, the training store "
+                               f"{train_path} has {show(t)}: label numbers would not mean the same "
+                               "class")
+
+
+def _check_labels(manifest: dict, labels, n_classes: int, path: str) -> None:
+    """A training store needs labels, all below the number of classes."""
+    import numpy as np
+
+    labels = np.asarray(labels)
+    if not manifest.get("class_names") or (len(labels) and labels.min() < 0):
+        fail(f"{path} is unlabeled (no class names): train needs a store "
+                               "encoded from class folders")
+    if len(labels) and labels.max() >= n_classes:
+        fail(f"--num-classes {n_classes} is too small: {path} holds label "
+                               f"{int(labels.max())} ({len(manifest['class_names'])} classes)")
+
+
 def _interrupted_note(checkpoint_dir: str | None) -> str:
     """What an interrupted run leaves to resume from."""
     if not checkpoint_dir:
@@ -50,13 +122,18 @@ def _interrupted_note(checkpoint_dir: str | None) -> str:
 
 
 def _store_loader(path: str, *, batch_size: int, train: bool, seed: int, num_workers: int,
-                  device: str, rank: int, world: int):
+                  device: str, rank: int, world: int, skip_damaged: bool = False):
     """The streaming loader of a store: called with an epoch, it gives that epoch's batches of
     this rank; its ``bytes_read`` counter feeds the engine's I/O figure."""
     from scatstore import loader
+    from scatstore.stores import StoreError
 
-    return loader(path, batch_size, shuffle=train, seed=seed, num_workers=num_workers,
-                  drop_last=train, device=device, rank=rank, world_size=world)
+    try:
+        return loader(path, batch_size, shuffle=train, seed=seed, num_workers=max(1, num_workers),
+                      drop_last=train, device=device, rank=rank, world_size=world,
+                      skip_damaged=skip_damaged)
+    except (StoreError, ValueError, FileNotFoundError) as exc:
+        fail(str(exc))
 
 
 @click.command("train")
@@ -89,16 +166,24 @@ def _store_loader(path: str, *, batch_size: int, train: bool, seed: int, num_wor
 @click.option("--image-size", type=int, default=224, show_default=True, help="Crop side for --pixels.")
 @click.option("--num-classes", type=int, default=None, help="Override the number of classes.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def train_cmd(data, pixels, arch, epochs, batch_size, lr, momentum, weight_decay, schedule,
+@click.option("--skip-damaged", is_flag=True,
+              help="Count, log and leave out the samples of damaged chunks (crc32c mismatch) "
+                   "instead of stopping with an error.")
+@click.pass_context
+def train_cmd(ctx, data, pixels, arch, epochs, batch_size, lr, momentum, weight_decay, schedule,
               warmup_epochs, val, device, amp, checkpoint_dir, resume, num_workers, seed, image_size,
-              num_classes, no_progress):
+              num_classes, no_progress, skip_damaged):
     """Train ARCH on the store DATA (or on the JPEGs of --pixels SRC), one JSON line per epoch."""
     if (data is None) == (pixels is None):
-        raise click.UsageError("give either a store DATA or --pixels SRC (not both)")
+        fail("give either a store DATA or --pixels SRC (not both)")
     if resume and not checkpoint_dir:
-        raise click.UsageError("--resume needs --checkpoint-dir")
-    if epochs < 1 or batch_size < 1:
-        raise click.UsageError("--epochs and --batch-size must be positive")
+        fail("--resume needs --checkpoint-dir")
+    if skip_damaged and pixels is not None:
+        fail("--skip-damaged applies to stores, not to --pixels")
+    arch = _check_options(ctx, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
+                          weight_decay=weight_decay, warmup_epochs=warmup_epochs,
+                          num_workers=num_workers, seed=seed, image_size=image_size,
+                          num_classes=num_classes, arch=arch, pixels=pixels)
 
     import numpy as np
     import torch
@@ -106,6 +191,7 @@ def train_cmd(data, pixels, arch, epochs, batch_size, lr, momentum, weight_decay
 
     from scatstore.models import arch_info, build_model, canonical_arch, count_params
     from scatstore.pipelines.train import resolve_device, setup_distributed, train
+    from scatstore.stores import StoreError
 
     rank, world, _ = setup_distributed(device)
     dev = resolve_device(device)
@@ -133,30 +219,40 @@ def train_cmd(data, pixels, arch, epochs, batch_size, lr, momentum, weight_decay
                                      split=split_for(val, "val"))
             arch = canonical_arch(arch or "resnet18")
             if arch_info(arch)["input"] != "pixels":
-                raise click.UsageError(f"--pixels trains a pixel model; {arch} expects "
-                                       f"{arch_info(arch)['input']} input")
+                fail(f"--pixels trains a pixel model; {arch} expects "
+                     f"{arch_info(arch)['input']} input")
             in_channels, input_size = 3, image_size
             n_classes = num_classes or train_f.num_classes
+            if n_classes < max(2, train_f.num_classes):
+                fail(f"--num-classes {n_classes} is too small: {pixels} has "
+                                       f"{train_f.num_classes} class folders")
             data_desc = {"kind": "pixels", "path": os.path.abspath(pixels)}
         else:
             manifest = _store(data)
             if not manifest["count"]:
                 fail(f"{data} holds no samples ({manifest['rejected']} source files rejected: "
                       "see its rejected.jsonl)")
+            val_manifest = None
+            if val is not None:
+                if not os.path.isdir(val):
+                    fail(f"--val {val} is not a store directory")
+                val_manifest = _store(val)
+                check_val_store(manifest, val_manifest, data, val)
             train_f = _store_loader(data, batch_size=batch_size, train=True, seed=seed,
-                                    num_workers=num_workers, device=str(dev), rank=rank, world=world)
+                                    num_workers=num_workers, device=str(dev), rank=rank, world=world,
+                                    skip_damaged=skip_damaged)
+            n_classes = num_classes or len(manifest.get("class_names") or [])
+            _check_labels(manifest, train_f.labels, n_classes, data)
             val_f = None
             if val is not None:
-                _store(val)
                 val_f = _store_loader(val, batch_size=batch_size, train=False, seed=seed,
-                                      num_workers=num_workers, device=str(dev), rank=rank, world=world)
+                                      num_workers=num_workers, device=str(dev), rank=rank, world=world,
+                                      skip_damaged=skip_damaged)
+                _check_labels(val_manifest, val_f.labels, n_classes, val)
             method = manifest["method"]["name"]
             arch = canonical_arch(arch or _DEFAULT_ARCH.get(method, "scatresnet10"))
             # what the loader yields: C·K channels of coefficients, 3 of pixels, a codec's latents
             in_channels, input_size = train_f.in_channels, train_f.input_size
-            n_classes = num_classes or len(manifest.get("class_names") or [])
-            if not n_classes:
-                raise click.UsageError("cannot tell the number of classes from the store; pass --num-classes")
             data_desc = {"kind": "store", "path": os.path.abspath(data), "method": method}
 
         model = build_model(arch, in_channels, n_classes, input_size=input_size)
@@ -173,12 +269,19 @@ def train_cmd(data, pixels, arch, epochs, batch_size, lr, momentum, weight_decay
                   weight_decay=weight_decay, amp=amp, device=dev, checkpoint_dir=checkpoint_dir,
                   resume=resume, schedule=schedule, warmup_epochs=warmup_epochs,
                   progress=not no_progress and sys.stderr is not None, meta=meta)
-        except ValueError as exc:  # data or settings that cannot train (the engine says which)
+        except (ValueError, StoreError) as exc:  # data or settings that cannot train
             fail(str(exc))
         except KeyboardInterrupt:
             if rank == 0:
                 _echo(_interrupted_note(checkpoint_dir))
             sys.exit(130)
+        finally:
+            if skip_damaged and rank == 0:
+                for name, f in (("training", train_f), ("validation", val_f)):
+                    bad = getattr(getattr(f, "reader", None), "damaged", None)
+                    if bad:
+                        _echo(f"--skip-damaged: left out {len(bad)} samples of "
+                              f"{f.reader.damaged_chunks} damaged chunks of the {name} store")
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

@@ -9,6 +9,7 @@ import tarfile
 from pathlib import Path
 
 
+from ...base import StoreSpec
 from ...errors import StoreError
 from ...index_npy import load_index_npy, verify_index_npy
 from ...verify import data_files
@@ -16,8 +17,6 @@ from .tar import check_member_name, member_exts
 
 
 def verify(root: Path, m: dict, report) -> None:
-    from ...base import StoreSpec
-
     report.unlisted(root, data_files(root, "", (".tar", ".tar.gz", ".tgz", ".tar.zst")),
                     "a plain shard-*.tar glob would read it")
     spec = StoreSpec.from_dict(m["store"]["spec"])
