@@ -23,6 +23,11 @@ class ZarrBulkReader(BulkReader):
         meta = json.loads((self.group / "x" / "zarr.json").read_text())
         self.chunk_samples, self.mode, self.key_fmt = self._parse(meta)
         self._index = _LRU(256)
+        # Uncompressed chunks whose crc32c passed, (shard, chunk): later reads of them skip the
+        # check (an extra pass over the data that halves the raw read rate; benchmarks/crc_check.py),
+        # as the shard indexes above are read once per reader too. Compressed chunks are always
+        # checked: there the check is ~3 % of the decompression.
+        self._verified: set = set()
         self._q = _LRU(8)
         self._zarr = None
         self._zlock = threading.Lock()
@@ -172,15 +177,19 @@ class ZarrBulkReader(BulkReader):
             if int(nb[within]) != cs * nbs + crc:
                 raise DamagedChunk(f"{path}: chunk {within} has {int(nb[within])} bytes, "
                                    f"expected {cs * nbs + crc}")
+            if crc and (shard, within) in self._verified:
+                crc = 0  # checked on its first read by this reader (see _verified)
             if crc and len(local) == cs:  # the whole chunk, in order: check it in the outputs
                 total = _preadv_all(fd, list(out), base)
                 stored = os.pread(fd, crc, base + cs * nbs)
                 self._check_crc(path, shard, within, out, stored)
+                self._verified.add((shard, within))
                 return total + crc
             if crc:  # part of a chunk: read it whole once, check, copy the rows out
                 buf = self._chunk_scratch(cs * nbs + crc)
                 _preadv_all(fd, [buf], base)
                 self._check_crc(path, shard, within, [buf[: cs * nbs]], buf[cs * nbs:])
+                self._verified.add((shard, within))
                 rows = np.frombuffer(buf, dtype=np.uint8, count=cs * nbs).reshape(cs, nbs)
                 _scatter(out, rows[local])
                 return len(buf)
