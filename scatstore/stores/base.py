@@ -21,7 +21,7 @@ from .errors import StoreError
 from .files import atomic_write_bytes, json_bytes, remove_tmp_files, sha256_file
 from .manifest import build_manifest, write_manifest
 from .registry import format_names
-from .safepath import check_key
+from .safepath import check_key, inside
 
 DTYPES = ("float16", "float32", "uint8", "bytes")
 QUANT_SCHEMES = ("affine", "sqrt")
@@ -380,12 +380,12 @@ class StoreWriter:
             if record.count != len(record.slots) or not 0 <= record.index < self.spec.n_shards:
                 return False
             for rel, info in record.files.items():
-                p = self.out / rel
-                if not p.is_file() or p.stat().st_size != info["bytes"]:
+                p = inside(self.out, rel, "shard record file")  # records are read from OUT too
+                if p.is_symlink() or not p.is_file() or p.stat().st_size != info["bytes"]:
                     return False
                 if sha256_file(p) != info["sha256"]:
                     return False
-        except (OSError, KeyError, TypeError):
+        except (OSError, KeyError, TypeError, StoreError):
             return False
         return True
 
