@@ -185,6 +185,19 @@ class ScatDataset:
         return (f"{type(self).__name__}({str(self.root)!r}, n={len(self)}, format={self.spec.format}, "
                 f"dtype={self.spec.dtype}, sample_shape={self.spec.sample_shape})")
 
+    def _stack(self, xs: list, qs: list, qo: list, hws: list):
+        """``_read``'s result from per-sample lists (formats that read sample by sample)."""
+        spec = self.spec
+        x = xs if spec.dtype == "bytes" else (np.stack(xs) if xs else
+                                              np.zeros((0, *spec.sample_shape), spec.dtype))
+        if spec.quantized:
+            qs_a = np.stack(qs) if qs else np.zeros((0, *spec.qparam_shape), np.float32)
+            qo_a = np.stack(qo) if qo else np.zeros((0, *spec.qparam_shape), np.float32)
+        else:
+            qs_a = qo_a = None
+        hw = np.asarray(hws, dtype=np.int32).reshape(-1, 2) if spec.has_hw else None
+        return x, qs_a, qo_a, hw
+
     # ---------------------------------------------------------------- format hooks
     def _load_index(self) -> None:  # sets slots, keys, labels
         raise NotImplementedError

@@ -55,15 +55,7 @@ class WdsDataset(ScatDataset):
                 qo.append(q[1])
             if spec.has_hw:
                 hws.append(json.loads(self._member(i, "json")).get("hw"))
-        x = xs if spec.dtype == "bytes" else (np.stack(xs) if xs else
-                                              np.zeros((0, *spec.sample_shape), spec.dtype))
-        if spec.quantized:
-            qs_a = np.stack(qs) if qs else np.zeros((0, *spec.qparam_shape), np.float32)
-            qo_a = np.stack(qo) if qo else np.zeros((0, *spec.qparam_shape), np.float32)
-        else:
-            qs_a = qo_a = None
-        hw = np.asarray(hws, dtype=np.int32).reshape(-1, 2) if spec.has_hw else None
-        return x, qs_a, qo_a, hw
+        return self._stack(xs, qs, qo, hws)
 
     def _meta(self, i: int) -> dict:
         d = json.loads(self._member(i, "json"))
