@@ -49,8 +49,11 @@ class H5Dataset(ScatDataset):
             if (k.decode() if isinstance(k, bytes) else str(k)) != self.keys[int(i)]:
                 raise StoreError(f"shard {int(row['shard'])} position {p} does not hold {self.keys[int(i)]!r}")
             if spec.dtype == "bytes":
-                a, b = f["bits_offsets"][p:p + 2]
-                xs.append(f["bits"][int(a):int(b)].tobytes())
+                a, b = (int(v) for v in f["bits_offsets"][p:p + 2])
+                if not 0 <= a <= b <= f["bits"].shape[0]:
+                    raise StoreError(f"shard {int(row['shard'])}: bits_offsets [{a}, {b}) lie outside "
+                                     f"its {f['bits'].shape[0]} bytes of bitstreams")
+                xs.append(f["bits"][a:b].tobytes())
             else:
                 xs.append(f["x"][p])
             if spec.quantized:

@@ -108,6 +108,9 @@ class ZarrDataset(ScatDataset):
                     arr = h["bits"][sh] = h["group"][f"bits/{sh:06d}"]
                 base = self._bits_off[sh * spec.shard_size]
                 a, b = self._bits_off[s] - base, self._bits_off[s + 1] - base
+                if not 0 <= a <= b <= arr.shape[0]:
+                    raise StoreError(f"shard {sh}: bits_offsets [{a}, {b}) lie outside its "
+                                     f"{arr.shape[0]} bytes of bitstreams")
                 xs.append(bytes(np.asarray(arr[a:b])) if b > a else b"")
             x = xs
         else:
