@@ -62,7 +62,7 @@ def _wait_for_commits(proc: subprocess.Popen, out: Path, n: int, freeze: bool = 
     folder of its shard markers. ``freeze``: then SIGSTOP its process group, so that a slow test
     machine cannot let it finish before the test acts on it (SIGCONT resumes it; a signal sent
     meanwhile is delivered then)."""
-    markers = out / ".scatstore" / "shards"
+    markers = out / "_store"  # the store's commit records
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         if markers.exists() and len(list(markers.glob("shard-*.json"))) >= n:
@@ -320,7 +320,8 @@ def test_a_second_encode_into_a_busy_out_is_refused_and_a_killed_one_leaves_no_l
 
 def test_a_cancelled_run_stops_its_shard_tasks(imagenet_src, tmp_path):
     """A shard task of an interrupted run stops at its next batch, before writing anything."""
-    from scatstore.pipelines import encode as engine
+    from scatstore.pipelines.encode import jobdir, shards
+    from scatstore.sources import FrameSpec
 
     out = tmp_path / "out"
     _run(imagenet_src, out, method="raw", format="wds")  # a valid OUT for the task to write to
@@ -335,16 +336,16 @@ def test_a_cancelled_run_stops_its_shard_tasks(imagenet_src, tmp_path):
     spec = StoreSpec(format="wds", n_slots=len(index.items), shard_size=5,
                      sample_shape=method.sample_shape(SIZE), dtype="uint8", quantized=False,
                      has_hw=False, compression="default")
-    task = engine._make_tasks(cfg, method, index, spec, [1], 0, run="r1")[0]
+    task = shards.make_tasks(cfg, method, index, spec, [1], 0, "r1", FrameSpec(SIZE), "float16")[0]
     shard = out / "shard-000001.tar"
     before = shard.read_bytes()
     shard.unlink()
-    engine._cancel_run(out, "r1")
-    with pytest.raises(engine.ShardCancelled, match="shard 1"):
-        engine.encode_shard(task)
+    jobdir.cancel_run(out, "r1")
+    with pytest.raises(shards.ShardCancelled, match="shard 1"):
+        shards.encode_shard(task)
     assert not shard.exists()
-    engine._cancel_path(out, "r1").unlink()
-    engine.encode_shard(task)  # the same task of a run not cancelled writes its shard
+    jobdir.clear_cancel(out, "r1")
+    shards.encode_shard(task)  # the same task of a run not cancelled writes its shard
     assert shard.read_bytes() == before
 
 
@@ -414,7 +415,7 @@ def test_cli_encode_report_verify(imagenet_src, tmp_path):
                                  "--quiet"],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    assert "encoded 12 samples (0 rejected)" in run.stderr
+    assert "encoded 12 samples (0 rejected, 0 skipped)" in run.stderr
     rep = subprocess.run(base + ["report", str(out), "--json"], capture_output=True, text=True, check=True)
     assert json.loads(rep.stdout)["count"] == 12
     assert subprocess.run(base + ["verify", str(out)], capture_output=True).returncode == 0
@@ -477,8 +478,9 @@ def test_decode_threads_leave_the_callers_torch_threads_alone(imagenet_src, tmp_
     code = f"""
 import torch
 torch.set_num_threads(2)        # no torch op yet in this thread: its per-thread set-up is lazy
-from scatstore.pipelines.encode import EncodeConfig, encode, _decode_pool
-decode = _decode_pool().submit(torch.get_num_threads).result()
+from scatstore.pipelines.encode import EncodeConfig, encode
+from scatstore.pipelines.encode.prefetch import decode_pool
+decode = decode_pool().submit(torch.get_num_threads).result()
 main = torch.get_num_threads()  # first touch, after the decode threads exist
 stats = {{}}
 encode(EncodeConfig(src={str(imagenet_src)!r}, out={str(tmp_path / 'o')!r}, method='scat1', J=2,
@@ -495,10 +497,10 @@ print(decode, main, torch.get_num_threads(), stats['images'], sorted(stats))
 
 
 def test_transform_error_stops_the_job_with_that_error(imagenet_src, tmp_path, monkeypatch):
-    import scatstore.pipelines.encode as engine
+    import scatstore.pipelines.encode.shards as engine
 
     calls = []
-    real = engine._encode_batch
+    real = engine.encode_batch
 
     def flaky(task, method, images):
         calls.append(task.index)
@@ -506,12 +508,12 @@ def test_transform_error_stops_the_job_with_that_error(imagenet_src, tmp_path, m
             raise RuntimeError("transform exploded")
         return real(task, method, images)
 
-    monkeypatch.setattr(engine, "_encode_batch", flaky)
+    monkeypatch.setattr(engine, "encode_batch", flaky)
     out = tmp_path / "boom"
     with pytest.raises(RuntimeError, match="transform exploded"):
         _run(imagenet_src, out, method="scat1", J=2, format="zarr", shard_size=2, batch_size=1)
     assert not (out / "manifest.json").exists()
-    monkeypatch.setattr(engine, "_encode_batch", real)
+    monkeypatch.setattr(engine, "encode_batch", real)
     m = _run(imagenet_src, out, method="scat1", J=2, format="zarr", shard_size=2, batch_size=1)
     assert m["count"] == 12 and verify(out).ok
 

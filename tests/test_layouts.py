@@ -198,7 +198,9 @@ def test_symlinks_inside_and_outside(inet, tmp_path):
     paths = {it.path for it in ix.items}
     assert "n00000002/n00000002_link.JPEG" in paths
     assert "n00000002/evil.JPEG" not in paths
-    assert "n00000009" not in ix.class_names
+    # the class folder out of SRC is not read, but keeps its index: no later label shifts
+    assert ix.class_names[3] == "n00000009" and not any(it.label == 3 for it in ix.items)
+    assert {"path": "n00000009", "reason": "empty_class", "label": 3} in ix.skipped()
     assert {m["path"] for m in ix.missing if m["reason"] == "symlink_outside_root"} == \
         {"n00000002/evil.JPEG", "n00000009"}
     assert len([p for p in paths if p.startswith("n00000003/")]) == 3   # cycle not followed
