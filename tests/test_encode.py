@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -218,6 +219,54 @@ def test_output_bytes_do_not_depend_on_worker_count(imagenet_src, tmp_path, fmt)
     _run(imagenet_src, one, method="scat1", J=2, format=fmt, workers=1)
     _run(imagenet_src, two, method="scat1", J=2, format=fmt, workers=2)
     assert _store_digest(one) == _store_digest(two)
+
+
+def test_the_three_executors_give_identical_stores(imagenet_src, tmp_path):
+    """In-process, the process pool and dask (thread workers), each picked from the executors'
+    table: byte-identical stores, job bookkeeping aside, with augment variants across shard
+    boundaries and a rejected file."""
+    from scatstore.pipelines.encode import EXECUTORS
+    from scatstore.pipelines.encode.executors import executor_for
+
+    src = tmp_path / "src"
+    shutil.copytree(imagenet_src, src)
+    (sorted(p for p in src.iterdir() if p.is_dir())[0] / "broken.JPEG").write_bytes(b"\xff\xd8\xff")
+    modes = {"in-process": {}, "processes": {"workers": 2},
+             "dask": {"workers": 2, "scheduler": "local"}}
+    assert set(modes) == set(EXECUTORS)
+    digests = {}
+    for name, kw in modes.items():
+        out = tmp_path / name
+        cfg = EncodeConfig(src=src, out=out, method="scat1", J=2, size=SIZE, shard_size=5,
+                           augment=2, progress=False, **kw)
+        assert executor_for(cfg) == name
+        m = encode(cfg, log=lambda msg: None)
+        assert m["count"] == 24 and m["rejected"] == 2
+        digests[name] = _store_digest(out)
+    assert digests["processes"] == digests["in-process"]
+    assert digests["dask"] == digests["in-process"]
+
+
+def test_a_job_dir_of_the_previous_version_resumes(imagenet_src, tmp_path):
+    """Earlier versions committed each shard twice (a copy of the store's record in
+    .scatstore/shards/, temporary names .NAME.tmp-PID): such a job dir resumes without redoing
+    a shard, and their leftovers are removed."""
+    out = tmp_path / "old"
+    _run(imagenet_src, out, method="scat1", J=2, format="wds")
+    clean = _store_digest(out)
+    (out / "manifest.json").unlink()
+    notes = sorted((out / ".scatstore" / "shards").glob("shard-*.json"))
+    for p in notes:  # the old marker: {"record", "rejected", "quality"}
+        record = json.loads((out / "_store" / p.name).read_text())
+        p.write_text(json.dumps({"record": record, **json.loads(p.read_text())}, sort_keys=True))
+    (out / ".scatstore" / "shards" / ".shard-000001.json.tmp-4242").write_text("{")
+    (out / ".rejected.jsonl.tmp-4242").write_text("")
+    lines = []
+    m = encode(EncodeConfig(src=imagenet_src, out=out, method="scat1", J=2, format="wds",
+                            size=SIZE, shard_size=5, progress=False), log=lines.append)
+    assert f"resuming: {len(notes)}/{len(notes)} shards complete and verified, 0 to do" in lines
+    assert m["count"] == 12 and _store_digest(out) == clean
+    assert not list(out.rglob("*.tmp-4242"))
 
 
 @pytest.mark.slow

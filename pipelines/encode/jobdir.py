@@ -12,13 +12,15 @@
   workers of a remote dask cluster sharing OUT).
 
 Every file is written through ``scatstore.stores.base.atomic_write_bytes`` (temporary name
-``.tmp-NAME-PID``, removed by the writer's ``prepare`` if a killed run left it).
+``.tmp-NAME-PID``, removed by the writer's ``prepare`` if a killed run left it); the
+``.NAME.tmp-PID`` leftovers of earlier versions' own writer are removed when OUT is opened.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -98,10 +100,29 @@ def open_out(out: Path, params: dict):
         raise EncodeError(f"OUT {out} is not writable: {exc.strerror or exc}") from exc
     lock = lock_out(out)  # before job.json: two new jobs racing for one OUT never mix
     try:
+        _remove_old_temporaries(out)
         return _check_job_file(out, params), lock
     except BaseException:
         lock.close()
         raise
+
+
+# Temporary names of the engine's own atomic writer before it used the stores' one
+# (``.NAME.tmp-PID``): a job dir of that version killed mid-write may hold some.
+_OLD_TMP = re.compile(r"^\..+\.tmp-\d+$")
+
+
+def _remove_old_temporaries(out: Path) -> None:
+    if not (out / JOB_DIR / JOB_FILE).exists():  # not (yet) a job's OUT: touch nothing
+        return
+    for d in (out, out / JOB_DIR, out / JOB_DIR / SHARD_NOTES):
+        try:
+            names = os.listdir(d)
+        except OSError:
+            continue
+        for name in names:
+            if _OLD_TMP.match(name):
+                (d / name).unlink(missing_ok=True)
 
 
 def _check_job_file(out: Path, params: dict) -> bool:
