@@ -71,7 +71,8 @@ def small_src(tmp_path_factory) -> Path:
 
 # ------------------------------------------------------------------ class 2: any file name encodes
 
-def test_any_name_the_filesystem_allows_encodes(tmp_path):
+@pytest.mark.parametrize("fmt", ["wds", "zarr", "h5"])
+def test_any_name_the_filesystem_allows_encodes(tmp_path, fmt):
     src = tmp_path / "src"
     deep = src / "cls_a" / Path(*[f"d{i}" for i in range(30)])
     deep.mkdir(parents=True)
@@ -90,7 +91,7 @@ def test_any_name_the_filesystem_allows_encodes(tmp_path):
     before = _snapshot(tmp_path, tmp_path / "out")
     for layout in ("imagenet", "folder"):
         out = tmp_path / "out" / layout
-        code, output = _encode(src, out, "--layout", layout, "--format", "wds", "--J", "2")
+        code, output = _encode(src, out, "--layout", layout, "--format", fmt, "--J", "2")
         assert code == 0, output
         m = read_manifest(out)
         assert m["count"] == 5 and m["rejected"] == 0
@@ -109,8 +110,12 @@ def test_any_name_the_filesystem_allows_encodes(tmp_path):
         # deterministic: a second index gives the same keys
         assert [it.key for it in discover(src, layout=layout).items] == \
             [it.key for it in discover(src, layout=layout).items]
-        code, output = _encode(src, out, "--layout", layout, "--format", "wds", "--J", "2")
+        code, output = _encode(src, out, "--layout", layout, "--format", fmt, "--J", "2")
         assert code == 0, output  # re-run of the finished job
+        # and a reader gives the exact bytes back from the meta
+        metas_read = [open_dataset(out)[i][2] for i in range(5)]
+        assert any(base64.b64decode(mm.get("path_bytes_b64", "")) == b"cls_b/caf\xe9-latin1.jpg"
+                   for mm in metas_read)
     assert _snapshot(tmp_path, tmp_path / "out") == before
 
 
@@ -142,6 +147,35 @@ def test_a_bad_option_is_refused_before_out_and_the_fixed_command_runs(small_src
     assert code == 0, output
     assert verify(out).ok
     assert _snapshot(tmp_path, out) == before
+
+
+def test_every_method_meets_the_contract_and_checks_the_size():
+    from scatstore.transforms.methods import EncodeMethod, make_method
+
+    for name in ("scat1", "scat2", "raw"):
+        m = make_method(name, J=3)
+        assert isinstance(m, EncodeMethod), name
+        m.validate(8)
+        assert m.measure(np.zeros((1, 3, 8, 8), np.uint8), None) is None
+    with pytest.raises(ValueError, match="too small for J=3"):
+        make_method("scat1", J=3).validate(7)
+    with pytest.raises(ValueError, match="L must be an integer in 1..16"):
+        make_method("scat1", L=20)
+    with pytest.raises(ValueError, match="J must be an integer"):
+        make_method("scat2", J=True)
+
+
+def test_an_option_without_effect_is_said(small_src, tmp_path):
+    code, output = _encode(small_src, tmp_path / "out", "--seed", "3")
+    assert code == 0 and "warning: seed 3 has no effect without augment" in output
+
+
+def test_an_unreachable_scheduler_is_one_line_and_the_job_runs_without(small_src, tmp_path):
+    out = tmp_path / "out"
+    code, output = _encode(small_src, out, "--scheduler", "not-an-address")
+    assert code == 2 and "cannot reach the dask scheduler 'not-an-address'" in _one_error_line(output)
+    code, output = _encode(small_src, out)  # the scheduler is not part of the job: resumes
+    assert code == 0, output
 
 
 def test_codec_with_a_scattering_method_is_refused(small_src, tmp_path):

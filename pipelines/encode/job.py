@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable
 
 from . import executors, jobdir, manifest as manifest_mod, signals
-from .options import EncodeConfig, EncodeError, OptionError
+from .options import EncodeConfig, EncodeError, OptionError, config_warnings
 from .shards import make_tasks
 from .summary import summary_lines
 
@@ -89,6 +89,8 @@ def encode(cfg: EncodeConfig, log: Callable[[str], None] | None = None,
     from scatstore.stores import read_manifest, writer_for
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
+    for warning in config_warnings(cfg):
+        log(f"warning: {warning}")
     # Everything that can be refused is refused here, before OUT exists or is locked.
     index = _discover(cfg)
     method = _method(cfg)

@@ -147,6 +147,19 @@ def check_config(cfg: EncodeConfig) -> None:
                           f"{cfg.scheduler!r}")
 
 
+def config_warnings(cfg: EncodeConfig) -> list[str]:
+    """Options that are valid but change nothing in this job (said, not refused: the job is
+    well defined either way)."""
+    out = []
+    if cfg.seed and not cfg.augment:
+        out.append(f"seed {cfg.seed} has no effect without augment (it seeds the augment "
+                   "variants only)")
+    if cfg.scheduler not in (None, "local") and cfg.workers != 1:
+        out.append(f"workers {cfg.workers} has no effect on a running dask cluster (its own "
+                   "workers run the shards)")
+    return out
+
+
 def config_from_kwargs(**kwargs) -> EncodeConfig:
     """Build an :class:`EncodeConfig`, turning unknown keys into a clear error."""
     names = {f.name for f in dataclasses.fields(EncodeConfig)}
