@@ -599,3 +599,74 @@ def test_augment_variants_across_shard_boundaries(imagenet_src, tmp_path):
         ref, _ = random_resized_crop(img, SIZE, variant_rng(5, key, meta["variant"]))
         np.testing.assert_array_equal(np.asarray(x), ref)
         assert meta["variant"] == i % 3
+
+
+def test_no_import_cycle_through_the_encode_job_sources_or_methods():
+    """Walk every import statement (module level and inside functions) of the project's modules;
+    no cycle may pass through the encode package, scatstore.sources or the method contract."""
+    import ast
+
+    import scatstore
+
+    roots = {"scatstore": Path(scatstore.__file__).parent}
+    repo = roots["scatstore"].parent
+    roots["scatstore.pipelines"] = repo / "pipelines"
+    roots["scatstore.cli"] = repo / "cli"
+    modules: dict[str, Path] = {}
+    for prefix, root in roots.items():
+        for path in root.rglob("*.py"):
+            rel = path.relative_to(root).with_suffix("").parts
+            if rel[-1] == "__init__":
+                rel = rel[:-1]
+            name = ".".join((prefix, *rel))
+            if prefix == "scatstore" and rel[:1] in (("pipelines",), ("cli",)):
+                continue
+            modules[name] = path
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")
+                    base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
+                subs = [f"{base}.{a.name}" for a in node.names]
+                # `from pkg import submodule` does not run pkg's code again: no edge to pkg
+                targets = subs + ([base] if any(t not in modules for t in subs) else [])
+            edges.update(t for t in targets if t in modules and t != name)
+        graph[name] = edges
+
+    index, low, stack, on, sccs = {}, {}, [], set(), []
+
+    def visit(v):  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = set()
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.add(w)
+                if w == v:
+                    break
+            sccs.append(comp)
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    mine = ("scatstore.pipelines.encode", "scatstore.sources", "scatstore.transforms.methods")
+    assert "scatstore.pipelines.encode.job" in graph and "scatstore.sources.samples" in graph
+    bad = [sorted(c) for c in sccs if len(c) > 1 and any(m.startswith(mine) for m in c)]
+    assert not bad, "\n".join(" ".join(c) for c in bad)

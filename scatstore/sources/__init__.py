@@ -13,14 +13,14 @@ from .decode import (DEFAULT_MAX_PIXELS, DecodeError, decode_image, decode_image
                      sniff_format)
 from .demo_data import make_coco_layout, make_imagenet_layout, make_trap_files
 from .layouts import (IMAGE_EXTENSIONS, LAYOUTS, SourceIndex, SourceItem, discover, escape_key,
-                      unescape_key)
+                      path_meta, source_key, unescape_key)
 from .preprocess import (Geometry, decode_for_frame, random_resized_crop, resize_center_crop,
                          resize_keep_aspect, variant_rng)
-from .samples import FrameSpec, path_meta, prepare_item
+from .samples import FrameSpec, prepare_item
 
 __all__ = [
     "DEFAULT_MAX_PIXELS", "DecodeError", "decode_image", "decode_image_reduced", "sniff_format",
-    "SourceItem", "SourceIndex", "discover", "escape_key", "unescape_key", "IMAGE_EXTENSIONS",
+    "SourceItem", "SourceIndex", "discover", "escape_key", "unescape_key", "source_key", "IMAGE_EXTENSIONS",
     "LAYOUTS",
     "Geometry", "resize_center_crop", "resize_keep_aspect", "random_resized_crop",
     "variant_rng", "decode_for_frame", "FrameSpec", "prepare_item", "path_meta",

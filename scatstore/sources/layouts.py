@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = ["SourceItem", "SourceIndex", "discover", "escape_key", "unescape_key", "source_key",
+           "path_meta",
            "IMAGE_EXTENSIONS", "LAYOUTS"]
 
 LAYOUTS = ("imagenet", "coco", "folder")
@@ -72,8 +74,6 @@ class SourceIndex:
         """What discovery left out, one JSON-able dict per entry (``OUT/skipped.jsonl``,
         docs/format.md): ``reason`` and ``path`` (or COCO's ``image_id`` / ``file_name`` /
         ``annotation_id``); paths bytes-safe as in :func:`scatstore.sources.path_meta`."""
-        from .samples import path_meta
-
         out = []
         for m in self.missing:
             m = dict(m)
@@ -94,7 +94,21 @@ class SourceIndex:
 
 
 # --------------------------------------------------------------------------------------------
-# keys
+# keys and bytes-safe paths
+
+
+def path_meta(path: str) -> dict[str, str]:
+    """``{"path": path}``, bytes-safe: a name that is not valid UTF-8 (POSIX file names are bytes;
+    Python lists them with lone surrogates, ``surrogateescape``) is stored readably with U+FFFD
+    in ``path`` and exactly in ``path_bytes_b64`` (base64 of ``os.fsencode(path)``)."""
+    try:
+        path.encode("utf-8")
+        return {"path": path}
+    except UnicodeEncodeError:
+        raw = os.fsencode(path)
+        return {"path": raw.decode("utf-8", "replace"),
+                "path_bytes_b64": base64.b64encode(raw).decode("ascii")}
+
 
 _SAFE = re.compile(r"[A-Za-z0-9_]")
 

@@ -6,19 +6,17 @@ geometry (resize, crop, random-resized-crop, box mapping, COCO declared sizes) l
 """
 from __future__ import annotations
 
-import base64
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from .decode import decode_image_reduced
-from .layouts import SourceItem
+from .layouts import SourceItem, path_meta
 from .preprocess import (decode_for_frame, random_resized_crop, resize_center_crop,
                          resize_keep_aspect, variant_rng)
 
-__all__ = ["FrameSpec", "prepare_item", "path_meta"]
+__all__ = ["FrameSpec", "prepare_item"]
 
 
 @dataclass(frozen=True)
@@ -31,19 +29,6 @@ class FrameSpec:
     keep_aspect: bool = False
     augment: int = 0
     seed: int = 0
-
-
-def path_meta(path: str) -> dict[str, str]:
-    """``{"path": path}``, bytes-safe: a name that is not valid UTF-8 (POSIX file names are bytes;
-    Python lists them with lone surrogates, ``surrogateescape``) is stored readably with U+FFFD
-    in ``path`` and exactly in ``path_bytes_b64`` (base64 of ``os.fsencode(path)``)."""
-    try:
-        path.encode("utf-8")
-        return {"path": path}
-    except UnicodeEncodeError:
-        raw = os.fsencode(path)
-        return {"path": raw.decode("utf-8", "replace"),
-                "path_bytes_b64": base64.b64encode(raw).decode("ascii")}
 
 
 def _declared_size(meta: dict) -> tuple[int, int] | None:
