@@ -282,6 +282,8 @@ def test_bad_coco_entries_are_skipped_and_listed(tmp_path):
     doc = json.loads(ann_file.read_text())
     doc["images"].append({"id": 90, "file_name": "../../etc/passwd", "width": 10, "height": 10})
     doc["images"].append("not an object")
+    huge = dict(doc["images"][0], id=10 ** 100)                # a key of 105 characters
+    doc["images"].append(huge)
     doc["annotations"][0]["bbox"] = None                      # null bbox
     doc["annotations"][1]["id"] = "ann-text-id"               # mixed-type ids
     ann_file.write_text(json.dumps(doc))
@@ -291,7 +293,9 @@ def test_bad_coco_entries_are_skipped_and_listed(tmp_path):
     reasons = sorted(d["reason"] for d in map(json.loads, (out / "skipped.jsonl").read_text().splitlines()))
     assert reasons == ["bad_bbox_or_category", "bad_image_entry", "path_escapes_root"]
     assert "3 skipped" in output
-    assert read_manifest(out)["count"] == 4
+    assert read_manifest(out)["count"] == 5
+    keys = [k for p in (out / "_store").glob("shard-*.json") for k in json.loads(p.read_text())["keys"]]
+    assert "coco_000000000001" in keys and len(set(keys)) == 5 and max(map(len, keys)) <= 80
 
 
 @pytest.mark.parametrize("doc, why", [

@@ -558,7 +558,8 @@ def _discover_coco(root: str, walker: _Walker, split: str | None) -> SourceIndex
                 "iscrowd": crowd, "annotation_ids": ann_ids,
                 "width": im.get("width"), "height": im.get("height")}
         rel = os.path.relpath(path, root).replace(os.sep, "/")
-        items.append(SourceItem(f"coco_{iid:012d}", rel, -1, meta))
+        key = f"coco_{iid:012d}"
+        items.append(SourceItem(key if len(key) <= KEY_LIMIT else source_key(key), rel, -1, meta))
         sizes.append(size)
     class_names = [str(c.get("name", c.get("id"))) for c in categories]
     return SourceIndex(root, "coco", items, class_names, categories, missing, sum(sizes), split,
