@@ -373,3 +373,51 @@ def test_pool_workers_die_with_a_killed_parent_and_commit_nothing_after(tmp_path
     assert not (out / "manifest.json").exists()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert verify(out).ok and read_manifest(out)["count"] == 30
+
+
+def test_a_dask_task_whose_run_is_gone_stops_without_writing(small_src, tmp_path, monkeypatch):
+    """The run's client goes away (its process killed) while a shard task runs on a cluster: the
+    task sees its cancellation between batches and writes nothing."""
+    from distributed import Client
+
+    from scatstore.pipelines.encode import EncodeConfig, encode, local_cluster, shards
+    from scatstore.pipelines.encode.manifest import stored_dtype
+    from scatstore.sources import FrameSpec
+    from scatstore.stores import StoreSpec
+    from scatstore.transforms.methods import make_method
+
+    out = tmp_path / "out"
+    cfg = EncodeConfig(src=small_src, out=out, J=2, size=SIZE, shard_size=6, batch_size=1,
+                       progress=False)
+    encode(cfg, log=lambda m: None)  # a valid OUT; then shard 0 is to be redone
+    record = out / "_store" / "shard-000000.json"
+    record.unlink()
+    index = discover(small_src)
+    method = make_method("scat1", J=2)
+    spec = StoreSpec(format="zarr", n_slots=len(index.items), shard_size=6,
+                     sample_shape=method.sample_shape(SIZE), dtype=stored_dtype(cfg, method))
+    task = shards.make_tasks(cfg, method, index, spec, [0], 0, "gone", FrameSpec(SIZE),
+                             "float16")[0]
+    real = shards.encode_batch
+    calls = []
+
+    def slow(*a):  # thread workers run in this process: the same module
+        calls.append(1)
+        time.sleep(0.3)
+        return real(*a)
+
+    monkeypatch.setattr(shards, "encode_batch", slow)
+    with local_cluster(1) as cluster:
+        client = Client(cluster)
+        fut = client.submit(shards.encode_shard, task, pure=False, key="encode-shard-0-gone")
+        deadline = time.monotonic() + 30
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.02)
+        client.close()  # what the scheduler sees when the run's process dies
+        del fut
+        time.sleep(2.5)
+        assert 1 <= len(calls) < 6, "the task went on after its run was gone"
+    assert not record.exists()
+    monkeypatch.setattr(shards, "encode_batch", real)
+    assert encode(cfg, log=lambda m: None)["count"] == len(index.items)
+    assert verify(out).ok

@@ -231,8 +231,8 @@ class ShardEncoder:
                              else np.zeros((0, *spec.sample_shape[:2]), np.float32))
         if spec.has_hw:
             kwargs["hw"] = np.asarray(self.hws, dtype=np.int32).reshape(-1, 2)
-        if not signals.parent_alive():  # a pool worker whose run is gone: no lock, no write
-            raise ShardCancelled(f"shard {task.index}: the run that started this worker is gone")
+        if not signals.run_alive():  # the run that holds the lock is gone: no write
+            raise ShardCancelled(f"shard {task.index}: the run that started this task is gone")
         jobdir.write_notes(task.out, task.index, self.rejected, quality)
         record = writer_for(Path(task.out), spec).write_shard(task.index, ShardBatch(**kwargs)).to_dict()
         self.x_buf, self.parts = None, {}
@@ -256,7 +256,8 @@ def encode_shard(task: ShardTask, on_progress: Callable[[int], None] | None = No
         set_thread_openmp_threads(task.torch_threads)
     enc = ShardEncoder(task, on_progress)
     for k, (_task, slot, item, variant, result) in enumerate(prepared([task], window(task))):
-        if task.run and k % task.batch_size == 0 and jobdir.is_cancelled(task.out, task.run):
+        if k % task.batch_size == 0 and (not signals.run_alive() or (
+                task.run and jobdir.is_cancelled(task.out, task.run))):
             raise ShardCancelled(f"shard {task.index}: run {task.run} interrupted")
         enc.add(slot, item, variant, result)
     enc.close()

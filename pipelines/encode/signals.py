@@ -7,8 +7,10 @@
   holds no lock on OUT; if the run that holds it is killed (``kill -9``), its workers must stop
   before they commit another shard: on Linux the kernel sends them SIGKILL when the parent dies
   (``prctl(PR_SET_PDEATHSIG)``); everywhere a watch thread compares ``os.getppid()`` with the
-  parent's pid and ends the process, and :func:`parent_alive` is checked again just before a
+  parent's pid and ends the process, and :func:`run_alive` is checked again just before a
   shard is written.
+- Dask tasks (:func:`run_alive`): when the run dies or stops, the scheduler cancels its tasks;
+  one already running sees that between batches and before its write, and stops.
 """
 from __future__ import annotations
 
@@ -103,6 +105,29 @@ def _set_pdeathsig() -> None:
 def parent_alive() -> bool:
     """In a pool worker: whether the run that started it still lives (always True elsewhere)."""
     return _PARENT["pid"] is None or os.getppid() == _PARENT["pid"]
+
+
+def _dask_task_wanted() -> bool:
+    """In a dask task: False once the scheduler cancelled it. A run that dies (its client's
+    connection closes) or stops has its tasks cancelled; a task already running cannot be
+    killed, so it asks here. True outside dask, or when the state cannot be read."""
+    if "distributed" not in sys.modules:
+        return True
+    try:
+        from distributed import get_worker
+        from distributed.worker import thread_state
+
+        key = getattr(thread_state, "key", None)
+        ts = get_worker().state.tasks.get(key) if key is not None else None
+    except (ValueError, AttributeError, ImportError):  # not in a dask task
+        return True
+    return ts is None or ts.state != "cancelled"
+
+
+def run_alive() -> bool:
+    """Whether the run that this shard task belongs to still holds OUT: checked between batches
+    and just before a shard is written, in every executor."""
+    return parent_alive() and _dask_task_wanted()
 
 
 def _watch_parent() -> None:
