@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
-    import scatstore.pipelines.encode as engine
+    import scatstore.pipelines.encode.manifest as engine
     from scatstore.pipelines.encode import EncodeConfig, encode
     from scatstore.sources import discover
 
@@ -59,7 +59,7 @@ def main() -> None:
         cfg = dict(src=src, out=out, method="raw", size=32, shard_size=args.shard_size,
                    progress=False)
         commit_times: list[float] = []
-        real_commit = engine._commit
+        real_commit = engine.commit
 
         def timed_commit(*a, **kw):
             t0 = time.perf_counter()
@@ -68,7 +68,7 @@ def main() -> None:
             finally:
                 commit_times.append(time.perf_counter() - t0)
 
-        engine._commit = timed_commit
+        engine.commit = timed_commit
         rows: dict[str, list[float]] = {"list the sources (discover + fingerprint)": [],
                                         "encode, whole job": [], "  of which: commit": [],
                                         "re-run of the finished job": []}
@@ -84,7 +84,7 @@ def main() -> None:
             t0 = time.perf_counter()
             encode(EncodeConfig(**cfg), log=lambda m: None)
             rows["re-run of the finished job"].append(time.perf_counter() - t0)
-        engine._commit = real_commit
+        engine.commit = real_commit
 
     print(f"{n:,} files in {args.classes} class folders (hard links to 64x48 JPEGs), raw 32², "
           f"zarr, {args.shard_size} samples per shard; {os.cpu_count()} cores; medians of "

@@ -52,19 +52,20 @@ def main() -> None:
 @click.argument("out", type=click.Path(path_type=str))
 @click.option("--method", type=click.Choice(["scat1", "scat2", "raw", "cae"]), default="scat1",
               show_default=True, help="Representation to store.")
-@click.option("--J", "J", type=int, default=3, show_default=True, help="Scattering scale (2^J subsampling).")
-@click.option("--L", "L", type=int, default=8, show_default=True, help="Scattering orientations.")
+@click.option("--J", "J", type=int, default=None, help="Scattering scale (2^J subsampling)  [default: 3; scat1/scat2 only]")
+@click.option("--L", "L", type=int, default=None, help="Scattering orientations  [default: 8; scat1/scat2 only]")
 @click.option("--codec", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Codec file for --method cae (from `scatstore fit-codec`).")
 @click.option("--format", "fmt", type=click.Choice(["zarr", "wds", "h5"]), default="zarr",
               show_default=True, help="Store format.")
 @click.option("--shard-size", type=int, default=512, show_default=True, help="Samples per shard.")
 @click.option("--size", type=int, default=224, show_default=True, help="Stored image side in pixels.")
-@click.option("--dtype", type=click.Choice(["float16", "float32", "uint8"]), default="float16",
-              show_default=True, help="Coefficient storage type (uint8: per-channel quantization).")
+@click.option("--dtype", type=click.Choice(["float16", "float32", "uint8"]), default=None,
+              help="Coefficient storage type (uint8: per-channel quantization)  [default: float16; "
+                   "scat1/scat2 only]")
 @click.option("--compression", default="default", show_default=True,
-              help="Store compression: default (zarr zstd:3, h5 gzip:1, wds none), none, zstd[:L], "
-                   "gzip[:L], lzf (h5). 'none' streams fastest (docs/loading.md).")
+              help="Store compression: default (zarr zstd:3, h5 gzip:1, wds none), none, zstd[:1-22] "
+                   "(zarr), gzip[:0-9] (zarr, h5), lzf (h5). 'none' streams fastest (docs/loading.md).")
 @click.option("--layout", type=click.Choice(["auto", "imagenet", "coco", "folder"]), default="auto",
               show_default=True, help="Source layout.")
 @click.option("--split", default=None, help="COCO: which instances_<split>.json to use.")
@@ -83,7 +84,8 @@ def main() -> None:
 def encode_cmd(src, out, method, J, L, codec, fmt, shard_size, size, dtype, compression, layout, split, augment,
                seed, workers, scheduler, device, batch_size, quiet):
     """Encode the images under SRC into a sharded store at OUT (re-run to resume)."""
-    from scatstore.pipelines.encode import EncodeConfig, EncodeError, JobTerminated, encode
+    from scatstore.pipelines.encode import (EncodeConfig, EncodeError, JobTerminated, OptionError,
+                                            encode)
 
     try:
         cfg = EncodeConfig(src=src, out=out, method=method, J=J, L=L, codec=codec, format=fmt,
@@ -92,6 +94,8 @@ def encode_cmd(src, out, method, J, L, codec, fmt, shard_size, size, dtype, comp
                            augment=augment, seed=seed, workers=workers, scheduler=scheduler,
                            device=device, batch_size=batch_size, progress=not quiet)
         manifest = encode(cfg)
+    except OptionError as exc:  # the library names the field: say the flag
+        fail(f"--{exc.option.replace('_', '-')}: {exc.problem}")
     except EncodeError as exc:
         fail(str(exc))
     except KeyboardInterrupt as exc:  # encode said what is committed and how to resume

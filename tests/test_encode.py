@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -62,7 +63,7 @@ def _wait_for_commits(proc: subprocess.Popen, out: Path, n: int, freeze: bool = 
     folder of its shard markers. ``freeze``: then SIGSTOP its process group, so that a slow test
     machine cannot let it finish before the test acts on it (SIGCONT resumes it; a signal sent
     meanwhile is delivered then)."""
-    markers = out / ".scatstore" / "shards"
+    markers = out / "_store"  # the store's commit records
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         if markers.exists() and len(list(markers.glob("shard-*.json"))) >= n:
@@ -220,6 +221,54 @@ def test_output_bytes_do_not_depend_on_worker_count(imagenet_src, tmp_path, fmt)
     assert _store_digest(one) == _store_digest(two)
 
 
+def test_the_three_executors_give_identical_stores(imagenet_src, tmp_path):
+    """In-process, the process pool and dask (thread workers), each picked from the executors'
+    table: byte-identical stores, job bookkeeping aside, with augment variants across shard
+    boundaries and a rejected file."""
+    from scatstore.pipelines.encode import EXECUTORS
+    from scatstore.pipelines.encode.executors import executor_for
+
+    src = tmp_path / "src"
+    shutil.copytree(imagenet_src, src)
+    (sorted(p for p in src.iterdir() if p.is_dir())[0] / "broken.JPEG").write_bytes(b"\xff\xd8\xff")
+    modes = {"in-process": {}, "processes": {"workers": 2},
+             "dask": {"workers": 2, "scheduler": "local"}}
+    assert set(modes) == set(EXECUTORS)
+    digests = {}
+    for name, kw in modes.items():
+        out = tmp_path / name
+        cfg = EncodeConfig(src=src, out=out, method="scat1", J=2, size=SIZE, shard_size=5,
+                           augment=2, progress=False, **kw)
+        assert executor_for(cfg) == name
+        m = encode(cfg, log=lambda msg: None)
+        assert m["count"] == 24 and m["rejected"] == 2
+        digests[name] = _store_digest(out)
+    assert digests["processes"] == digests["in-process"]
+    assert digests["dask"] == digests["in-process"]
+
+
+def test_a_job_dir_of_the_previous_version_resumes(imagenet_src, tmp_path):
+    """Earlier versions committed each shard twice (a copy of the store's record in
+    .scatstore/shards/, temporary names .NAME.tmp-PID): such a job dir resumes without redoing
+    a shard, and their leftovers are removed."""
+    out = tmp_path / "old"
+    _run(imagenet_src, out, method="scat1", J=2, format="wds")
+    clean = _store_digest(out)
+    (out / "manifest.json").unlink()
+    notes = sorted((out / ".scatstore" / "shards").glob("shard-*.json"))
+    for p in notes:  # the old marker: {"record", "rejected", "quality"}
+        record = json.loads((out / "_store" / p.name).read_text())
+        p.write_text(json.dumps({"record": record, **json.loads(p.read_text())}, sort_keys=True))
+    (out / ".scatstore" / "shards" / ".shard-000001.json.tmp-4242").write_text("{")
+    (out / ".rejected.jsonl.tmp-4242").write_text("")
+    lines = []
+    m = encode(EncodeConfig(src=imagenet_src, out=out, method="scat1", J=2, format="wds",
+                            size=SIZE, shard_size=5, progress=False), log=lines.append)
+    assert f"resuming: {len(notes)}/{len(notes)} shards complete and verified, 0 to do" in lines
+    assert m["count"] == 12 and _store_digest(out) == clean
+    assert not list(out.rglob("*.tmp-4242"))
+
+
 @pytest.mark.slow
 def test_dask_local_cluster_gives_the_same_bytes(imagenet_src, tmp_path):
     one = tmp_path / "one"
@@ -320,7 +369,8 @@ def test_a_second_encode_into_a_busy_out_is_refused_and_a_killed_one_leaves_no_l
 
 def test_a_cancelled_run_stops_its_shard_tasks(imagenet_src, tmp_path):
     """A shard task of an interrupted run stops at its next batch, before writing anything."""
-    from scatstore.pipelines import encode as engine
+    from scatstore.pipelines.encode import jobdir, shards
+    from scatstore.sources import FrameSpec
 
     out = tmp_path / "out"
     _run(imagenet_src, out, method="raw", format="wds")  # a valid OUT for the task to write to
@@ -335,16 +385,16 @@ def test_a_cancelled_run_stops_its_shard_tasks(imagenet_src, tmp_path):
     spec = StoreSpec(format="wds", n_slots=len(index.items), shard_size=5,
                      sample_shape=method.sample_shape(SIZE), dtype="uint8", quantized=False,
                      has_hw=False, compression="default")
-    task = engine._make_tasks(cfg, method, index, spec, [1], 0, run="r1")[0]
+    task = shards.make_tasks(cfg, method, index, spec, [1], 0, "r1", FrameSpec(SIZE), "float16")[0]
     shard = out / "shard-000001.tar"
     before = shard.read_bytes()
     shard.unlink()
-    engine._cancel_run(out, "r1")
-    with pytest.raises(engine.ShardCancelled, match="shard 1"):
-        engine.encode_shard(task)
+    jobdir.cancel_run(out, "r1")
+    with pytest.raises(shards.ShardCancelled, match="shard 1"):
+        shards.encode_shard(task)
     assert not shard.exists()
-    engine._cancel_path(out, "r1").unlink()
-    engine.encode_shard(task)  # the same task of a run not cancelled writes its shard
+    jobdir.clear_cancel(out, "r1")
+    shards.encode_shard(task)  # the same task of a run not cancelled writes its shard
     assert shard.read_bytes() == before
 
 
@@ -414,7 +464,7 @@ def test_cli_encode_report_verify(imagenet_src, tmp_path):
                                  "--quiet"],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    assert "encoded 12 samples (0 rejected)" in run.stderr
+    assert "encoded 12 samples (0 rejected, 0 skipped)" in run.stderr
     rep = subprocess.run(base + ["report", str(out), "--json"], capture_output=True, text=True, check=True)
     assert json.loads(rep.stdout)["count"] == 12
     assert subprocess.run(base + ["verify", str(out)], capture_output=True).returncode == 0
@@ -477,8 +527,9 @@ def test_decode_threads_leave_the_callers_torch_threads_alone(imagenet_src, tmp_
     code = f"""
 import torch
 torch.set_num_threads(2)        # no torch op yet in this thread: its per-thread set-up is lazy
-from scatstore.pipelines.encode import EncodeConfig, encode, _decode_pool
-decode = _decode_pool().submit(torch.get_num_threads).result()
+from scatstore.pipelines.encode import EncodeConfig, encode
+from scatstore.pipelines.encode.prefetch import decode_pool
+decode = decode_pool().submit(torch.get_num_threads).result()
 main = torch.get_num_threads()  # first touch, after the decode threads exist
 stats = {{}}
 encode(EncodeConfig(src={str(imagenet_src)!r}, out={str(tmp_path / 'o')!r}, method='scat1', J=2,
@@ -495,10 +546,10 @@ print(decode, main, torch.get_num_threads(), stats['images'], sorted(stats))
 
 
 def test_transform_error_stops_the_job_with_that_error(imagenet_src, tmp_path, monkeypatch):
-    import scatstore.pipelines.encode as engine
+    import scatstore.pipelines.encode.shards as engine
 
     calls = []
-    real = engine._encode_batch
+    real = engine.encode_batch
 
     def flaky(task, method, images):
         calls.append(task.index)
@@ -506,12 +557,12 @@ def test_transform_error_stops_the_job_with_that_error(imagenet_src, tmp_path, m
             raise RuntimeError("transform exploded")
         return real(task, method, images)
 
-    monkeypatch.setattr(engine, "_encode_batch", flaky)
+    monkeypatch.setattr(engine, "encode_batch", flaky)
     out = tmp_path / "boom"
     with pytest.raises(RuntimeError, match="transform exploded"):
         _run(imagenet_src, out, method="scat1", J=2, format="zarr", shard_size=2, batch_size=1)
     assert not (out / "manifest.json").exists()
-    monkeypatch.setattr(engine, "_encode_batch", real)
+    monkeypatch.setattr(engine, "encode_batch", real)
     m = _run(imagenet_src, out, method="scat1", J=2, format="zarr", shard_size=2, batch_size=1)
     assert m["count"] == 12 and verify(out).ok
 
@@ -548,3 +599,74 @@ def test_augment_variants_across_shard_boundaries(imagenet_src, tmp_path):
         ref, _ = random_resized_crop(img, SIZE, variant_rng(5, key, meta["variant"]))
         np.testing.assert_array_equal(np.asarray(x), ref)
         assert meta["variant"] == i % 3
+
+
+def test_no_import_cycle_through_the_encode_job_sources_or_methods():
+    """Walk every import statement (module level and inside functions) of the project's modules;
+    no cycle may pass through the encode package, scatstore.sources or the method contract."""
+    import ast
+
+    import scatstore
+
+    roots = {"scatstore": Path(scatstore.__file__).parent}
+    repo = roots["scatstore"].parent
+    roots["scatstore.pipelines"] = repo / "pipelines"
+    roots["scatstore.cli"] = repo / "cli"
+    modules: dict[str, Path] = {}
+    for prefix, root in roots.items():
+        for path in root.rglob("*.py"):
+            rel = path.relative_to(root).with_suffix("").parts
+            if rel[-1] == "__init__":
+                rel = rel[:-1]
+            name = ".".join((prefix, *rel))
+            if prefix == "scatstore" and rel[:1] in (("pipelines",), ("cli",)):
+                continue
+            modules[name] = path
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")
+                    base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
+                subs = [f"{base}.{a.name}" for a in node.names]
+                # `from pkg import submodule` does not run pkg's code again: no edge to pkg
+                targets = subs + ([base] if any(t not in modules for t in subs) else [])
+            edges.update(t for t in targets if t in modules and t != name)
+        graph[name] = edges
+
+    index, low, stack, on, sccs = {}, {}, [], set(), []
+
+    def visit(v):  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = set()
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.add(w)
+                if w == v:
+                    break
+            sccs.append(comp)
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    mine = ("scatstore.pipelines.encode", "scatstore.sources", "scatstore.transforms.methods")
+    assert "scatstore.pipelines.encode.job" in graph and "scatstore.sources.samples" in graph
+    bad = [sorted(c) for c in sccs if len(c) > 1 and any(m.startswith(mine) for m in c)]
+    assert not bad, "\n".join(" ".join(c) for c in bad)

@@ -198,8 +198,32 @@ def test_symlinks_inside_and_outside(inet, tmp_path):
     paths = {it.path for it in ix.items}
     assert "n00000002/n00000002_link.JPEG" in paths
     assert "n00000002/evil.JPEG" not in paths
-    assert "n00000009" not in ix.class_names
+    # the class folder out of SRC is not read, but keeps its index: no later label shifts
+    assert ix.class_names[3] == "n00000009" and not any(it.label == 3 for it in ix.items)
+    assert {"path": "n00000009", "reason": "empty_class", "label": 3} in ix.skipped()
     assert {m["path"] for m in ix.missing if m["reason"] == "symlink_outside_root"} == \
         {"n00000002/evil.JPEG", "n00000009"}
     assert len([p for p in paths if p.startswith("n00000003/")]) == 3   # cycle not followed
     _check_keys(ix)
+
+
+def test_an_unreadable_folder_is_listed_and_its_class_keeps_its_index(tmp_path, monkeypatch):
+    """(Permission bits do not stop root: the listing failure is simulated.)"""
+    root = make_imagenet_layout(tmp_path / "ds", n_per_class=2, seed=2)
+    full = discover(root)
+    victim = os.path.join(str(root), full.class_names[0])
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path) == victim:
+            raise PermissionError(13, "Permission denied", victim)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    ix = discover(root)
+    assert ix.class_names == full.class_names
+    assert not any(it.label == 0 for it in ix.items)
+    assert [it.label for it in ix.items] == [it.label for it in full.items if it.label != 0]
+    assert {"path": full.class_names[0], "reason": "unreadable", "detail": "Permission denied"} \
+        in ix.skipped()
+    assert {"path": full.class_names[0], "reason": "empty_class", "label": 0} in ix.skipped()

@@ -226,13 +226,18 @@ class CaeMethod:
         state["_codec"] = None
         return state
 
+    def validate(self, size: int) -> None:
+        if size % 8:
+            raise ValueError(f"method 'cae' needs an image size divisible by 8 (encoder stride 8), "
+                             f"got {size}")
+
     def sample_shape(self, size) -> None:
         return None  # variable-length bitstreams
 
     def latent_shape(self, size) -> tuple[int, int, int]:
         return self.codec.latent_shape(size)
 
-    def encode(self, images) -> list[bytes]:
+    def encode(self, images, out_dtype: str | None = None) -> list[bytes]:
         symbols, n = self.codec.quantize(images)
         self.clamped_symbols += n
         return self.codec.tables.encode(symbols)

@@ -32,7 +32,7 @@ import struct
 import numpy as np
 
 __all__ = ["DecodeError", "decode_image", "decode_image_reduced", "DEFAULT_MAX_PIXELS",
-           "sniff_format", "read_jpeg_info", "jpeg_reduction"]
+           "sniff_format", "read_jpeg_info", "jpeg_reduction", "jpeg_size"]
 
 # PIL's own hard limit (2 * Image.MAX_IMAGE_PIXELS): about 13,377 x 13,377.
 DEFAULT_MAX_PIXELS = 178_956_970
@@ -213,6 +213,25 @@ def jpeg_reduction(height: int, width: int, min_short: int = 0, min_long: int = 
     return 1
 
 
+def cmyk_to_rgb(cmyk: np.ndarray) -> np.ndarray:
+    """(H, W, 4) uint8 CMYK as libjpeg outputs it -> RGB exactly as Pillow's ``convert("RGB")``:
+    Pillow reads every CMYK JPEG in the Adobe (inverted) convention, ``CMYK;I`` (255 - v), then
+    ``R = (255 - K) - round((255 - K) * C / 255)`` (its ``MULDIV255``), likewise G, B."""
+    v = 255 - cmyk.astype(np.int32)
+    nk = 255 - v[..., 3:4]
+    t = v[..., :3] * nk + 128
+    rgb = nk - (((t >> 8) + t) >> 8)
+    return np.ascontiguousarray(np.clip(rgb, 0, 255).astype(np.uint8))
+
+
+def jpeg_size(data: bytes) -> tuple[int, int]:
+    """``(width, height)`` of a JPEG as :func:`decode_image` returns it (EXIF orientation
+    applied), from its header alone."""
+    info = read_jpeg_info(data)
+    w, h = info["width"], info["height"]
+    return (h, w) if info["orientation"] in (5, 6, 7, 8) else (w, h)
+
+
 def _decode_jpeg_fast(data: bytes, max_pixels: int, min_short: int = 0, min_long: int = 0
                       ) -> tuple[np.ndarray, int] | None:
     """simplejpeg path: ``(array, reduction)``. None when PIL should try instead (never for
@@ -244,8 +263,11 @@ def _decode_jpeg_fast(data: bytes, max_pixels: int, min_short: int = 0, min_long
             last = b
         parts.append(data[last:])
         data = b"".join(parts)
+    # CMYK / YCCK: decoded to CMYK and converted here, as Pillow converts (libjpeg-turbo's own
+    # CMYK -> RGB rounds otherwise: +1 grey level on almost every pixel)
+    colorspace = "CMYK" if info["components"] == 4 else "RGB"
     try:
-        arr = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True, **scale)
+        arr = simplejpeg.decode_jpeg(data, colorspace=colorspace, strict=True, **scale)
     except ValueError as exc:
         msg = str(exc).lower()
         if "premature end" in msg:
@@ -254,7 +276,7 @@ def _decode_jpeg_fast(data: bytes, max_pixels: int, min_short: int = 0, min_long
             raise DecodeError("truncated", str(exc)) from None
         if any(warning in msg for warning in _HARMLESS_WARNINGS):
             try:
-                arr = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=False, **scale)
+                arr = simplejpeg.decode_jpeg(data, colorspace=colorspace, strict=False, **scale)
             except ValueError:
                 return None
         elif "corrupt jpeg data" in msg:
@@ -262,25 +284,39 @@ def _decode_jpeg_fast(data: bytes, max_pixels: int, min_short: int = 0, min_long
             raise DecodeError("corrupt", str(exc)) from None
         else:
             return None  # unsupported variant (odd sampling factors, 12-bit...): PIL decides
-    if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[:2] != (h, w):
+    if arr.ndim != 3 or arr.shape[2] != len(colorspace) or arr.shape[:2] != (h, w):
         return None
+    if colorspace == "CMYK":
+        arr = cmyk_to_rgb(arr)
     if info["orientation"] != 1:
         arr = apply_orientation(arr, info["orientation"])
     return np.ascontiguousarray(arr), f
 
 
+def _one_channel_to_8bit(a: np.ndarray, mode: str) -> np.ndarray:
+    """One-channel integer or float pixels -> uint8, by the data's range convention:
+
+    * values all within [0, 1] (float images, binary masks): ``round(v * 255)``;
+    * mode ``F`` otherwise, and mode ``I`` with values within [0, 255]: 8-bit values as they are
+      (rounded, clipped to [0, 255]);
+    * 16-bit modes (``I;16*``) and ``I`` beyond 255: ``round(v / 257)`` (clipped to [0, 65535]).
+
+    Non-finite float values are refused (``corrupt``)."""
+    if mode == "F" or a.dtype.kind == "f":
+        a = a.astype(np.float64)
+        if a.size and not np.isfinite(a).all():
+            raise DecodeError("corrupt", "float image with NaN or infinite pixel values")
+    if a.size and a.min() >= 0 and a.max() <= 1:
+        return np.round(a.astype(np.float64) * 255.0).astype(np.uint8)
+    if mode == "F" or (mode == "I" and a.size and a.max() <= 255):
+        return np.clip(np.round(a), 0, 255).astype(np.uint8)
+    return ((np.clip(a.astype(np.int64), 0, 65535) * 255 + 32767) // 65535).astype(np.uint8)
+
+
 def _pil_to_rgb(im) -> np.ndarray:
     mode = im.mode
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        a = np.asarray(im)
-        if mode == "I" and a.size and a.max() <= 255:
-            a8 = np.clip(a, 0, 255).astype(np.uint8)
-        else:
-            a8 = ((np.clip(a.astype(np.int64), 0, 65535) * 255 + 32767) // 65535).astype(np.uint8)
-        return np.ascontiguousarray(np.repeat(a8[:, :, None], 3, axis=2))
-    if mode == "F":
-        a = np.asarray(im, dtype=np.float64)
-        a8 = np.clip(np.round(a), 0, 255).astype(np.uint8)
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        a8 = _one_channel_to_8bit(np.asarray(im), mode)
         return np.ascontiguousarray(np.repeat(a8[:, :, None], 3, axis=2))
     if mode != "RGB":
         if mode in ("P", "PA") or mode.startswith("RGBA") or mode in ("LA", "La", "RGBa"):

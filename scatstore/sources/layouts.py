@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -19,7 +20,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["SourceItem", "SourceIndex", "discover", "escape_key", "unescape_key",
+__all__ = ["SourceItem", "SourceIndex", "discover", "escape_key", "unescape_key", "source_key",
+           "path_meta",
            "IMAGE_EXTENSIONS", "LAYOUTS"]
 
 LAYOUTS = ("imagenet", "coco", "folder")
@@ -64,8 +66,25 @@ class SourceIndex:
         sizes = self.sizes if self.sizes is not None else [-1] * len(self.items)
         for path, size, label in sorted((it.path, sz, it.label)
                                         for it, sz in zip(self.items, sizes)):
-            h.update(f"{path}\t{size}\t{label}\n".encode())
+            # surrogateescape: a file name that is not UTF-8 hashes as its bytes
+            h.update(f"{path}\t{size}\t{label}\n".encode("utf-8", "surrogateescape"))
         return h.hexdigest()
+
+    def skipped(self) -> list[dict]:
+        """What discovery left out, one JSON-able dict per entry (``OUT/skipped.jsonl``,
+        docs/format.md): ``reason`` and ``path`` (or COCO's ``image_id`` / ``file_name`` /
+        ``annotation_id``); paths bytes-safe as in :func:`scatstore.sources.path_meta`."""
+        out = []
+        for m in self.missing:
+            m = dict(m)
+            for k in ("path", "file_name"):
+                if isinstance(m.get(k), str):
+                    safe = path_meta(m[k])
+                    m[k] = safe["path"]
+                    if "path_bytes_b64" in safe:
+                        m[k + "_bytes_b64"] = safe["path_bytes_b64"]
+            out.append(m)
+        return out
 
     def summary(self) -> dict:
         return {"root": self.root, "layout": self.layout, "split": self.split,
@@ -75,14 +94,26 @@ class SourceIndex:
 
 
 # --------------------------------------------------------------------------------------------
-# keys
+# keys and bytes-safe paths
+
+
+def path_meta(path: str) -> dict[str, str]:
+    """``{"path": path}``, bytes-safe: a name that is not valid UTF-8 (POSIX file names are bytes;
+    Python lists them with lone surrogates, ``surrogateescape``) is stored readably with U+FFFD
+    in ``path`` and exactly in ``path_bytes_b64`` (base64 of ``os.fsencode(path)``)."""
+    try:
+        path.encode("utf-8")
+        return {"path": path}
+    except UnicodeEncodeError:
+        raw = os.fsencode(path)
+        return {"path": raw.decode("utf-8", "replace"),
+                "path_bytes_b64": base64.b64encode(raw).decode("ascii")}
+
 
 _SAFE = re.compile(r"[A-Za-z0-9_]")
 
 
-def escape_key(s: str) -> str:
-    """Injective escape into ``[A-Za-z0-9_-]``: ``-`` -> ``--``, ``/`` -> ``-s``, ``.`` -> ``-d``,
-    space -> ``-w``, any other character -> ``-u`` + 6 hex digits of its code point."""
+def _key_tokens(s: str) -> list[str]:
     out = []
     for ch in s:
         if _SAFE.fullmatch(ch):
@@ -97,10 +128,45 @@ def escape_key(s: str) -> str:
             out.append("-w")
         else:
             out.append(f"-u{ord(ch):06x}")
-    return "".join(out)
+    return out
+
+
+def escape_key(s: str) -> str:
+    """Injective escape into ``[A-Za-z0-9_-]``: ``-`` -> ``--``, ``/`` -> ``-s``, ``.`` -> ``-d``,
+    space -> ``-w``, any other character -> ``-u`` + 6 hex digits of its code point (a byte of a
+    non-UTF-8 file name, which Python lists as a lone surrogate U+DC80..U+DCFF, likewise)."""
+    return "".join(_key_tokens(s))
+
+
+# Longest key a source item gets: the store's limit (90, the ustar name field less ".x.npy")
+# less room for an augment variant's suffix ("_a" + up to 8 digits).
+KEY_LIMIT = 80
+_HASH_CHARS = 20  # 80 bits of sha256: a collision needs ~10^12 shortened names
+
+
+def source_key(name: str) -> str:
+    """The key of the source name ``name``: :func:`escape_key` when that is at most
+    :data:`KEY_LIMIT` characters (every ordinary name: unchanged), else a stable short form:
+    the escaped name cut after whole escapes to a readable prefix, then ``-h`` and 20 hex digits
+    of sha256 over the name's bytes (``os.fsencode``). ``-h`` is no escape of
+    :func:`escape_key`, so a short form never equals the key of another name."""
+    tokens = _key_tokens(name)
+    key = "".join(tokens)
+    if len(key) <= KEY_LIMIT:
+        return key
+    digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:_HASH_CHARS]
+    prefix, room = [], KEY_LIMIT - 2 - _HASH_CHARS
+    for t in tokens:
+        if room < len(t):
+            break
+        prefix.append(t)
+        room -= len(t)
+    return "".join(prefix) + "-h" + digest
 
 
 def unescape_key(k: str) -> str:
+    """The name of an :func:`escape_key` key (a shortened :func:`source_key` has none:
+    ``ValueError``; the exact path is in the sample's meta)."""
     out, i = [], 0
     simple = {"-": "-", "s": "/", "d": ".", "w": " "}
     while i < len(k):
@@ -171,7 +237,8 @@ class _Walker:
         try:
             it = list(os.scandir(directory))
         except OSError as exc:
-            self.refused.append({"path": self._rel(directory), "reason": f"unreadable: {exc}"})
+            self.refused.append({"path": self._rel(directory), "reason": "unreadable",
+                                 "detail": exc.strerror or str(exc)})
             return out
         for e in it:
             if e.name.startswith("."):
@@ -190,7 +257,8 @@ class _Walker:
                 is_dir = e.is_dir()
                 size = 0 if is_dir else e.stat().st_size
             except OSError as exc:
-                self.refused.append({"path": self._rel(e.path), "reason": f"unreadable: {exc}"})
+                self.refused.append({"path": self._rel(e.path), "reason": "unreadable",
+                                     "detail": exc.strerror or str(exc)})
                 continue
             out.append((e.name, e.path, is_dir, size))
         out.sort(key=lambda t: t[0])
@@ -293,18 +361,31 @@ def _discover_imagenet(root: str, walker: _Walker, split: str | None) -> SourceI
         raise ValueError(f"split {split!r} requested but {root} has no train/ val/ sub-folders")
     else:
         class_root = root
+    n_refused = len(walker.refused)
     classes = [(name, path) for name, path, is_dir, _s in walker.entries(class_root)
                if is_dir and name not in ("annotations",)]
+    # A class folder refused by the walker (a symlink out of SRC, a broken one) is still a
+    # class: it keeps its place in the sorted list, so no later label shifts.
+    listed = {name for name, _p in classes}
+    for r in walker.refused[n_refused:]:  # direct children of class_root, refused
+        name = r["path"].rsplit("/", 1)[-1]
+        if name not in listed and os.path.isdir(os.path.join(class_root, name)):
+            classes.append((name, None))
+            listed.add(name)
+    classes.sort(key=lambda c: c[0])
     files = []  # (class index, path, size)
     class_names = []
     for name, path in classes:
-        imgs = walker.images(path, recursive=True)
-        if not imgs:
-            continue
+        imgs = walker.images(path, recursive=True) if path is not None else []
         idx = len(class_names)
         class_names.append(name)
+        if not imgs:
+            # Kept with its index (labels are positions in the sorted folder list: dropping it
+            # would shift every later class), reported in skipped.jsonl.
+            walker.refused.append({"path": relative_to(os.path.join(class_root, name), root),
+                                   "reason": "empty_class", "label": idx})
         files.extend((idx, p, s) for p, s in imgs)
-    if not class_names and walker.has_images(class_root):
+    if not files and walker.has_images(class_root):
         raise ValueError(f"{class_root} holds images but no class folders: use layout='folder'")
     synsets = _read_synsets(root) or (_read_synsets(class_root) if class_root != root else {})
     descriptions = [synsets.get(c, c) for c in class_names] if synsets else None
@@ -318,7 +399,7 @@ def _discover_imagenet(root: str, walker: _Walker, split: str | None) -> SourceI
     for (label, path, size), rc, stem in zip(files, rel_cls, stems):
         # The file stem (ImageNet names are unique: n01440764_10026, ILSVRC2012_val_00000001);
         # when a stem repeats, the escaped path below the class root (always holds "-s").
-        key = escape_key(stem) if counts[stem] == 1 else escape_key(rc)
+        key = source_key(stem) if counts[stem] == 1 else source_key(rc)
         items.append(SourceItem(key, walker._rel(path), label, {}))
         sizes.append(size)
     order = sorted(range(len(items)), key=lambda k: items[k].path)
@@ -334,7 +415,7 @@ def _discover_folder(root: str, walker: _Walker, split: str | None) -> SourceInd
     items, sizes = [], []
     for path, size in walker.images(root, recursive=True):
         rel = walker._rel(path)
-        items.append(SourceItem(escape_key(rel), rel, -1, {}))
+        items.append(SourceItem(source_key(rel), rel, -1, {}))
         sizes.append(size)
     return SourceIndex(root, "folder", items, [], None, _dedupe(walker.refused), sum(sizes), None,
                        None, sizes)
@@ -353,22 +434,64 @@ def _safe_join(real_root: str, base: str, file_name: str) -> tuple[str | None, s
     return p, ""
 
 
+def _is_id(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _read_coco_json(path: Path) -> dict:
+    """The annotation file's ``images`` / ``annotations`` / ``categories`` lists; ``ValueError``
+    (one line, naming the file) when the file is not a COCO object at all. Single bad entries
+    inside the lists are skipped later, one by one, with a reason."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path.name} is not UTF-8 JSON: {exc.reason}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path.name} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path.name} must hold a JSON object with 'images', 'annotations' and "
+                         f"'categories', got a {type(data).__name__}")
+    out = {}
+    for name in ("images", "annotations", "categories"):
+        v = data.get(name, [])
+        if v is None:
+            v = []
+        if not isinstance(v, list):
+            raise ValueError(f"{path.name}: '{name}' must be a list, got a {type(v).__name__}")
+        out[name] = v
+    bad = [c for c in out["categories"] if not isinstance(c, dict) or not _is_id(c.get("id"))]
+    if bad:
+        raise ValueError(f"{path.name}: {len(bad)} categories are not objects with an integer "
+                         f"'id' (first: {json.dumps(bad[0])[:80]})")
+    return out
+
+
+def _coco_box(a: dict) -> tuple[list[float] | None, int | None]:
+    bb, cat = a.get("bbox"), a.get("category_id")
+    if not (isinstance(bb, (list, tuple)) and len(bb) == 4
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bb)):
+        return None, None
+    if not _is_id(cat):
+        return None, None
+    return [float(v) for v in bb], cat
+
+
 def _discover_coco(root: str, walker: _Walker, split: str | None) -> SourceIndex:
     files = _coco_annotation_files(Path(root))
     if not files:
         raise ValueError(f"{root}: no annotations/instances_*.json (COCO layout)")
     split = _pick_split(sorted(files), split, f"COCO root {root}")
-    with open(files[split], encoding="utf-8") as f:
-        data = json.load(f)
-    images = data.get("images", [])
-    anns = data.get("annotations", [])
-    categories = data.get("categories", [])
+    data = _read_coco_json(files[split])
+    images, anns, categories = data["images"], data["annotations"], data["categories"]
     real_root = walker.real_root
 
     # image folder: <root>/<split>, <root>/images/<split>, <root>/images, <root>
     candidates = [os.path.join(root, split), os.path.join(root, "images", split),
                   os.path.join(root, "images"), root]
     candidates = [c for c in candidates if os.path.isdir(c)]
+    bad_entries = [im for im in images if not isinstance(im, dict)]
+    images = [im for im in images if isinstance(im, dict)]
     probe = [im.get("file_name") for im in images[:50] if isinstance(im.get("file_name"), str)]
     base = root
     for c in candidates:
@@ -380,8 +503,12 @@ def _discover_coco(root: str, walker: _Walker, split: str | None) -> SourceIndex
 
     by_image: dict[int, list[dict]] = {}
     missing: list[dict] = _dedupe(walker.refused)
-    image_ids = {im.get("id") for im in images}
+    missing += [{"entry": json.dumps(e)[:200], "reason": "bad_image_entry"} for e in bad_entries]
+    image_ids = {im.get("id") for im in images if _is_id(im.get("id"))}
     for a in anns:
+        if not isinstance(a, dict):
+            missing.append({"entry": json.dumps(a)[:200], "reason": "bad_annotation_entry"})
+            continue
         iid = a.get("image_id")
         if iid not in image_ids:
             missing.append({"annotation_id": a.get("id"), "image_id": iid,
@@ -391,12 +518,12 @@ def _discover_coco(root: str, walker: _Walker, split: str | None) -> SourceIndex
 
     items, sizes = [], []
     seen_ids = set()
-    for im in sorted(images, key=lambda m: (m.get("id") if isinstance(m.get("id"), int) else -1,
+    for im in sorted(images, key=lambda m: (m.get("id") if _is_id(m.get("id")) else -1,
                                             str(m.get("file_name")))):
         iid = im.get("id")
         fn = im.get("file_name")
-        n_ann = len(by_image.get(iid, []))
-        if not isinstance(iid, int) or iid in seen_ids:
+        n_ann = len(by_image.get(iid, [])) if _is_id(iid) else 0
+        if not _is_id(iid) or iid in seen_ids:
             missing.append({"image_id": iid, "file_name": fn, "n_annotations": n_ann,
                             "reason": "bad_or_duplicate_image_id"})
             continue
@@ -415,19 +542,24 @@ def _discover_coco(root: str, walker: _Walker, split: str | None) -> SourceIndex
                             "reason": "file_not_found"})
             continue
         boxes, cats, crowd, ann_ids = [], [], [], []
-        for a in sorted(by_image.get(iid, []), key=lambda a: (a.get("id") or 0)):
-            bb = a.get("bbox")
-            if not (isinstance(bb, (list, tuple)) and len(bb) == 4):
+        # (annotation ids of mixed types sort integers first, then the others as text)
+        for a in sorted(by_image.get(iid, []), key=lambda a: (0, a["id"], "") if _is_id(a.get("id"))
+                        else (1, 0, str(a.get("id")))):
+            box, cat = _coco_box(a)
+            if box is None:
+                missing.append({"annotation_id": a.get("id"), "image_id": iid,
+                                "reason": "bad_bbox_or_category"})
                 continue
-            boxes.append([float(v) for v in bb])
-            cats.append(int(a.get("category_id", -1)))
-            crowd.append(int(a.get("iscrowd", 0)))
+            boxes.append(box)
+            cats.append(cat)
+            crowd.append(1 if a.get("iscrowd") in (1, True) else 0)
             ann_ids.append(a.get("id"))
         meta = {"image_id": iid, "file_name": fn, "boxes": boxes, "category_ids": cats,
                 "iscrowd": crowd, "annotation_ids": ann_ids,
                 "width": im.get("width"), "height": im.get("height")}
         rel = os.path.relpath(path, root).replace(os.sep, "/")
-        items.append(SourceItem(f"coco_{iid:012d}", rel, -1, meta))
+        key = f"coco_{iid:012d}"
+        items.append(SourceItem(key if len(key) <= KEY_LIMIT else source_key(key), rel, -1, meta))
         sizes.append(size)
     class_names = [str(c.get("name", c.get("id"))) for c in categories]
     return SourceIndex(root, "coco", items, class_names, categories, missing, sum(sizes), split,

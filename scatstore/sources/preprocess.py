@@ -83,11 +83,12 @@ class Geometry:
         out = np.stack([x0, y0, x1 - x0, y1 - y0], axis=1)[keep].astype(np.float32)
         return out, keep
 
-    def after_source_scale(self, s: float) -> "Geometry":
-        """The map from a source that was scaled by ``s`` before this one applied (e.g. a JPEG
-        decoded at reduced scale, ``s = 1 / f``): ``x_out = (x_src * s) * scale_x + offset_x``."""
-        return Geometry(self.scale_x * s, self.scale_y * s, self.offset_x, self.offset_y,
-                        self.out_h, self.out_w, self.flipped)
+    def after_source_scale(self, s: float, s_y: float | None = None) -> "Geometry":
+        """The map from a source that was scaled by ``s`` (``s_y`` vertically, default ``s``)
+        before this one applied (e.g. a JPEG decoded at reduced scale, ``s = 1 / f``):
+        ``x_out = (x_src * s) * scale_x + offset_x``."""
+        return Geometry(self.scale_x * s, self.scale_y * (s if s_y is None else s_y),
+                        self.offset_x, self.offset_y, self.out_h, self.out_w, self.flipped)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -41,6 +41,17 @@ import torch
 from . import filters as fb
 
 
+def _reflect_pad(x: torch.Tensor, top: int, bottom: int, left: int, right: int) -> torch.Tensor:
+    """Reflection pad of the last two dims of ``x`` (rank 3 or 4). torch refuses a pad equal to
+    the size, which an image side of exactly 2**J needs: that case reflects twice, as kymatio."""
+    M, N = x.shape[-2:]
+    if max(top, bottom) < M and max(left, right) < N:
+        return torch.nn.functional.pad(x, (left, right, top, bottom), mode="reflect")
+    rows = torch.from_numpy(fb.reflect_index(M, top, bottom)).to(x.device)
+    cols = torch.from_numpy(fb.reflect_index(N, left, right)).to(x.device)
+    return x.index_select(-2, rows).index_select(-1, cols)
+
+
 def _complex_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.complex128 if dtype == torch.float64 else torch.complex64
 
@@ -299,7 +310,7 @@ class TorchPlan:
         A0, B0t = self.lp0
         out[:, 0] = torch.matmul(torch.matmul(A0, x), B0t)
         top, bottom, left, right = g.pads
-        xp = torch.nn.functional.pad(x.unsqueeze(1), (left, right, top, bottom), mode="reflect")
+        xp = _reflect_pad(x.unsqueeze(1), top, bottom, left, right)
         U0 = torch.fft.fft2(xp.squeeze(1).to(self.cdtype))
         del xp
         for j1 in range(J):
@@ -396,7 +407,7 @@ class TorchPlan:
         A0, B0t = self.lp0
         out[:, 0] = torch.matmul(torch.matmul(A0, x), B0t)
         top, bottom, left, right = geo.pads
-        xp = torch.nn.functional.pad(x[:, None], (left, right, top, bottom), mode="reflect")
+        xp = _reflect_pad(x[:, None], top, bottom, left, right)
         pre = f"{n}."
         U0 = ws.get(pre + "U0")
         if U0 is None:
@@ -499,7 +510,7 @@ class TorchPlan:
             ws.update(self._native_workspace(n, theta_block, pre))
         self._nat_lowpass(x, n, -1, ws[pre + "T"], out, ws[pre + "out0"])
         top, bottom, left, right = geo.pads
-        xp = torch.nn.functional.pad(x[:, None], (left, right, top, bottom), mode="reflect")
+        xp = _reflect_pad(x[:, None], top, bottom, left, right)
         U0 = ws[pre + "U0"]
         own_fft = self.nat_fft is not None
         fwork = ws[pre + "fftwork"]

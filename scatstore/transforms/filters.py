@@ -49,8 +49,10 @@ def pad_widths(M: int, N: int, J: int) -> tuple[int, int, int, int]:
 
 def reflect_index(size: int, before: int, after: int) -> np.ndarray:
     """Source index of each padded sample for a reflection pad (``x[1]`` mirrors ``x[-1]``)."""
-    if before >= size or after >= size:
-        raise ValueError(f"reflection pad ({before}, {after}) needs a size above both, got {size}")
+    # A pad equal to the size (an image side of exactly 2**J) reflects twice, as kymatio does
+    # (its Pad adds the one sample torch's reflection cannot); numpy's reflect gives the same.
+    if before > size or after > size or size < 2:
+        raise ValueError(f"reflection pad ({before}, {after}) needs a size of at least both, got {size}")
     return np.pad(np.arange(size), (before, after), mode="reflect")
 
 

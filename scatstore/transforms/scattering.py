@@ -68,9 +68,9 @@ def _check_size(H: int, W: int, J: int) -> None:
     for name, v in (("height", H), ("width", W)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
             raise TypeError(f"image {name} must be an int, got {type(v).__name__}")
-        if v <= 2**J:
+        if v < 2**J:
             raise ValueError(f"image {name} {v} is too small for J={J}: need at least "
-                             f"2**J + 1 = {2**J + 1} pixels")
+                             f"2**J = {2**J} pixels (as kymatio)")
 
 
 class Scattering2D:
@@ -81,7 +81,7 @@ class Scattering2D:
     J : int
         Number of scales, 1..8; the coefficients are subsampled by ``2**J``.
     shape : (H, W)
-        Spatial size of the inputs; both must exceed ``2**J``.
+        Spatial size of the inputs; both must be at least ``2**J`` (kymatio's rule).
     L : int
         Number of orientations, 1..16 (the filters are designed for 8).
     max_order : 1 or 2

@@ -1,0 +1,194 @@
+"""The job directory ``OUT/.scatstore/``: the only module that reads or writes it.
+
+- ``lock``: an advisory ``flock`` held by the run (see :func:`lock_out`).
+- ``job.json``: the job's parameters and their fingerprint; a re-run must match them.
+- ``shards/shard-NNNNNN.json``: a shard's *notes* (its rejected source files and quality sums),
+  written just before the store commits the shard. The commit itself is the store's record
+  (``_store/shard-NNNNNN.json``, ``StoreWriter.write_shard``): a shard is done when that record
+  loads, its files hash to it (``check_shard``) and its notes are readable. Job directories of
+  earlier versions kept a copy of the record in the notes: it is ignored, they resume as they are.
+- ``cancel/RUN``: created when the run ``RUN`` is interrupted; shard tasks look for it between
+  batches (a file in OUT is what every worker of the job sees: threads, worker processes, the
+  workers of a remote dask cluster sharing OUT).
+
+Every file is written through ``scatstore.stores.base.atomic_write_bytes`` (temporary name
+``.tmp-NAME-PID``, removed by the writer's ``prepare`` if a killed run left it); the
+``.NAME.tmp-PID`` leftovers of earlier versions' own writer are removed when OUT is opened.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import socket
+import time
+from pathlib import Path
+
+from .options import EncodeError
+
+JOB_DIR = ".scatstore"
+JOB_FILE = "job.json"
+SHARD_NOTES = "shards"
+LOCK_FILE = "lock"
+CANCEL_DIR = "cancel"
+
+
+def fingerprint(params: dict) -> str:
+    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
+
+
+def _write_text(path: Path, text: str) -> None:
+    from scatstore.stores.base import atomic_write_bytes
+
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def notes_path(out: Path | str, index: int) -> Path:
+    return Path(out) / JOB_DIR / SHARD_NOTES / f"shard-{index:06d}.json"
+
+
+def write_notes(out: Path | str, index: int, rejected: list[dict], quality: dict) -> None:
+    """A shard's rejected files and quality sums, written before the store commits the shard."""
+    _write_text(notes_path(out, index),
+                json.dumps({"rejected": rejected, "quality": quality}, sort_keys=True))
+
+
+def read_notes(out: Path | str, index: int) -> dict | None:
+    try:
+        notes = json.loads(notes_path(out, index).read_text())
+        if not isinstance(notes.get("rejected"), list):
+            return None
+        return {"rejected": notes["rejected"], "quality": notes.get("quality") or {}}
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def cancel_path(out: Path | str, run: str) -> Path:
+    return Path(out) / JOB_DIR / CANCEL_DIR / run
+
+
+def cancel_run(out: Path | str, run: str) -> None:
+    """Tell the running shard tasks of ``run`` to stop (they look between batches)."""
+    path = cancel_path(out, run)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch()
+
+
+def is_cancelled(out: Path | str, run: str) -> bool:
+    return cancel_path(out, run).exists()
+
+
+def clear_cancel(out: Path | str, run: str) -> None:
+    cancel_path(out, run).unlink(missing_ok=True)
+
+
+def open_out(out: Path, params: dict):
+    """Create, probe and lock OUT, then check or write ``job.json``. Returns (whether OUT already
+    holds part of this very job, the lock: hold it while the run writes; ``close()`` releases).
+
+    Everything that can be checked without OUT is checked before this is called."""
+    if out.exists() and not out.is_dir():
+        raise EncodeError(f"OUT {out} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / JOB_DIR / SHARD_NOTES).mkdir(parents=True, exist_ok=True)
+        probe = out / JOB_DIR / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise EncodeError(f"OUT {out} is not writable: {exc.strerror or exc}") from exc
+    lock = lock_out(out)  # before job.json: two new jobs racing for one OUT never mix
+    try:
+        _remove_old_temporaries(out)
+        return _check_job_file(out, params), lock
+    except BaseException:
+        lock.close()
+        raise
+
+
+# Temporary names of the engine's own atomic writer before it used the stores' one
+# (``.NAME.tmp-PID``): a job dir of that version killed mid-write may hold some.
+_OLD_TMP = re.compile(r"^\..+\.tmp-\d+$")
+
+
+def _remove_old_temporaries(out: Path) -> None:
+    if not (out / JOB_DIR / JOB_FILE).exists():  # not (yet) a job's OUT: touch nothing
+        return
+    for d in (out, out / JOB_DIR, out / JOB_DIR / SHARD_NOTES):
+        try:
+            names = os.listdir(d)
+        except OSError:
+            continue
+        for name in names:
+            if _OLD_TMP.match(name):
+                (d / name).unlink(missing_ok=True)
+
+
+def _check_job_file(out: Path, params: dict) -> bool:
+    job_file = out / JOB_DIR / JOB_FILE
+    if job_file.exists():
+        try:
+            previous = json.loads(job_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise EncodeError(f"{job_file} is unreadable ({exc}); remove OUT or choose another") from exc
+        if previous.get("fingerprint") != fingerprint(params):
+            diff = sorted(k for k in set(params) | set(previous.get("params", {}))
+                          if params.get(k) != previous.get("params", {}).get(k))
+            raise EncodeError(
+                f"OUT {out} holds a different job's data (differs in: {', '.join(diff)}); "
+                "use a new OUT or delete this one")
+        return True
+    others = [p.name for p in out.iterdir() if p.name != JOB_DIR]
+    if others:
+        raise EncodeError(f"OUT {out} is not empty and holds no scatstore job "
+                          f"(found {', '.join(sorted(others)[:3])}…); choose an empty directory")
+    _write_text(job_file, json.dumps({"fingerprint": fingerprint(params), "params": params},
+                                     indent=2, sort_keys=True))
+    return False
+
+
+def lock_out(out: Path):
+    """Hold OUT for this run: a second encode into the same OUT at the same time is refused.
+
+    An advisory ``flock`` on ``OUT/.scatstore/lock``: the kernel drops it when the process ends
+    however it ends, so a killed job never leaves OUT locked. Worker processes never hold it:
+    they die with the run that does (``signals.watch_parent``). On file systems without working
+    flock (some NFS mounts) the lock may not hold across machines."""
+    import fcntl
+
+    f = open(out / JOB_DIR / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise EncodeError(f"OUT {out} is being written by another encode ({holder}); wait for "
+                          "it to end, or stop it and re-run to resume") from None
+    except OSError:
+        return f  # no flock here: go on unlocked
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    f.flush()
+    return f
+
+
+def load_done(out: Path, writer, n_shards: int) -> dict[int, dict]:
+    """Committed shards whose files still hash to their records: index -> {record, rejected,
+    quality}."""
+    done = {}
+    for index in range(n_shards):
+        notes = read_notes(out, index)
+        if notes is None:
+            continue
+        record = writer.load_record(index)
+        if record is not None and writer.check_shard(record):
+            done[index] = {"record": record.to_dict(), **notes}
+    return done
+
+
+def count_committed(out: Path, writer, n_shards: int) -> int:
+    return sum(1 for i in range(n_shards)
+               if writer.load_record(i) is not None and notes_path(out, i).exists())
