@@ -12,6 +12,8 @@ import click
 
 from scatstore import __version__
 
+from scatstore.stores.registry import format_names
+
 from .common import DeviceParam, fail
 
 # command name -> "module:attribute" of a click command defined elsewhere in scatstore.cli
@@ -56,7 +58,7 @@ def main() -> None:
 @click.option("--L", "L", type=int, default=None, help="Scattering orientations  [default: 8; scat1/scat2 only]")
 @click.option("--codec", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Codec file for --method cae (from `scatstore fit-codec`).")
-@click.option("--format", "fmt", type=click.Choice(["zarr", "wds", "h5"]), default="zarr",
+@click.option("--format", "fmt", type=click.Choice(list(format_names())), default="zarr",
               show_default=True, help="Store format.")
 @click.option("--shard-size", type=int, default=512, show_default=True, help="Samples per shard.")
 @click.option("--size", type=int, default=224, show_default=True, help="Stored image side in pixels.")

@@ -11,19 +11,10 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-FORMATS = ("zarr", "wds", "h5")
 DTYPES = ("float16", "float32", "uint8")
 LAYOUTS = ("auto", "imagenet", "coco", "folder")
 DEFAULTS = {"J": 3, "L": 8, "dtype": "float16"}  # what None means for these fields
 
-# compression name -> (formats that take it, level range or None)
-COMPRESSIONS = {
-    "default": (FORMATS, None),
-    "none": (FORMATS, None),
-    "zstd": (("zarr",), (1, 22)),
-    "gzip": (("zarr", "h5"), (0, 9)),
-    "lzf": (("h5",), None),
-}
 
 
 class EncodeError(RuntimeError):
@@ -91,27 +82,12 @@ def _int(cfg: EncodeConfig, name: str, lo: int, hi: int | None = None) -> None:
 
 
 def check_compression(text: str, fmt: str) -> None:
-    name, _, level = str(text).partition(":")
-    if name not in COMPRESSIONS:
-        raise OptionError("compression", f"unknown compression {text!r}; choose from "
-                          "default, none, zstd[:1-22] (zarr), gzip[:0-9] (zarr, h5), lzf (h5)")
-    formats, levels = COMPRESSIONS[name]
-    if fmt not in formats:
-        why = {"wds": "webdataset members are never compressed (plain readers must decode "
-                      "them): use default or none",
-               "h5": "HDF5 has no zstd without a plugin: use gzip[:L], lzf or none",
-               "zarr": "lzf is an HDF5 filter: use zstd[:L], gzip[:L] or none"}[fmt]
-        raise OptionError("compression", f"{text!r} does not apply to format {fmt}: {why}")
-    if level or _ == ":":
-        if levels is None:
-            raise OptionError("compression", f"{name!r} takes no level, got {text!r}")
-        try:
-            lv = int(level)
-        except ValueError:
-            raise OptionError("compression", f"bad level in {text!r}") from None
-        if not levels[0] <= lv <= levels[1]:
-            raise OptionError("compression", f"{name} level must be in {levels[0]}..{levels[1]}, "
-                              f"got {lv}")
+    from scatstore.stores import get_format
+
+    try:
+        get_format(fmt).check_compression(text)
+    except ValueError as exc:
+        raise OptionError("compression", str(exc)) from None
 
 
 def check_config(cfg: EncodeConfig) -> None:
@@ -120,8 +96,11 @@ def check_config(cfg: EncodeConfig) -> None:
 
     if cfg.method not in METHODS:
         raise OptionError("method", f"must be one of {', '.join(METHODS)}, got {cfg.method!r}")
-    if cfg.format not in FORMATS:
-        raise OptionError("format", f"must be one of {', '.join(FORMATS)}, got {cfg.format!r}")
+    from scatstore.stores import format_names
+
+    if cfg.format not in format_names():
+        raise OptionError("format", f"must be one of {', '.join(format_names())}, "
+                          f"got {cfg.format!r}")
     if cfg.layout not in LAYOUTS:
         raise OptionError("layout", f"must be one of {', '.join(LAYOUTS)}, got {cfg.layout!r}")
     for name in ("shard_size", "size", "workers", "batch_size"):

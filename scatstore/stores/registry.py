@@ -56,6 +56,43 @@ class StoreFormat:
     verify: Callable[..., None]
     library_versions: Callable[[], dict] = field(default=_no_versions)
     webdataset_urls: Callable[[Any, dict], list] | None = None
+    compressions: dict = field(default_factory=lambda: {"default": None, "none": None})
+    compression_advice: str = "use default or none"
+
+    def check_compression(self, text) -> None:
+        """Refuse a compression spec (``NAME`` or ``NAME:LEVEL``) this format cannot write:
+        ``compressions`` maps each name it takes to its level range ``(lo, hi)`` or ``None``
+        (takes no level). Raises ``ValueError`` with a one-line reason."""
+        name, colon, level = str(text).partition(":")
+        known = sorted({n for f in _all_formats() for n in f.compressions})
+        if name not in known:
+            raise ValueError(f"unknown compression {text!r}; choose from "
+                             + ", ".join(_describe(n) for n in known))
+        if name not in self.compressions:
+            raise ValueError(f"{text!r} does not apply to format {self.name}: "
+                             f"{self.compression_advice}")
+        levels = self.compressions[name]
+        if level or colon:
+            if levels is None:
+                raise ValueError(f"{name!r} takes no level, got {text!r}")
+            try:
+                lv = int(level)
+            except ValueError:
+                raise ValueError(f"bad level in {text!r}") from None
+            if not levels[0] <= lv <= levels[1]:
+                raise ValueError(f"{name} level must be in {levels[0]}..{levels[1]}, got {lv}")
+
+
+def _all_formats() -> list:
+    return [get_format(n) for n in format_names()]
+
+
+def _describe(name: str) -> str:
+    """``zstd[:1-22] (zarr)``: a compression name, its levels and the formats that take it."""
+    fmts = [f for f in _all_formats() if name in f.compressions]
+    lv = next((f.compressions[name] for f in fmts if f.compressions[name]), None)
+    where = "" if len(fmts) == len(format_names()) else f" ({', '.join(f.name for f in fmts)})"
+    return f"{name}{f'[:{lv[0]}-{lv[1]}]' if lv else ''}{where}"
 
 
 def format_names() -> tuple:

@@ -16,6 +16,8 @@ def library_versions() -> dict:
 
 
 FORMAT = StoreFormat(name="h5", writer=H5Writer, dataset=H5Dataset, bulk_reader=H5BulkReader,
-                     verify=verify, library_versions=library_versions)
+                     verify=verify, library_versions=library_versions,
+                     compressions={"default": None, "none": None, "gzip": (0, 9), "lzf": None},
+                     compression_advice="HDF5 has no zstd without a plugin: use gzip[:L], lzf or none")
 
 __all__ = ["FORMAT", "H5Writer", "H5Dataset", "H5BulkReader", "LAYOUT"]

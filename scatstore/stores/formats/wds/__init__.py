@@ -32,6 +32,8 @@ def webdataset_urls(root, m: dict) -> list:
 
 
 FORMAT = StoreFormat(name="wds", writer=WdsWriter, dataset=WdsDataset, bulk_reader=WdsBulkReader,
-                     verify=verify, webdataset_urls=webdataset_urls)
+                     verify=verify, webdataset_urls=webdataset_urls,
+                     compressions={"default": None, "none": None},
+                     compression_advice="webdataset members are never compressed (plain readers must decode them): use default or none")
 
 __all__ = ["FORMAT", "WdsWriter", "WdsDataset", "WdsBulkReader", "iter_tar_samples", "LAYOUT"]
