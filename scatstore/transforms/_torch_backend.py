@@ -193,6 +193,24 @@ def _pair_bands(start: np.ndarray, coef: np.ndarray, n: int) -> tuple[np.ndarray
     return new_start.astype(np.int32), new_coef
 
 
+class _StableModulus(torch.autograd.Function):
+    """|z| of a complex tensor with the subgradient 0 at z == 0 (kymatio's ModulusStable): the
+    gradient ``z / |z|`` of ``sqrt(re^2 + im^2)`` is NaN there."""
+
+    @staticmethod
+    def forward(ctx, z):
+        r = torch.view_as_real(z)
+        out = (r[..., 0] * r[..., 0] + r[..., 1] * r[..., 1]).sqrt()
+        ctx.save_for_backward(z, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, out = ctx.saved_tensors
+        g = z * (grad / out)
+        return g.masked_fill_((out == 0), 0)
+
+
 class TorchPlan:
     """Filters and matrices of one geometry on one device in one dtype."""
 
@@ -257,6 +275,8 @@ class TorchPlan:
     @staticmethod
     def _modulus(W: torch.Tensor) -> torch.Tensor:
         """|W| for complex W, as sqrt(re^2 + im^2) on the real view (fast on CPU)."""
+        if W.requires_grad:
+            return _StableModulus.apply(W)
         if W.device.type != "cpu":
             return W.abs()
         sq = torch.view_as_real(W)
@@ -304,7 +324,7 @@ class TorchPlan:
         del xp
         for j1 in range(J):
             Z = self._filter_periodize(U0, self.psi1[j1], 2**j1, self.blocks1[j1])
-            W = torch.fft.ifft2(Z, out=Z)
+            W = torch.fft.ifft2(Z) if Z.requires_grad else torch.fft.ifft2(Z, out=Z)
             U1 = self._modulus(W)
             del Z, W
             out[:, 1 + j1 * L:1 + (j1 + 1) * L] = self._lowpass(U1, j1)
@@ -319,7 +339,8 @@ class TorchPlan:
                 for j2 in range(j1 + 1, J):
                     Z2 = self._filter_periodize(Vb, self.psi2[(j1, j2)], 2 ** (j2 - j1),
                                                 self.blocks2[(j1, j2)])
-                    W2 = torch.fft.ifft2(Z2, out=Z2)
+                    W2 = (torch.fft.ifft2(Z2) if Z2.requires_grad
+                          else torch.fft.ifft2(Z2, out=Z2))
                     U2 = self._modulus(W2)
                     del Z2, W2
                     o2[:, t0:t0 + theta_block, j2 - j1 - 1] = self._lowpass(U2, j2)

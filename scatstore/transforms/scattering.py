@@ -260,6 +260,19 @@ class _TorchFront:
         plan = get_plan(S._geo, x.device, cdt)
         xs = x.reshape(B * C, H, W)
         rb = 8 if cdt == torch.float64 else 4
+        if x.requires_grad and torch.is_grad_enabled():
+            # differentiable: the chunked torch path (no C kernels, no in-place FFTs), recorded
+            # by autograd; the memory bound does not cover the graph autograd keeps
+            plan = get_plan(S._geo, x.device, cdt, use_native=False)
+            n = S.chunk_size(rb, x.device.type)
+            tb = S.theta_block(rb, x.device.type)
+            parts = []
+            for i in range(0, B * C, n):
+                oc = torch.empty((min(n, B * C - i), S.K, *S.output_size), dtype=odt,
+                                 device=x.device)
+                plan.forward_chunk(xs[i:i + n].to(cdt).contiguous(), oc, tb)
+                parts.append(oc)
+            return torch.cat(parts).reshape(B, C, S.K, *S.output_size)
         if x.device.type == "cpu":
             workers, group, tb = S.cpu_schedule(rb)
             run_cpu(plan, xs, out, workers, tb, group)
