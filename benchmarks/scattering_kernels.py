@@ -72,7 +72,9 @@ class _Timed:
 
 
 def profile_table(order: int, reps: int) -> None:
-    from scatstore.transforms._torch_backend import Geometry, get_plan
+    from scatstore.transforms._torch_backend import get_plan
+    from scatstore.transforms.core import scatter
+    from scatstore.transforms.geometry import Geometry
 
     geo = Geometry(224, 224, 3, 8, order)
     plan = get_plan(geo, torch.device("cpu"), torch.float32)
@@ -82,15 +84,15 @@ def profile_table(order: int, reps: int) -> None:
     try:
         x = torch.rand(3, 224, 224)
         out = torch.empty(3, geo.K, geo.Mo, geo.No)
-        ws: dict = {}
-        plan.forward_maps_native(x, out, geo.L, ws)  # buffers, plans
+        ops = plan.ops({})
+        scatter(ops, x, out, geo.L)  # buffers, plans
         inner = 10 if order == 1 else 3
         best, best_acc = float("inf"), {}
         for _ in range(reps):
             acc.clear()
             t0 = time.thread_time()
             for _ in range(inner):
-                plan.forward_maps_native(x, out, geo.L, ws)
+                scatter(ops, x, out, geo.L)
             total = (time.thread_time() - t0) / inner
             if total < best:
                 best, best_acc = total, {k: v / inner for k, v in acc.items()}
