@@ -127,7 +127,9 @@ class TorchPlan:
     MAPS = 3  # input maps per step of one CPU pipeline (filters read once for them)
 
     def __init__(self, geo: Geometry, device: torch.device, dtype: torch.dtype,
-                 use_native: bool = True):
+                 use_native: bool = True, kernels: dict[str, str] | None = None):
+        """``kernels`` overrides the per-primitive choice of :func:`._native.select_kernels`
+        (benchmarks and tests compare kernels that way; CPU float32 only)."""
         self.geo, self.device, self.dtype = geo, device, dtype
         self.cdtype = _complex_dtype(dtype)
         g = geo
@@ -142,7 +144,7 @@ class TorchPlan:
                                    "C kernels are float32 on CPU only")
                                for p in _native.PRIMITIVES}
         if use_native and device.type == "cpu" and dtype == torch.float32:
-            self.kernels, self.kernel_reasons = _native.select_kernels(geo)
+            self.kernels, self.kernel_reasons = _native.select_kernels(geo, forced=kernels)
             if any(k == "native" for k in self.kernels.values()):
                 self.native = _native.load()
 
@@ -208,7 +210,7 @@ class TorchPlan:
         key = (channels.shape, channels.tobytes())
         idx = self._index.get(key)
         if idx is None:
-            idx = self._index[key] = torch.as_tensor(channels, device=self.device)
+            idx = self._index[key] = torch.tensor(channels, device=self.device)
         return idx
 
 
@@ -329,7 +331,7 @@ class TorchOps:
         elif channels.ndim == 1 and np.all(np.diff(channels) == 1):
             out[:, int(channels[0]):int(channels[-1]) + 1] = S
         else:
-            out[:, self.plan.channel_index(channels)] = S
+            out[:, self.plan.channel_index(channels)] = S.to(out.dtype)
 
 
 _POOLS: dict[int, "ThreadPoolExecutor"] = {}
