@@ -67,18 +67,6 @@ def _profile(order: int, native: bool, reps: int) -> tuple[float, dict]:
     return best, best_acc
 
 
-def _machine_header() -> None:
-    """CPU model, ISA level and bandwidths (the project's tools/machine.sh, where present),
-    else what scatstore reads from the CPU."""
-    from scatstore import _cbuild
-
-    for tool in ("/work/shared/tools/machine.sh",):
-        if os.path.exists(tool):
-            subprocess.run(["bash", tool], check=False)
-            return
-    print(f"cpu: {_cbuild.cpu_model()}; isa: {_cbuild.isa_levels()[0]}")
-
-
 def worker(reps: int) -> None:
     import torch
 
@@ -110,6 +98,9 @@ def main(argv=None) -> None:
 
     levels = (_cbuild.isa_levels() if args.isa == "all"
               else [v for v in args.isa.split(",") if v] or [_cbuild.isa_level()])
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from scattering import _machine_header  # benchmarks/scattering.py
+
     _machine_header()
     import torch
 
