@@ -46,13 +46,13 @@ def _complex_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def native_working_bytes(geo: Geometry, theta_block: int, group: int = 2) -> int:
-    """Bytes of one pipeline's workspace per input map with the C kernels (float32; the buffers of
-    ``TorchPlan._native_workspace``): the padded input and its spectrum, the flat product /
-    inverse-FFT buffer (``group`` orientations at full resolution, or at order 2 the
+    """Bytes of one pipeline's workspace per input map with the C kernels (float32; the buffers
+    of ``_native.NativeOps`` in the pipeline's workspace): the padded input and its spectrum,
+    the flat product / inverse-FFT buffer (``group`` orientations at full resolution, or at order 2 the
     ``theta_block·L`` paths of the largest second-order step) and, with torch's FFT, the inverse
     FFT's result buffer of the same size, the L moduli of every scale, at
-    order 2 their spectra and the flat buffer of second-order moduli, and a float32 output
-    staging block."""
+    order 2 their spectra and the flat buffer of second-order moduli, a float32 output staging
+    block, and where the table picks torch's low-pass its two intermediates."""
     J, L = geo.J, geo.L
     P = geo.Mp * geo.Np
     zbuf = min(group, L) * P * 8
@@ -63,14 +63,18 @@ def native_working_bytes(geo: Geometry, theta_block: int, group: int = 2) -> int
         total += sum(L * (P >> (2 * j)) * 8 for j in range(J - 1)) + tb * L * (P >> 2) * 4
     # the flat product buffer, and the inverse FFT's result buffer of the same size when torch's
     # FFT is used (the kernels' own FFT works in place)
-    own_fft = all(fft_plan(n, True) is not None for r in range(J) for n in geo.grid(r))
+    kernels = _native.select_kernels(geo)[0]
+    own_fft = kernels["fft"] == "native"
+    if kernels["lowpass"] == "torch":  # A @ U and its product with B.T, the largest step
+        lead = max(L, (min(theta_block, L) * L) if geo.max_order == 2 and J > 1 else 0)
+        total += lead * geo.Mo * (geo.Np + geo.No) * 4
     fft_work = 2 * 16 * max(geo.Mp, geo.Np) * 4
     return total + (zbuf + fft_work if own_fft else 2 * zbuf) + geo.K * geo.Mo * geo.No * 4
 
 
 def cpu_working_bytes(geo: Geometry, real_bytes: int, theta_block: int,
                       group: int = 2, native: bool = False) -> int:
-    """Bytes of one CPU pipeline's workspace per input map (all its buffers, see forward_maps;
+    """Bytes of one CPU pipeline's workspace per input map (an upper estimate of its buffers;
     with ``native`` those of the C kernels, :func:`native_working_bytes`):
     the padded input and its spectrum; per scale j1 the ``group``-orientation product buffer,
     the L moduli and the low-pass intermediates; at order 2 the spectra of the moduli and, per
