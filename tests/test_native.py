@@ -106,4 +106,7 @@ def test_own_fft_only_where_the_grid_sizes_fit():
     assert not _native.own_fft_fits(geo)
     kernels, why = _native.select_kernels(geo)
     assert kernels["fft"] == "torch"
+    table = _native.KERNEL_TABLE[_cbuild.isa_level()]["fft"][0]
+    if _native.load() is not None and table == "native":
+        assert "2^a 3^b 5^c" in why["fft"]
     assert _native.own_fft_fits(Geometry(224, 224, 3, 8, 1))

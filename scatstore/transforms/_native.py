@@ -1,9 +1,12 @@
-"""Build and load the fused CPU kernels (``_cpu_kernels.c``) with the machine's C compiler.
+"""The native C backend of the scattering transform: the kernels of ``_cpu_kernels.c``, built
+for the CPU's ISA level, the fixed table of which primitive runs in C on which level
+(:data:`KERNEL_TABLE`, :func:`select_kernels`), and :class:`NativeOps`, the primitives of
+:mod:`.core` on those kernels.
 
 Built by :mod:`scatstore._cbuild` (compiler search, cache keyed by source/compiler/flags/CPU,
 ctypes with typed signatures). When no compiler is found or the build fails, :func:`load`
 returns ``None`` and the transform keeps its pure-torch path (same results, slower);
-:func:`native_info` says which path is in use and why.
+:func:`native_info` says which kernel runs for each primitive and why.
 
 Environment: ``SCATSTORE_NATIVE=0`` disables the kernels; ``SCATSTORE_CACHE`` and ``CC`` as in
 :mod:`scatstore._cbuild`.
@@ -18,9 +21,9 @@ import numpy as np
 import torch
 
 from scatstore import _cbuild
+from scatstore._cbuild import cache_dir  # noqa: F401  (kept for callers)
 
 from . import filters as fb
-from scatstore._cbuild import cache_dir  # noqa: F401  (kept for callers)
 
 _SOURCE = Path(__file__).with_name("_cpu_kernels.c")
 _BASE_FLAGS = ["-O3", "-fno-math-errno", "-ffp-contract=fast", "-fopenmp-simd", "-std=gnu99"]
@@ -31,6 +34,7 @@ def build_flags(level: str | None = None) -> list[str]:
     CPU's best or the lower one ``SCATSTORE_ISA`` names). Explicit levels, not -march=native:
     every CPU of a level runs the same code, and a machine always the same bytes."""
     return [*_BASE_FLAGS, *_cbuild.march_flags(level)]
+
 
 _vp, _i64 = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
@@ -287,7 +291,7 @@ class NativeOps:
         return Z, 1.0 / (m * k)
 
     def _prod_periodize(self, U, filt, l0: int, nl: int, role: str):
-        t, g = self.tables, self.geo
+        t = self.tables
         if len(filt) == 1:
             F, boxes, s = t.psi1[filt[0]], t.boxes1[filt[0]], 2 ** filt[0]
         else:
@@ -304,7 +308,7 @@ class NativeOps:
         lead, (m, k) = W.shape[:-3], W.shape[-2:]
         nl, L = W.shape[-3], self.geo.L
         if dest is None:
-            dest = self._buf(role, (*lead, L if nl < L else nl, m, k), torch.float32)
+            dest = self._buf(role, (*lead, L, m, k), torch.float32)
         target = dest.narrow(-3, at, nl)
         off = _offsets(target, 1)
         self.lib.sc_modulus(W.data_ptr(), len(off), m * k, target.data_ptr(), off.ctypes.data,
