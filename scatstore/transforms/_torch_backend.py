@@ -200,8 +200,9 @@ class TorchPlan:
 
     def forward_chunk(self, x: torch.Tensor, out: torch.Tensor, theta_block: int) -> None:
         """x: (n, M, N) real in self.dtype; out: (n, K, Mo, No) to fill (any float dtype).
-        Allocating primitives (GPU; differentiable when x requires grad)."""
-        scatter(TorchOps(self, None), x, out, theta_block)
+        Allocating primitives (GPU; differentiable when x requires grad and the plan is
+        pure torch: the C kernels have no backward)."""
+        scatter(self.ops(None), x, out, theta_block)
 
     def workspace(self) -> dict:
         """This thread's CPU workspace for this plan (flat buffers keyed by their role)."""
