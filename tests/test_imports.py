@@ -119,17 +119,6 @@ def test_the_cycle_finder_finds_a_cycle():
     assert find_cycles({"a": {"b"}, "b": set()}) == []
 
 
-# Cycles found in code outside the stores when this test was written, to be removed by their
-# owners (reported to the lead). The test fails on any other cycle, and on an entry here that is
-# no longer a cycle, so that this list only ever shrinks.
-KNOWN_ELSEWHERE = [
-    ["scatstore.transforms._xp_backend", "scatstore.transforms.scattering"],
-]
-
-
 def test_no_import_cycle_between_project_modules():
     cycles = find_cycles(import_graph())
-    new = [c for c in cycles if c not in KNOWN_ELSEWHERE]
-    assert not new, "import cycles:\n" + "\n".join(" <-> ".join(c) for c in new)
-    gone = [c for c in KNOWN_ELSEWHERE if c not in cycles]
-    assert not gone, f"no longer cycles, remove them from KNOWN_ELSEWHERE: {gone}"
+    assert not cycles, "import cycles:\n" + "\n".join(" <-> ".join(c) for c in cycles)

@@ -96,59 +96,78 @@ void sc_modulus(const float *RESTRICT Z, int64_t n_maps, int64_t len, float *out
     }
 }
 
-/* GCC/Clang vector extensions: portable SIMD (lowered to AVX-512, AVX2, NEON... whatever the
- * target has); aligned(4) makes loads and stores through these types unaligned-safe. */
-typedef float v16f __attribute__((vector_size(64), aligned(4)));
-typedef float v8f __attribute__((vector_size(32), aligned(4)));
-typedef double v8d __attribute__((vector_size(64), aligned(8)));
+/* GCC/Clang vector extensions, one vector = one register of the target: VF floats (16 with
+ * AVX-512, 8 with AVX/AVX2, 4 with SSE2 or NEON and on other targets, where the compiler lowers
+ * them to what it has). SC_VF=n on the command line forces a width (benchmarks, tests).
+ * aligned(4) makes loads and stores through these types unaligned-safe.
+ * Register tiles: the row passes keep 4 (row_combine) or 8 (row_combine2) accumulators and 4
+ * loaded vectors live, 12 registers: within the 16 of AVX2 and SSE, the 32 of AVX-512 and NEON
+ * (the former 64-byte vectors on an AVX2 target took two registers each and spilled). */
+#ifndef SC_VF
+#if defined(__AVX512F__)
+#define SC_VF 16
+#elif defined(__AVX__)
+#define SC_VF 8
+#else
+#define SC_VF 4
+#endif
+#endif
+#define VF SC_VF          /* floats per vector */
+#define CL (SC_VF / 2)    /* complex lanes per vector */
+typedef float vf __attribute__((vector_size(VF * 4), aligned(4)));
+typedef float vhf __attribute__((vector_size(VF * 2), aligned(4)));  /* half a vector */
+typedef double vd __attribute__((vector_size(VF * 4), aligned(8)));
+
+/* the vector width the library was built with (native_info reports it) */
+int64_t sc_vector_floats(void) { return VF; }
 
 /* t[0:k] = sum_w c[w] * U[(row0 + w) mod m, 0:k]. Accumulators stay in registers over w: full
- * blocks of 64 columns use 4 independent vector chains; the rest (< 64 columns) is done in one
- * more pass over w whose up to 3 + 1 + 7 chains are also independent, so no FMA waits on the
- * latency of the previous one. */
+ * blocks of 4 vectors use 4 independent chains; the rest (< 4 vectors) is done in one more pass
+ * over w whose up to 3 + 1 + VF/2 chains are also independent, so no FMA waits on the latency
+ * of the previous one. */
 static void row_combine(float *RESTRICT t, const float *Um, int64_t m, int64_t k, int64_t row0,
                         const float *c, int64_t W)
 {
     int64_t q = 0;
-    for (; q + 64 <= k; q += 64) {
-        v16f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+    for (; q + 4 * VF <= k; q += 4 * VF) {
+        vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
         int64_t row = row0;
         for (int64_t w = 0; w < W; ++w) {
             const float *u = Um + row * k + q;
             const float cw = c[w];
-            a0 += cw * *(const v16f *)(u);
-            a1 += cw * *(const v16f *)(u + 16);
-            a2 += cw * *(const v16f *)(u + 32);
-            a3 += cw * *(const v16f *)(u + 48);
+            a0 += cw * *(const vf *)(u);
+            a1 += cw * *(const vf *)(u + VF);
+            a2 += cw * *(const vf *)(u + 2 * VF);
+            a3 += cw * *(const vf *)(u + 3 * VF);
             if (++row == m) row = 0;
         }
-        *(v16f *)(t + q) = a0;
-        *(v16f *)(t + q + 16) = a1;
-        *(v16f *)(t + q + 32) = a2;
-        *(v16f *)(t + q + 48) = a3;
+        *(vf *)(t + q) = a0;
+        *(vf *)(t + q + VF) = a1;
+        *(vf *)(t + q + 2 * VF) = a2;
+        *(vf *)(t + q + 3 * VF) = a3;
     }
     if (q == k) return;
-    const int64_t nb = (k - q) / 16, q8 = q + 16 * nb;
-    const int has8 = (k - q8) >= 8;
-    const int64_t qs = q8 + (has8 ? 8 : 0), ns = k - qs;
-    v16f a0 = {0}, a1 = {0}, a2 = {0};
-    v8f b0 = {0};
-    float s[8] = {0};
+    const int64_t nb = (k - q) / VF, qh = q + VF * nb;
+    const int hash = (k - qh) >= VF / 2;
+    const int64_t qs = qh + (hash ? VF / 2 : 0), ns = k - qs;
+    vf a0 = {0}, a1 = {0}, a2 = {0};
+    vhf b0 = {0};
+    float s[VF / 2] = {0};
     int64_t row = row0;
     for (int64_t w = 0; w < W; ++w) {
         const float *u = Um + row * k;
         const float cw = c[w];
-        if (nb > 0) a0 += cw * *(const v16f *)(u + q);
-        if (nb > 1) a1 += cw * *(const v16f *)(u + q + 16);
-        if (nb > 2) a2 += cw * *(const v16f *)(u + q + 32);
-        if (has8) b0 += cw * *(const v8f *)(u + q8);
+        if (nb > 0) a0 += cw * *(const vf *)(u + q);
+        if (nb > 1) a1 += cw * *(const vf *)(u + q + VF);
+        if (nb > 2) a2 += cw * *(const vf *)(u + q + 2 * VF);
+        if (hash) b0 += cw * *(const vhf *)(u + qh);
         for (int64_t j = 0; j < ns; ++j) s[j] += cw * u[qs + j];
         if (++row == m) row = 0;
     }
-    if (nb > 0) *(v16f *)(t + q) = a0;
-    if (nb > 1) *(v16f *)(t + q + 16) = a1;
-    if (nb > 2) *(v16f *)(t + q + 32) = a2;
-    if (has8) *(v8f *)(t + q8) = b0;
+    if (nb > 0) *(vf *)(t + q) = a0;
+    if (nb > 1) *(vf *)(t + q + VF) = a1;
+    if (nb > 2) *(vf *)(t + q + 2 * VF) = a2;
+    if (hash) *(vhf *)(t + qh) = b0;
     for (int64_t j = 0; j < ns; ++j) t[qs + j] = s[j];
 }
 
@@ -158,45 +177,45 @@ static void row_combine2(float *RESTRICT t0, float *RESTRICT t1, const float *Um
                          int64_t k, int64_t row0, const float *c0, const float *c1, int64_t W)
 {
     int64_t q = 0;
-    for (; q + 64 <= k; q += 64) {
-        v16f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+    for (; q + 4 * VF <= k; q += 4 * VF) {
+        vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
         int64_t row = row0;
         for (int64_t w = 0; w < W; ++w) {
             const float *u = Um + row * k + q;
-            const v16f u0 = *(const v16f *)(u), u1 = *(const v16f *)(u + 16);
-            const v16f u2 = *(const v16f *)(u + 32), u3 = *(const v16f *)(u + 48);
+            const vf u0 = *(const vf *)(u), u1 = *(const vf *)(u + VF);
+            const vf u2 = *(const vf *)(u + 2 * VF), u3 = *(const vf *)(u + 3 * VF);
             const float x = c0[w], y = c1[w];
             a0 += x * u0; a1 += x * u1; a2 += x * u2; a3 += x * u3;
             b0 += y * u0; b1 += y * u1; b2 += y * u2; b3 += y * u3;
             if (++row == m) row = 0;
         }
-        *(v16f *)(t0 + q) = a0; *(v16f *)(t0 + q + 16) = a1;
-        *(v16f *)(t0 + q + 32) = a2; *(v16f *)(t0 + q + 48) = a3;
-        *(v16f *)(t1 + q) = b0; *(v16f *)(t1 + q + 16) = b1;
-        *(v16f *)(t1 + q + 32) = b2; *(v16f *)(t1 + q + 48) = b3;
+        *(vf *)(t0 + q) = a0; *(vf *)(t0 + q + VF) = a1;
+        *(vf *)(t0 + q + 2 * VF) = a2; *(vf *)(t0 + q + 3 * VF) = a3;
+        *(vf *)(t1 + q) = b0; *(vf *)(t1 + q + VF) = b1;
+        *(vf *)(t1 + q + 2 * VF) = b2; *(vf *)(t1 + q + 3 * VF) = b3;
     }
     if (q == k) return;
-    const int64_t nb = (k - q) / 16, q8 = q + 16 * nb;
-    const int has8 = (k - q8) >= 8;
-    const int64_t qs = q8 + (has8 ? 8 : 0), ns = k - qs;
-    v16f a0 = {0}, a1 = {0}, a2 = {0}, b0 = {0}, b1 = {0}, b2 = {0};
-    v8f a8 = {0}, b8 = {0};
-    float sa[8] = {0}, sb[8] = {0};
+    const int64_t nb = (k - q) / VF, qh = q + VF * nb;
+    const int hash = (k - qh) >= VF / 2;
+    const int64_t qs = qh + (hash ? VF / 2 : 0), ns = k - qs;
+    vf a0 = {0}, a1 = {0}, a2 = {0}, b0 = {0}, b1 = {0}, b2 = {0};
+    vhf ah = {0}, bh = {0};
+    float sa[VF / 2] = {0}, sb[VF / 2] = {0};
     int64_t row = row0;
     for (int64_t w = 0; w < W; ++w) {
         const float *u = Um + row * k;
         const float x = c0[w], y = c1[w];
-        if (nb > 0) { const v16f v = *(const v16f *)(u + q); a0 += x * v; b0 += y * v; }
-        if (nb > 1) { const v16f v = *(const v16f *)(u + q + 16); a1 += x * v; b1 += y * v; }
-        if (nb > 2) { const v16f v = *(const v16f *)(u + q + 32); a2 += x * v; b2 += y * v; }
-        if (has8) { const v8f v = *(const v8f *)(u + q8); a8 += x * v; b8 += y * v; }
+        if (nb > 0) { const vf v = *(const vf *)(u + q); a0 += x * v; b0 += y * v; }
+        if (nb > 1) { const vf v = *(const vf *)(u + q + VF); a1 += x * v; b1 += y * v; }
+        if (nb > 2) { const vf v = *(const vf *)(u + q + 2 * VF); a2 += x * v; b2 += y * v; }
+        if (hash) { const vhf v = *(const vhf *)(u + qh); ah += x * v; bh += y * v; }
         for (int64_t j = 0; j < ns; ++j) { sa[j] += x * u[qs + j]; sb[j] += y * u[qs + j]; }
         if (++row == m) row = 0;
     }
-    if (nb > 0) { *(v16f *)(t0 + q) = a0; *(v16f *)(t1 + q) = b0; }
-    if (nb > 1) { *(v16f *)(t0 + q + 16) = a1; *(v16f *)(t1 + q + 16) = b1; }
-    if (nb > 2) { *(v16f *)(t0 + q + 32) = a2; *(v16f *)(t1 + q + 32) = b2; }
-    if (has8) { *(v8f *)(t0 + q8) = a8; *(v8f *)(t1 + q8) = b8; }
+    if (nb > 0) { *(vf *)(t0 + q) = a0; *(vf *)(t1 + q) = b0; }
+    if (nb > 1) { *(vf *)(t0 + q + VF) = a1; *(vf *)(t1 + q + VF) = b1; }
+    if (nb > 2) { *(vf *)(t0 + q + 2 * VF) = a2; *(vf *)(t1 + q + 2 * VF) = b2; }
+    if (hash) { *(vhf *)(t0 + qh) = ah; *(vhf *)(t1 + qh) = bh; }
     for (int64_t j = 0; j < ns; ++j) { t0[qs + j] = sa[j]; t1[qs + j] = sb[j]; }
 }
 
@@ -250,27 +269,38 @@ void sc_lowpass(const float *U, int64_t n_maps, int64_t m, int64_t k,
 
 
 /* ---- FFT ------------------------------------------------------------------------------------
- * A mixed-radix (2, 3, 4, 5) Stockham FFT vectorised across 8 independent transforms, for the
+ * A mixed-radix (2, 3, 4, 5) Stockham FFT vectorised across CL independent transforms (the
+ * complex lanes of one vector: 8 with AVX-512, 4 with AVX2, 2 with SSE/NEON), for the
  * 2^a 3^b 5^c sizes of kymatio's padded grids (240, 120, 60 at 224^2). On the machines measured
  * it is about twice as fast as torch's MKL FFT on AMD CPUs, deterministic, and it works in place
  * in the kernels' buffers. Other sizes use torch's FFT. */
-typedef int32_t v16i __attribute__((vector_size(64)));
-#if defined(__clang__)
-#define SWAP_RI(z) __builtin_shufflevector(z, z, 1,0,3,2,5,4,7,6,9,8,11,10,13,12,15,14)
+#if SC_VF == 16
+#define SWAP_MASK 1,0,3,2,5,4,7,6,9,8,11,10,13,12,15,14
+#define PM_INIT {1,-1,1,-1,1,-1,1,-1,1,-1,1,-1,1,-1,1,-1}
+#elif SC_VF == 8
+#define SWAP_MASK 1,0,3,2,5,4,7,6
+#define PM_INIT {1,-1,1,-1,1,-1,1,-1}
+#elif SC_VF == 4
+#define SWAP_MASK 1,0,3,2
+#define PM_INIT {1,-1,1,-1}
 #else
-#define SWAP_RI(z) __builtin_shuffle(z, (v16i){1,0,3,2,5,4,7,6,9,8,11,10,13,12,15,14})
+#error "SC_VF must be 4, 8 or 16"
 #endif
-typedef int64_t v8l __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(VF * 4)));
+typedef int64_t vl __attribute__((vector_size(VF * 4)));
 #if defined(__clang__)
+#define SWAP_RI(z) __builtin_shufflevector(z, z, SWAP_MASK)
 #define SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
 #else
-#define SHUF(a, b, ...) __builtin_shuffle(a, b, (v8l){__VA_ARGS__})
+#define SWAP_RI(z) __builtin_shuffle(z, (vi){SWAP_MASK})
+#define SHUF(a, b, ...) __builtin_shuffle(a, b, (vl){__VA_ARGS__})
 #endif
 
-/* 8 x 8 transpose of 64-bit elements (complex float pairs): o[j][i] = a[i][j] */
-static inline void transpose8(const v8d *a, v8d *o)
+/* CL x CL transpose of 64-bit elements (complex float pairs): o[j][i] = a[i][j] */
+static inline void transpose_cl(const vd *a, vd *o)
 {
-    v8d b[8], c[8];
+#if SC_VF == 16
+    vd b[8], c[8];
     for (int i = 0; i < 8; i += 2) {
         b[i] = SHUF(a[i], a[i + 1], 0, 8, 2, 10, 4, 12, 6, 14);
         b[i + 1] = SHUF(a[i], a[i + 1], 1, 9, 3, 11, 5, 13, 7, 15);
@@ -285,53 +315,61 @@ static inline void transpose8(const v8d *a, v8d *o)
         o[j] = SHUF(c[j], c[j + 4], 0, 1, 2, 3, 8, 9, 10, 11);
         o[j + 4] = SHUF(c[j], c[j + 4], 4, 5, 6, 7, 12, 13, 14, 15);
     }
+#elif SC_VF == 8
+    const vd b0 = SHUF(a[0], a[1], 0, 4, 2, 6), b1 = SHUF(a[0], a[1], 1, 5, 3, 7);
+    const vd b2 = SHUF(a[2], a[3], 0, 4, 2, 6), b3 = SHUF(a[2], a[3], 1, 5, 3, 7);
+    o[0] = SHUF(b0, b2, 0, 1, 4, 5); o[2] = SHUF(b0, b2, 2, 3, 6, 7);
+    o[1] = SHUF(b1, b3, 0, 1, 4, 5); o[3] = SHUF(b1, b3, 2, 3, 6, 7);
+#else
+    o[0] = SHUF(a[0], a[1], 0, 2); o[1] = SHUF(a[0], a[1], 1, 3);
+#endif
 }
 
-static const v16f PM = {1,-1,1,-1,1,-1,1,-1,1,-1,1,-1,1,-1,1,-1};  /* (a,b)*(-i) = (b,-a) = swap*PM */
+static const vf PM = PM_INIT;  /* (a,b)*(-i) = (b,-a) = swap*PM */
 
-static inline v16f bcast2(const float *p) { /* (p0, p1) repeated */
-    double d; memcpy(&d, p, 8); v8d v = (v8d){d,d,d,d,d,d,d,d}; return (v16f)v;
+static inline vf bcast2(const float *p) { /* (p0, p1) repeated */
+    double d; memcpy(&d, p, 8); vd v = d + (vd){0}; return (vf)v;
 }
 /* multiply by -i (dir=+1: forward) or +i (dir=-1) : swap then sign pattern */
-static inline v16f rot(v16f z, float dir) { return SWAP_RI(z) * (PM * dir); }
+static inline vf rot(vf z, float dir) { return SWAP_RI(z) * (PM * dir); }
 
 /* radix butterflies, forward sign e^{-2 pi i/R}; dir = 1 forward, -1 inverse */
-static inline void bf2(v16f *v) { v16f a = v[0] + v[1]; v[1] = v[0] - v[1]; v[0] = a; }
-static inline void bf4(v16f *v, float dir) {
-    v16f s02 = v[0] + v[2], d02 = v[0] - v[2], s13 = v[1] + v[3], d13 = rot(v[1] - v[3], dir);
+static inline void bf2(vf *v) { vf a = v[0] + v[1]; v[1] = v[0] - v[1]; v[0] = a; }
+static inline void bf4(vf *v, float dir) {
+    vf s02 = v[0] + v[2], d02 = v[0] - v[2], s13 = v[1] + v[3], d13 = rot(v[1] - v[3], dir);
     v[0] = s02 + s13; v[2] = s02 - s13; v[1] = d02 + d13; v[3] = d02 - d13;
 }
-static inline void bf3(v16f *v, float dir) {
+static inline void bf3(vf *v, float dir) {
     const float S = 0.86602540378443864676f;
-    v16f t1 = v[1] + v[2], t2 = v[0] - 0.5f * t1, t3 = rot(S * (v[1] - v[2]), dir);
+    vf t1 = v[1] + v[2], t2 = v[0] - 0.5f * t1, t3 = rot(S * (v[1] - v[2]), dir);
     v[0] = v[0] + t1; v[1] = t2 + t3; v[2] = t2 - t3;
 }
-static inline void bf5(v16f *v, float dir) {
+static inline void bf5(vf *v, float dir) {
     const float c1 = 0.30901699437494742410f, c2 = -0.80901699437494742410f;
     const float s1 = 0.95105651629515357212f, s2 = 0.58778525229247312917f;
-    v16f t1 = v[1] + v[4], t2 = v[2] + v[3], t3 = v[1] - v[4], t4 = v[2] - v[3];
-    v16f a1 = v[0] + c1 * t1 + c2 * t2, a2 = v[0] + c2 * t1 + c1 * t2;
-    v16f b1 = rot(s1 * t3 + s2 * t4, dir), b2 = rot(s2 * t3 - s1 * t4, dir);
+    vf t1 = v[1] + v[4], t2 = v[2] + v[3], t3 = v[1] - v[4], t4 = v[2] - v[3];
+    vf a1 = v[0] + c1 * t1 + c2 * t2, a2 = v[0] + c2 * t1 + c1 * t2;
+    vf b1 = rot(s1 * t3 + s2 * t4, dir), b2 = rot(s2 * t3 - s1 * t4, dir);
     v[0] = v[0] + t1 + t2; v[1] = a1 + b1; v[4] = a1 - b1; v[2] = a2 + b2; v[3] = a2 - b2;
 }
 
 /* One Stockham pass of radix R (a compile-time constant after inlining, so the R values stay
  * in registers): y[(j/Ns)*Ns*R + j%Ns + r*Ns] = DFT_R(x[j + r*n/R] * w^(r*(j%Ns))). */
 static inline __attribute__((always_inline)) void
-pass_r(const v16f *RESTRICT x, v16f *RESTRICT y, int64_t n, int64_t Ns, const float *tw,
+pass_r(const vf *RESTRICT x, vf *RESTRICT y, int64_t n, int64_t Ns, const float *tw,
        float dir, const int R)
 {
     const int64_t nR = n / R;
     for (int64_t jb = 0; jb < nR; jb += Ns) {
-        v16f *RESTRICT yb = y + jb * R;
+        vf *RESTRICT yb = y + jb * R;
         for (int64_t jm = 0; jm < Ns; ++jm) {
             const int64_t j = jb + jm;
-            v16f v[5];
+            vf v[5];
             for (int r = 0; r < R; ++r) v[r] = x[j + r * nR];
             if (jm) {
                 const float *t = tw + jm * (R - 1) * 4;
                 for (int r = 1; r < R; ++r) {
-                    const v16f wr = bcast2(t + (r - 1) * 4), wi = bcast2(t + (r - 1) * 4 + 2);
+                    const vf wr = bcast2(t + (r - 1) * 4), wi = bcast2(t + (r - 1) * 4 + 2);
                     v[r] = v[r] * wr + SWAP_RI(v[r]) * wi;
                 }
             }
@@ -344,19 +382,19 @@ pass_r(const v16f *RESTRICT x, v16f *RESTRICT y, int64_t n, int64_t Ns, const fl
     }
 }
 
-static void pass2(const v16f *x, v16f *y, int64_t n, int64_t Ns, const float *tw, float dir)
+static void pass2(const vf *x, vf *y, int64_t n, int64_t Ns, const float *tw, float dir)
 { pass_r(x, y, n, Ns, tw, dir, 2); }
-static void pass3(const v16f *x, v16f *y, int64_t n, int64_t Ns, const float *tw, float dir)
+static void pass3(const vf *x, vf *y, int64_t n, int64_t Ns, const float *tw, float dir)
 { pass_r(x, y, n, Ns, tw, dir, 3); }
-static void pass4(const v16f *x, v16f *y, int64_t n, int64_t Ns, const float *tw, float dir)
+static void pass4(const vf *x, vf *y, int64_t n, int64_t Ns, const float *tw, float dir)
 { pass_r(x, y, n, Ns, tw, dir, 4); }
-static void pass5(const v16f *x, v16f *y, int64_t n, int64_t Ns, const float *tw, float dir)
+static void pass5(const vf *x, vf *y, int64_t n, int64_t Ns, const float *tw, float dir)
 { pass_r(x, y, n, Ns, tw, dir, 5); }
 
 /* Stockham autosort FFT of length n on vectors (8 independent complex lanes each), radices
  * radix[0..npass). tw: per pass with Ns > 1, Ns*(R-1) twiddles of 4 floats (c, c, -s, s),
  * angle dir*(-2 pi) jm r / (Ns R). Returns the buffer holding the result (x or y). */
-static v16f *fft_vec(v16f *RESTRICT x, v16f *RESTRICT y, int64_t n, const int32_t *radix,
+static vf *fft_vec(vf *RESTRICT x, vf *RESTRICT y, int64_t n, const int32_t *radix,
                      int64_t npass, const float *tw, float dir)
 {
     int64_t Ns = 1;
@@ -370,7 +408,7 @@ static v16f *fft_vec(v16f *RESTRICT x, v16f *RESTRICT y, int64_t n, const int32_
         }
         if (Ns > 1) tw += Ns * (R - 1) * 4;
         Ns *= R;
-        v16f *tmp = x; x = y; y = tmp;
+        vf *tmp = x; x = y; y = tmp;
     }
     return x;
 }
@@ -387,49 +425,49 @@ void sc_fft2(float *data, int64_t n_maps, int64_t m, int64_t k,
 {
     const float dir = inverse ? -1.0f : 1.0f;
     const int64_t nmax = m > k ? m : k;
-    v16f *x = (v16f *)work, *y = x + nmax;
+    vf *x = (vf *)work, *y = x + nmax;
     for (int64_t i = 0; i < n_maps; ++i) {
         float *d = data + i * m * k * 2;
-        for (int64_t c = 0; c < k; c += 8) {
-            const int64_t w = (k - c) < 8 ? (k - c) : 8;
-            if (w == 8) {
-                for (int64_t r = 0; r < m; ++r) x[r] = *(const v16f *)(d + (r * k + c) * 2);
+        for (int64_t c = 0; c < k; c += CL) {
+            const int64_t w = (k - c) < CL ? (k - c) : CL;
+            if (w == CL) {
+                for (int64_t r = 0; r < m; ++r) x[r] = *(const vf *)(d + (r * k + c) * 2);
             } else {
                 for (int64_t r = 0; r < m; ++r) {
-                    v16f t = {0};
+                    vf t = {0};
                     memcpy(&t, d + (r * k + c) * 2, w * 8);
                     x[r] = t;
                 }
             }
-            v16f *res = fft_vec(x, y, m, rad_m, np_m, tw_m, dir);
-            if (w == 8) {
-                for (int64_t r = 0; r < m; ++r) *(v16f *)(d + (r * k + c) * 2) = res[r];
+            vf *res = fft_vec(x, y, m, rad_m, np_m, tw_m, dir);
+            if (w == CL) {
+                for (int64_t r = 0; r < m; ++r) *(vf *)(d + (r * k + c) * 2) = res[r];
             } else {
                 for (int64_t r = 0; r < m; ++r) memcpy(d + (r * k + c) * 2, &res[r], w * 8);
             }
         }
-        for (int64_t r0 = 0; r0 < m; r0 += 8) {
-            const int64_t h = (m - r0) < 8 ? (m - r0) : 8;
+        for (int64_t r0 = 0; r0 < m; r0 += CL) {
+            const int64_t h = (m - r0) < CL ? (m - r0) : CL;
             double *rows = (double *)(d + r0 * k * 2);
-            const int64_t kq = h == 8 ? k / 8 * 8 : 0;  /* columns done by 8 x 8 tiles */
-            for (int64_t q = 0; q < kq; q += 8) {
-                v8d a[8];
-                for (int l = 0; l < 8; ++l) a[l] = *(const v8d *)(rows + l * k + q);
-                transpose8(a, (v8d *)(x + q));
+            const int64_t kq = h == CL ? k / CL * CL : 0;  /* columns done by CL x CL tiles */
+            for (int64_t q = 0; q < kq; q += CL) {
+                vd a[CL];
+                for (int l = 0; l < CL; ++l) a[l] = *(const vd *)(rows + l * k + q);
+                transpose_cl(a, (vd *)(x + q));
             }
             for (int64_t q = kq; q < k; ++q) {
-                v8d t = {0};
+                vd t = {0};
                 for (int64_t l = 0; l < h; ++l) t[l] = rows[l * k + q];
-                x[q] = (v16f)t;
+                x[q] = (vf)t;
             }
-            v16f *res = fft_vec(x, y, k, rad_k, np_k, tw_k, dir);
-            for (int64_t q = 0; q < kq; q += 8) {
-                v8d a[8];
-                transpose8((const v8d *)(res + q), a);
-                for (int l = 0; l < 8; ++l) *(v8d *)(rows + l * k + q) = a[l];
+            vf *res = fft_vec(x, y, k, rad_k, np_k, tw_k, dir);
+            for (int64_t q = 0; q < kq; q += CL) {
+                vd a[CL];
+                transpose_cl((const vd *)(res + q), a);
+                for (int l = 0; l < CL; ++l) *(vd *)(rows + l * k + q) = a[l];
             }
             for (int64_t q = kq; q < k; ++q) {
-                v8d t = (v8d)res[q];
+                vd t = (vd)res[q];
                 for (int64_t l = 0; l < h; ++l) rows[l * k + q] = t[l];
             }
         }

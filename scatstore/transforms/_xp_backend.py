@@ -1,9 +1,6 @@
-"""Array-API style implementation of the scattering transform: NumPy and CuPy share this code.
-
-The algorithm is the one of :mod:`scatstore.transforms._torch_backend` (read its docstring):
-one FFT of the padded input, per scale the L wavelet products fused with kymatio's Fourier
-subsampling, a batched inverse FFT, the modulus, and the separable low-pass as two dense matrix
-products. Only namespace functions common to NumPy and CuPy are used (``xp.fft``, ``xp.matmul``,
+"""Array-API style backend of the scattering transform: the primitives of :mod:`.core` for
+NumPy and CuPy arrays (the cascade itself is :func:`.core.scatter`, shared with the torch and
+native backends; what each primitive computes is described in :mod:`._torch_backend`). Only namespace functions common to NumPy and CuPy are used (``xp.fft``, ``xp.matmul``,
 ``xp.take``, ``xp.abs``, ``xp.sqrt``, ``xp.isfinite``, ``xp.asarray``), through the tiny shim
 :func:`get_namespace` (no ``array-api-compat`` dependency).
 
@@ -24,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from . import filters as fb
-from ._torch_backend import Geometry
+from .core import scatter
+from .geometry import Geometry
 
 try:  # optional dependency
     import cupy as _cupy  # type: ignore
@@ -117,75 +115,82 @@ class XpPlan:
         self.rows = xp.asarray(fb.reflect_index(g.M, top, bottom))
         self.cols = xp.asarray(fb.reflect_index(g.N, left, right))
 
-    # ---- building blocks -------------------------------------------------------------------
-    def _filter_periodize(self, U, F, s: int, blocks):
-        """mean over s x s aliased blocks of U[..., None, :, :] * F; U (n, [e,] M, N)."""
-        xp = self.xp
+    def forward_chunk(self, x, out, theta_block: int) -> None:
+        """x: (n, M, N) real in self.dtype; out: (n, K, Mo, No) to fill."""
+        scatter(XpOps(self), x, out, theta_block)
+
+
+class XpOps:
+    """The primitives of :mod:`.core` for NumPy / CuPy arrays (see there for the contracts);
+    every result is a new array."""
+
+    def __init__(self, plan: XpPlan):
+        self.plan, self.geo, self.xp = plan, plan.geo, plan.xp
+        self.group = plan.geo.L
+
+    def pad(self, x):
+        xp, p = self.xp, self.plan
+        return xp.take(xp.take(x, p.rows, axis=1), p.cols, axis=2)
+
+    def fft2(self, r, role: str):
+        return self.xp.fft.fft2(r.astype(self.plan.cdtype))
+
+    def ifft2(self, Z):
+        return self.xp.fft.ifft2(Z), 1.0
+
+    def prod_periodize(self, U, filt, l0: int, nl: int, role: str):
+        """sum over the s x s aliased blocks of U[..., None, :, :] * F (the 1/s^2 is in F)."""
+        xp, p = self.xp, self.plan
+        if len(filt) == 1:
+            F, blocks, s = p.psi1[filt[0]], p.blocks1[filt[0]], 2 ** filt[0]
+        else:
+            F, blocks, s = p.psi2[filt], p.blocks2[filt], 2 ** (filt[1] - filt[0])
+        F = F[l0:l0 + nl]
         lead = U.shape[:-2]
         M, N = U.shape[-2:]
-        Lf = F.shape[0]
         m, k = M // s, N // s
-        if self.fused:
+        if p.fused:
             Uc = xp.ascontiguousarray(U).reshape(-1, M, N)
-            Y = xp.empty((Uc.shape[0], Lf, m, k), dtype=U.dtype)
-            _cupy_kernels()["filter_periodize"](Uc, F, np.int32(Lf), np.int32(M), np.int32(N),
-                                                np.int32(s), Y)
-            return Y.reshape(*lead, Lf, m, k)
+            Y = xp.empty((Uc.shape[0], nl, m, k), dtype=U.dtype)
+            _cupy_kernels()["filter_periodize"](Uc, xp.ascontiguousarray(F), np.int32(nl),
+                                                np.int32(M), np.int32(N), np.int32(s), Y)
+            return Y.reshape(*lead, nl, m, k)
         Ue = U[..., None, :, :]
         if s == 1:
             return Ue * F
         Ub = Ue.reshape(*lead, 1, s, m, s, k)
-        Fb = F.reshape(Lf, s, m, s, k)
+        Fb = F.reshape(nl, s, m, s, k)
         (a, b), rest = blocks[0], blocks[1:]
         out = Ub[..., a, :, b, :] * Fb[..., a, :, b, :]
         for a, b in rest:
             out += Ub[..., a, :, b, :] * Fb[..., a, :, b, :]
         return out
 
-    def _modulus(self, W):
-        if self.fused:
-            r = self.xp.empty(W.shape, dtype=self.dtype)
+    def modulus(self, W, scale: float, dest, at: int, role: str):
+        xp = self.xp
+        if self.plan.fused:
+            r = xp.empty(W.shape, dtype=self.plan.dtype)
             _cupy_kernels()["modulus"](W, r)
+        else:
+            r = xp.sqrt(W.real * W.real + W.imag * W.imag)
+        if scale != 1.0:
+            r *= scale
+        nl, L = W.shape[-3], self.geo.L
+        if dest is None and nl == L:
             return r
-        xp = self.xp
-        return xp.sqrt(W.real * W.real + W.imag * W.imag)
+        if dest is None:
+            dest = xp.empty((*W.shape[:-3], L, *W.shape[-2:]), dtype=r.dtype)
+        dest[..., at:at + nl, :, :] = r
+        return dest
 
-    def _lowpass(self, U, res: int):
-        A, Bt = self.lp[res]
-        xp = self.xp
-        return xp.matmul(xp.matmul(A, U), Bt)
-
-    def forward_chunk(self, x, out, theta_block: int) -> None:
-        """x: (n, M, N) real in self.dtype; out: (n, K, Mo, No) to fill."""
-        xp = self.xp
-        g = self.geo
-        J, L = g.J, g.L
-        A0, B0t = self.lp0
-        out[:, 0] = xp.matmul(xp.matmul(A0, x), B0t)
-        xpad = xp.take(xp.take(x, self.rows, axis=1), self.cols, axis=2)
-        U0 = xp.fft.fft2(xpad.astype(self.cdtype))
-        del xpad
-        for j1 in range(J):
-            Z = self._filter_periodize(U0, self.psi1[j1], 2**j1, self.blocks1[j1])
-            U1 = self._modulus(xp.fft.ifft2(Z))
-            del Z
-            out[:, 1 + j1 * L:1 + (j1 + 1) * L] = self._lowpass(U1, j1)
-            if g.max_order < 2 or j1 == J - 1:
-                continue
-            V = xp.fft.fft2(U1.astype(self.cdtype))
-            del U1
-            nj2 = J - 1 - j1
-            n = x.shape[0]
-            o2 = out[:, g.off2[j1]:g.off2[j1] + L * L * nj2].reshape(
-                n, L, nj2, L, g.Mo, g.No)
-            for t0 in range(0, L, theta_block):
-                Vb = V[:, t0:t0 + theta_block]
-                for j2 in range(j1 + 1, J):
-                    Z2 = self._filter_periodize(Vb, self.psi2[(j1, j2)], 2 ** (j2 - j1),
-                                                self.blocks2[(j1, j2)])
-                    U2 = self._modulus(xp.fft.ifft2(Z2))
-                    del Z2
-                    o2[:, t0:t0 + theta_block, j2 - j1 - 1] = self._lowpass(U2, j2)
+    def lowpass(self, U, res: int, out, channels):
+        xp, p = self.xp, self.plan
+        A, Bt = p.lp[res] if res >= 0 else p.lp0
+        S = xp.matmul(xp.matmul(A, U), Bt)
+        if channels.ndim == 0:
+            out[:, int(channels)] = S
+        else:
+            out[:, xp.asarray(channels)] = S
 
 
 _PLANS: dict[tuple, XpPlan] = {}
@@ -205,51 +210,3 @@ def get_plan(geo: Geometry, xp, dtype) -> XpPlan:
         while len(_PLANS) > 16:
             _PLANS.pop(next(iter(_PLANS)))
     return plan
-
-
-class XpFront:
-    """Validation, chunking and output allocation for ``backend="numpy"`` / ``"cupy"``."""
-
-    def __init__(self, S, out_dtype: Any):
-        self.S = S
-        if S.backend == "cupy" and _cupy is None:
-            raise ImportError("backend='cupy' needs CuPy: pip install 'scatstore[gpu]'")
-        self.xp = np if S.backend == "numpy" else _cupy
-        if out_dtype is not None:
-            try:
-                out_dtype = np.dtype(out_dtype)
-            except TypeError:
-                raise ValueError(f"out_dtype {out_dtype!r} is not a NumPy dtype (bfloat16 is "
-                                 f"only available with backend='torch')") from None
-            if out_dtype.kind != "f":
-                raise ValueError(f"out_dtype must be a floating dtype, got {out_dtype}")
-        self.out_dtype = out_dtype
-
-    def __call__(self, x):
-        from .scattering import _validate_shape
-
-        S = self.S
-        xp = self.xp
-        if not isinstance(x, (np.ndarray if xp is np else _cupy.ndarray)):
-            raise TypeError(f"backend={S.backend!r} takes a {xp.__name__}.ndarray, "
-                            f"got {type(x).__name__}")
-        if x.dtype.kind != "f":
-            raise TypeError(f"input must be a floating-point array, got {x.dtype}")
-        _validate_shape(S, x.shape)
-        if not bool(xp.isfinite(x).all()):
-            raise ValueError("input contains NaN or Inf")
-        cdt = np.dtype(np.float64 if x.dtype == np.float64 else np.float32)
-        odt = self.out_dtype or cdt
-        B, C, H, W = x.shape
-        out = xp.empty((B * C, S.K, *S.output_size), dtype=odt)
-        if B * C == 0:
-            return out.reshape(B, C, S.K, *S.output_size)
-        plan = get_plan(S._geo, xp, cdt)
-        xs = x.reshape(B * C, H, W)
-        dev = "cpu" if xp is np else "cuda"
-        n = S.chunk_size(cdt.itemsize, dev)
-        tb = S.theta_block(cdt.itemsize, dev)
-        for i in range(0, B * C, n):
-            xc = xp.ascontiguousarray(xs[i:i + n], dtype=cdt)
-            plan.forward_chunk(xc, out[i:i + n], tb)
-        return out.reshape(B, C, S.K, *S.output_size)

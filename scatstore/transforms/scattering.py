@@ -10,7 +10,6 @@ bound.
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -116,15 +115,13 @@ class Scattering2D:
         self.max_memory_bytes = max_memory_bytes
         self.K = scattering_channels(J, L, max_order)
         self.output_size = (H // 2**J, W // 2**J)
-        from ._torch_backend import Geometry  # light: torch is a core dependency
+        from .geometry import Geometry
 
         self._geo = Geometry(self.shape[0], self.shape[1], self.J, self.L, self.max_order)
         if backend == "torch":
             self._impl = _TorchFront(self, out_dtype)
         else:
-            from ._xp_backend import XpFront
-
-            self._impl = XpFront(self, out_dtype)
+            self._impl = _XpFront(self, out_dtype)
         self.out_dtype = self._impl.out_dtype
 
     @property
@@ -174,7 +171,8 @@ class Scattering2D:
         budget = self._budget("cpu")
         workers = max(1, torch.get_num_threads())
         grp = TorchPlan.GROUP
-        nat = real_bytes == 4 and _native.load() is not None
+        nat = real_bytes == 4 and _native.load() is not None and any(
+            k == "native" for k in _native.select_kernels(self._geo)[0].values())
 
         def per_map_bytes(tb: int) -> int:
             return cpu_working_bytes(self._geo, real_bytes, tb, grp, native=nat)
@@ -260,6 +258,19 @@ class _TorchFront:
         plan = get_plan(S._geo, x.device, cdt)
         xs = x.reshape(B * C, H, W)
         rb = 8 if cdt == torch.float64 else 4
+        if x.requires_grad and torch.is_grad_enabled():
+            # differentiable: the chunked torch path (no C kernels, no in-place FFTs), recorded
+            # by autograd; the memory bound does not cover the graph autograd keeps
+            plan = get_plan(S._geo, x.device, cdt, use_native=False)
+            n = S.chunk_size(rb, x.device.type)
+            tb = S.theta_block(rb, x.device.type)
+            parts = []
+            for i in range(0, B * C, n):
+                oc = torch.empty((min(n, B * C - i), S.K, *S.output_size), dtype=odt,
+                                 device=x.device)
+                plan.forward_chunk(xs[i:i + n].to(cdt).contiguous(), oc, tb)
+                parts.append(oc)
+            return torch.cat(parts).reshape(B, C, S.K, *S.output_size)
         if x.device.type == "cpu":
             workers, group, tb = S.cpu_schedule(rb)
             run_cpu(plan, xs, out, workers, tb, group)
@@ -270,6 +281,56 @@ class _TorchFront:
             for i in range(0, B * C, n):
                 xc = xs[i:i + n].to(cdt).contiguous()
                 plan.forward_chunk(xc, out[i:i + n], tb)
+        return out.reshape(B, C, S.K, *S.output_size)
+
+
+class _XpFront:
+    """Validation, chunking and output allocation for ``backend="numpy"`` / ``"cupy"``."""
+
+    def __init__(self, S, out_dtype: Any):
+        self.S = S
+        from ._xp_backend import _cupy
+
+        if S.backend == "cupy" and _cupy is None:
+            raise ImportError("backend='cupy' needs CuPy: pip install 'scatstore[gpu]'")
+        self.xp = np if S.backend == "numpy" else _cupy
+        if out_dtype is not None:
+            try:
+                out_dtype = np.dtype(out_dtype)
+            except TypeError:
+                raise ValueError(f"out_dtype {out_dtype!r} is not a NumPy dtype (bfloat16 is "
+                                 f"only available with backend='torch')") from None
+            if out_dtype.kind != "f":
+                raise ValueError(f"out_dtype must be a floating dtype, got {out_dtype}")
+        self.out_dtype = out_dtype
+
+    def __call__(self, x):
+        from ._xp_backend import _cupy, get_plan
+
+        S = self.S
+        xp = self.xp
+        if not isinstance(x, (np.ndarray if xp is np else _cupy.ndarray)):
+            raise TypeError(f"backend={S.backend!r} takes a {xp.__name__}.ndarray, "
+                            f"got {type(x).__name__}")
+        if x.dtype.kind != "f":
+            raise TypeError(f"input must be a floating-point array, got {x.dtype}")
+        _validate_shape(S, x.shape)
+        if not bool(xp.isfinite(x).all()):
+            raise ValueError("input contains NaN or Inf")
+        cdt = np.dtype(np.float64 if x.dtype == np.float64 else np.float32)
+        odt = self.out_dtype or cdt
+        B, C, H, W = x.shape
+        out = xp.empty((B * C, S.K, *S.output_size), dtype=odt)
+        if B * C == 0:
+            return out.reshape(B, C, S.K, *S.output_size)
+        plan = get_plan(S._geo, xp, cdt)
+        xs = x.reshape(B * C, H, W)
+        dev = "cpu" if xp is np else "cuda"
+        n = S.chunk_size(cdt.itemsize, dev)
+        tb = S.theta_block(cdt.itemsize, dev)
+        for i in range(0, B * C, n):
+            xc = xp.ascontiguousarray(xs[i:i + n], dtype=cdt)
+            plan.forward_chunk(xc, out[i:i + n], tb)
         return out.reshape(B, C, S.K, *S.output_size)
 
 
