@@ -158,6 +158,9 @@ def test_documented_format_decodes_with_numpy_and_blosc(coeffs, codec50):
     np.testing.assert_allclose(np.maximum(2.0 ** log.astype(np.float64) - rec["eps"], 0), ours,
                                rtol=1e-4, atol=1e-6)
     np.testing.assert_array_equal(codec50.decode(blobs, threads=2), ours)
+    on_device = codec50.decode(blobs, device="cpu")  # the torch path (GPU-capable)
+    assert isinstance(on_device, torch.Tensor)
+    np.testing.assert_allclose(on_device.numpy(), ours, rtol=1e-5, atol=1e-7)
     t = codec50.decode(blobs, out_format="torch")
     assert isinstance(t, torch.Tensor) and np.array_equal(t.numpy(), ours)
 
@@ -200,6 +203,12 @@ def test_hostile_inputs(coeffs, codec50):
     x = codec50.decode(codec50.encode(extreme))
     assert np.all(np.isfinite(x)) and x[0].max() <= 2 * codec50.eps and x[1].min() > 1e29
     assert codec50.decode([]).shape == (0,) + test.shape[1:]
+    # a batch mixing 8-bit and 16-bit samples decodes each as it decodes alone
+    blobs = codec50.encode(np.concatenate([test[:1], extreme[1:]]))
+    assert blobs[0][3] == 1 and blobs[1][3] == 2  # width byte
+    assert codec50.decode_codes(blobs).dtype == np.int16
+    np.testing.assert_array_equal(codec50.decode(blobs)[0], codec50.decode(blobs[:1])[0])
+    assert codec50.decode_codes(blobs[:1]).dtype == np.int8
 
 
 def test_damaged_or_foreign_blobs_are_refused(coeffs, codec50):
