@@ -220,14 +220,16 @@ def _median_time(fn, rounds=5):
     return float(np.median(ts))
 
 
-def table_speed(frames, jpg_unused, quick=False):
+def table_speed(frames, quick=False):
     from numcodecs import Zstd
 
-    print("\n## speed (medians of 5 rounds; encode on one thread)\n")
-    print("| J | transform ms / image | tc encode ms / image | encode / transform | "
-          "decode codes, 1 / 2 threads (samples/s) | reconstruct float32, 1 / 2 threads | "
-          "full decode 2 threads | float16+zstd decode, 1 thread |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n## speed, quality 50 (medians of 5 rounds; samples/s unless marked)\n")
+    print("| J | transform ms / image | float16+zstd-3 encode ms | tc encode ms | tc encode / "
+          "transform | float16+zstd decode, 1 thread | tc entropy stage (codes), 1 / 2 threads | "
+          "tc reconstruct float32, 1 / 2 threads | tc full decode float32, 1 / 2 threads | "
+          "tc full decode, log domain, 1 thread |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    z = Zstd(level=3)
     for J in (3, 4):
         torch.set_num_threads(1)
         S = scatstore.Scattering2D(J=J, shape=(224, 224), L=8, max_order=1)
@@ -236,29 +238,29 @@ def table_speed(frames, jpg_unused, quick=False):
         t_tr = _median_time(lambda: S(x), 3) / len(frames)
         codec = CoefficientCodec.fit(c, quality=50)
         t_en = _median_time(lambda: codec.encode(c)) / len(frames)
+        t_f16 = _median_time(lambda: [z.encode(np.ascontiguousarray(a.astype(np.float16)))
+                                      for a in c]) / len(frames)
         reps = 8 if quick else 27
         blobs = codec.encode(c) * reps  # 19 * 27 = 513 samples
         n = len(blobs)
         codes = codec.decode_codes(blobs)
-        r = {}
-        for th in (1, 2):
-            torch.set_num_threads(th)
-            r[("codes", th)] = n / _median_time(lambda: codec.decode_codes(blobs, threads=th))
-            r[("recon", th)] = n / _median_time(lambda: codec.reconstruct(codes))
-        r["full"] = n / _median_time(lambda: codec.decode(blobs, threads=2))
-        z = Zstd(level=3)
         f16 = [z.encode(np.ascontiguousarray(a.astype(np.float16))) for a in c] * reps
 
         def f16_decode():
             out = np.empty((n,) + c.shape[1:], np.float32)
             for i, b in enumerate(f16):
                 out[i] = np.frombuffer(z.decode(b), np.float16).reshape(c.shape[1:])
-        torch.set_num_threads(1)
-        r["f16"] = n / _median_time(f16_decode)
-        print(f"| {J} | {t_tr * 1e3:.2f} | {t_en * 1e3:.2f} | {t_en / t_tr * 100:.1f} % | "
+        r = {"f16": n / _median_time(f16_decode)}
+        for th in (1, 2):
+            r[("codes", th)] = n / _median_time(lambda: codec.decode_codes(blobs, threads=th))
+            r[("recon", th)] = n / _median_time(lambda: codec.reconstruct(codes, threads=th))
+            r[("full", th)] = n / _median_time(lambda: codec.decode(blobs, threads=th))
+        r["log"] = n / _median_time(lambda: codec.decode(blobs, domain="log"))
+        print(f"| {J} | {t_tr * 1e3:.2f} | {t_f16 * 1e3:.2f} | {t_en * 1e3:.2f} | "
+              f"{t_en / t_tr * 100:.1f} % | {r['f16']:,.0f} | "
               f"{r[('codes', 1)]:,.0f} / {r[('codes', 2)]:,.0f} | {r[('recon', 1)]:,.0f} / "
-              f"{r[('recon', 2)]:,.0f} | {r['full']:,.0f} | {r['f16']:,.0f} |")
-    torch.set_num_threads(1)
+              f"{r[('recon', 2)]:,.0f} | {r[('full', 1)]:,.0f} / {r[('full', 2)]:,.0f} | "
+              f"{r['log']:,.0f} |")
 
 
 # ------------------------------------------------------------------ probe
@@ -354,14 +356,14 @@ def main():
     print(subprocess.run(["bash", "/work/shared/tools/machine.sh"], cwd=ROOT, capture_output=True,
                          text=True).stdout.strip() if Path("/work/shared/tools/machine.sh").exists()
           else "(machine.sh not found)")
-    print("load:", open("/proc/loadavg").read().split()[:3])
+    print("load average (1, 5, 15 min):", " ".join(open("/proc/loadavg").read().split()[:3]))
     names, frames, crops, crop_owner = shipped_frames()
     jpg = np.array([jpeg_size(f) for f in frames])
     for J in (3, 4):
         fc, cc = scat(frames, J), scat(crops, J)
         table_options(J, fc, cc, crop_owner, jpg)
         table_lossless(J, fc, cc, crop_owner, jpg)
-    table_speed(frames, jpg, args.quick)
+    table_speed(frames, args.quick)
     if not args.no_probe:
         table_probe()
 
