@@ -25,10 +25,10 @@ About 3 minutes on 2 idle cores (the probe's scattering is most of it).
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import subprocess
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -221,7 +221,6 @@ def _median_time(fn, rounds=5):
 
 
 def table_speed(frames, quick=False):
-    from numcodecs import Zstd
 
     print("\n## speed, quality 50 (medians of 5 rounds; samples/s unless marked)\n")
     print("| J | transform ms / image | float16+zstd-3 encode ms | tc encode ms | tc encode / "
@@ -229,38 +228,44 @@ def table_speed(frames, quick=False):
           "tc reconstruct float32, 1 / 2 threads | tc full decode float32, 1 / 2 threads | "
           "tc full decode, log domain, 1 thread |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    z = Zstd(level=3)
     for J in (3, 4):
-        torch.set_num_threads(1)
-        S = scatstore.Scattering2D(J=J, shape=(224, 224), L=8, max_order=1)
-        x = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255
-        c = S(x).numpy()
-        t_tr = _median_time(lambda: S(x), 3) / len(frames)
-        codec = CoefficientCodec.fit(c, quality=50)
-        t_en = _median_time(lambda: codec.encode(c)) / len(frames)
-        t_f16 = _median_time(lambda: [z.encode(np.ascontiguousarray(a.astype(np.float16)))
-                                      for a in c]) / len(frames)
-        reps = 8 if quick else 27
-        blobs = codec.encode(c) * reps  # 19 * 27 = 513 samples
-        n = len(blobs)
-        codes = codec.decode_codes(blobs)
-        f16 = [z.encode(np.ascontiguousarray(a.astype(np.float16))) for a in c] * reps
+        _speed_row(J, frames, quick)
 
-        def f16_decode():
-            out = np.empty((n,) + c.shape[1:], np.float32)
-            for i, b in enumerate(f16):
-                out[i] = np.frombuffer(z.decode(b), np.float16).reshape(c.shape[1:])
-        r = {"f16": n / _median_time(f16_decode)}
-        for th in (1, 2):
-            r[("codes", th)] = n / _median_time(lambda: codec.decode_codes(blobs, threads=th))
-            r[("recon", th)] = n / _median_time(lambda: codec.reconstruct(codes, threads=th))
-            r[("full", th)] = n / _median_time(lambda: codec.decode(blobs, threads=th))
-        r["log"] = n / _median_time(lambda: codec.decode(blobs, domain="log"))
-        print(f"| {J} | {t_tr * 1e3:.2f} | {t_f16 * 1e3:.2f} | {t_en * 1e3:.2f} | "
-              f"{t_en / t_tr * 100:.1f} % | {r['f16']:,.0f} | "
-              f"{r[('codes', 1)]:,.0f} / {r[('codes', 2)]:,.0f} | {r[('recon', 1)]:,.0f} / "
-              f"{r[('recon', 2)]:,.0f} | {r[('full', 1)]:,.0f} / {r[('full', 2)]:,.0f} | "
-              f"{r['log']:,.0f} |")
+
+def _speed_row(J: int, frames: np.ndarray, quick: bool) -> None:
+    from numcodecs import Zstd
+
+    z = Zstd(level=3)
+    torch.set_num_threads(1)
+    S = scatstore.Scattering2D(J=J, shape=(224, 224), L=8, max_order=1)
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255
+    c = S(x).numpy()
+    t_tr = _median_time(lambda: S(x), 3) / len(frames)
+    codec = CoefficientCodec.fit(c, quality=50)
+    t_en = _median_time(lambda: codec.encode(c)) / len(frames)
+    t_f16 = _median_time(lambda: [z.encode(np.ascontiguousarray(a.astype(np.float16)))
+                                  for a in c]) / len(frames)
+    reps = 8 if quick else 27
+    blobs = codec.encode(c) * reps  # 19 * 27 = 513 samples
+    n = len(blobs)
+    codes = codec.decode_codes(blobs)
+    f16 = [z.encode(np.ascontiguousarray(a.astype(np.float16))) for a in c] * reps
+
+    def f16_decode():
+        out = np.empty((n, *c.shape[1:]), np.float32)
+        for i, b in enumerate(f16):
+            out[i] = np.frombuffer(z.decode(b), np.float16).reshape(c.shape[1:])
+    r = {"f16": n / _median_time(f16_decode)}
+    for th in (1, 2):
+        r[("codes", th)] = n / _median_time(functools.partial(codec.decode_codes, blobs, threads=th))
+        r[("recon", th)] = n / _median_time(functools.partial(codec.reconstruct, codes, threads=th))
+        r[("full", th)] = n / _median_time(functools.partial(codec.decode, blobs, threads=th))
+    r["log"] = n / _median_time(lambda: codec.decode(blobs, domain="log"))
+    print(f"| {J} | {t_tr * 1e3:.2f} | {t_f16 * 1e3:.2f} | {t_en * 1e3:.2f} | "
+          f"{t_en / t_tr * 100:.1f} % | {r['f16']:,.0f} | "
+          f"{r[('codes', 1)]:,.0f} / {r[('codes', 2)]:,.0f} | {r[('recon', 1)]:,.0f} / "
+          f"{r[('recon', 2)]:,.0f} | {r[('full', 1)]:,.0f} / {r[('full', 2)]:,.0f} | "
+          f"{r['log']:,.0f} |")
 
 
 # ------------------------------------------------------------------ probe
@@ -333,7 +338,7 @@ def table_probe():
     for J in (3, 4):
         ctr, cva = scat(Xtr, J), scat(Xva, J)
         reps = []
-        f16 = lambda a: a.astype(np.float16).astype(np.float32)  # noqa: E731
+        f16 = lambda a: a.astype(np.float16).astype(np.float32)
         reps.append(("float16", f16(ctr), f16(cva), ctr[0].size * 2))
         for q in QUALITIES:
             codec = CoefficientCodec.fit(ctr, quality=q)
@@ -353,11 +358,11 @@ def main():
     ap.add_argument("--no-probe", action="store_true", help="skip the linear probe")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    print(subprocess.run(["bash", "/work/shared/tools/machine.sh"], cwd=ROOT, capture_output=True,
-                         text=True).stdout.strip() if Path("/work/shared/tools/machine.sh").exists()
-          else "(machine.sh not found)")
-    print("load average (1, 5, 15 min):", " ".join(open("/proc/loadavg").read().split()[:3]))
-    names, frames, crops, crop_owner = shipped_frames()
+    tool = Path("/work/shared/tools/machine.sh")
+    print(subprocess.run(["bash", str(tool)], cwd=ROOT, capture_output=True, text=True,
+                         check=False).stdout.strip() if tool.exists() else "(machine.sh not found)")
+    print("load average (1, 5, 15 min):", " ".join(Path("/proc/loadavg").read_text().split()[:3]))
+    _, frames, crops, crop_owner = shipped_frames()
     jpg = np.array([jpeg_size(f) for f in frames])
     for J in (3, 4):
         fc, cc = scat(frames, J), scat(crops, J)

@@ -20,7 +20,7 @@ and the decoder inverts it with ``A = A_int / 2**G`` (orthonormal up to 2**-G)::
     y' = M / 2**F + A.T @ (q * s / 2**(F+G)),   x' = max(2**y' - eps, 0)
 
 Every encoder operation on the quantization path is an IEEE-exact elementwise operation or an
-integer-valued float64 sum below 2**53, so the codes (and, for one blosc/zstd build, the bytes)
+integer-valued float64 sum below 2**48, so the codes (and, for one blosc/zstd build, the bytes)
 do not depend on batch split, thread count, BLAS or CPU.
 
 The quality knob: ``step = 2**((60 - quality) / 10) / 16`` in log2 units, the same for every
@@ -33,19 +33,19 @@ Public API::
     codec = CoefficientCodec.fit(coeffs, quality=50, eps=0.01, transform="pca")
     blobs = codec.encode(batch)                 # list[bytes], one per sample
     x = codec.decode(blobs)                     # float32 (B, C, K, H, W), numpy
-    codes = codec.decode_codes(blobs)           # int16 (B, D, H, W): the entropy stage only
+    codes = codec.decode_codes(blobs)           # int8 / int16 (B, D, H, W): entropy stage only
     x = codec.reconstruct(codes, device="cuda") # torch, any device (float32 / float16 / log)
     record = codec.to_json(); CoefficientCodec.from_json(record)
 """
 from __future__ import annotations
 
+import itertools
 import json
 import struct
 import threading
 import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import numpy as np
 
@@ -227,16 +227,20 @@ class CoefficientCodec:
 
     @classmethod
     def fit(cls, coeffs, quality: float = 50, eps: float = 0.01, transform: str = "pca",
-            max_positions: int = 200_000, step: float | None = None) -> "CoefficientCodec":
+            max_positions: int = 200_000, step: float | None = None) -> CoefficientCodec:
         """Fit the mean and (for ``"pca"``) the basis on a sample ``(N, C, K, H, W)``.
 
-        Deterministic: at most ``max_positions`` spatial positions, taken with a fixed stride,
-        feed a float64 covariance; the eigenvectors get a sign convention (largest-magnitude
-        entry positive) and are rounded to integers, so the same sample gives the same record.
+        Deterministic: at most ``max_positions`` (<= 2**18) spatial positions, taken with a
+        fixed stride, feed an exactly computed covariance of the fixed-point logs; the
+        eigenvectors (LAPACK) get a sign convention (largest-magnitude entry positive) and are
+        rounded to integers, so the same sample gives the same record on a machine. The record,
+        not the fit, defines the bytes: store it and reuse it (``from_json``).
         ``step`` (log domain) overrides the one ``quality`` maps to.
         """
         if transform not in TRANSFORMS:
             raise ValueError(f"unknown transform {transform!r}; choose from {TRANSFORMS}")
+        if not 1 <= max_positions <= 1 << 18:
+            raise ValueError(f"max_positions must be in [1, 2**18], got {max_positions}")
         x = np.asarray(coeffs)
         if x.ndim != 5 or x.shape[0] < 1:
             raise ValueError(f"expected coefficients (N, C, K, H, W), got shape {x.shape}")
@@ -244,14 +248,16 @@ class CoefficientCodec:
             raise ValueError("coefficients hold NaN or inf")
         N, C, K, H, W = x.shape
         D = C * K
-        Y = _fixed_log2(x, eps) / (1 << LOG_BITS)
-        Y = np.moveaxis(Y.reshape(N, D, H * W), 1, 2).reshape(-1, D)
-        stride = max(1, -(-len(Y) // max_positions))
-        Y = Y[::stride]
-        mu = Y.mean(axis=0)
+        Yi = _fixed_log2(x, eps)
+        Yi = np.moveaxis(Yi.reshape(N, D, H * W), 1, 2).reshape(-1, D)
+        Yi = Yi[::max(1, -(-len(Yi) // max_positions))]  # at most max_positions rows
+        mu = Yi.mean(axis=0, dtype=np.float64) / (1 << LOG_BITS)  # numpy reductions: fixed order
         if transform == "pca":
-            X = Y - mu
-            cov = X.T @ X / len(X)
+            # covariance of integers (units 2**-8, centred on an integer mean): |X| < 2**16, so
+            # X.T @ X sums at most 2**18 products below 2**32 -> exact in any BLAS order
+            Y8 = Yi >> (LOG_BITS - 8)
+            X = (Y8 - np.rint(Y8.mean(axis=0, dtype=np.float64)).astype(np.int32)).astype(np.float64)
+            cov = X.T @ X
             w, V = np.linalg.eigh(cov)
             basis = V[:, np.argsort(-w, kind="stable")].T
             idx = np.argmax(np.abs(basis), axis=1)
@@ -264,7 +270,7 @@ class CoefficientCodec:
         st = quality_to_step(quality) if step is None else float(step)
         if not st > 0:
             raise ValueError(f"step must be positive, got {step}")
-        steps = np.full(D, max(1, int(round(st * (1 << (LOG_BITS + MATRIX_BITS))))), dtype=np.int64)
+        steps = np.full(D, max(1, round(st * (1 << (LOG_BITS + MATRIX_BITS)))), dtype=np.int64)
         return cls((C, K, H, W), eps, np.rint(mu * (1 << LOG_BITS)),
                    np.rint(basis * (1 << MATRIX_BITS)), steps,
                    quality=None if step is not None else float(quality), transform=transform)
@@ -284,7 +290,7 @@ class CoefficientCodec:
         return rec
 
     @classmethod
-    def from_json(cls, rec: dict) -> "CoefficientCodec":
+    def from_json(cls, rec: dict) -> CoefficientCodec:
         if rec.get("codec") != CODEC_NAME:
             raise ValueError(f"not a {CODEC_NAME} record (codec={rec.get('codec')!r})")
         if rec.get("version") != FORMAT_VERSION:
@@ -416,21 +422,20 @@ class CoefficientCodec:
         a thread pool (blosc decompresses without the GIL)."""
         C, K, H, W = self.shape
         blobs = list(blobs)
-        for dtype in (np.int8, np.int16):
-            q = np.empty((len(blobs), C * K, H, W), dtype=dtype)
-            try:
-                self._map_chunks(len(blobs), threads, lambda a, b: self._unpack_into(blobs[a:b], q, a))
-                return q
-            except _NeedWide:
-                continue
-        raise AssertionError("unreachable")
+        q = np.empty((len(blobs), C * K, H, W), dtype=np.int8)
+        try:
+            self._map_chunks(len(blobs), threads, lambda a, b: self._unpack_into(blobs[a:b], q, a))
+        except _NeedWide:  # a sample holds 16-bit codes: the whole batch in int16
+            q = np.empty((len(blobs), C * K, H, W), dtype=np.int16)
+            self._map_chunks(len(blobs), threads, lambda a, b: self._unpack_into(blobs[a:b], q, a))
+        return q
 
     @staticmethod
     def _map_chunks(n: int, threads: int, fn, chunk: int = 8) -> None:
         """Call ``fn(a, b)`` over ``[0, n)`` in chunks, on ``threads`` threads (deterministic
         results: each chunk writes only its own rows)."""
-        bounds = list(range(0, n, chunk)) + [n]
-        pairs = list(zip(bounds[:-1], bounds[1:]))
+        bounds = [*range(0, n, chunk), n]
+        pairs = list(itertools.pairwise(bounds))
         threads = max(1, min(int(threads), len(pairs)))
         if threads == 1:
             for a, b in pairs:
@@ -449,8 +454,7 @@ class CoefficientCodec:
     def _reconstruct_rows(self, q: np.ndarray, out: np.ndarray, domain: str) -> None:
         """float32 rows ``out`` (b, D, N) from codes ``q`` (b, D, N): y' = M + (A.T * s) @ q."""
         At, mu = self._decoder_constants()
-        C, K, H, W = self.shape
-        _rowwise_matmul(At, q.astype(np.float32), H, W, out=out)
+        _rowwise_matmul(At, q.astype(np.float32), self.shape[2], self.shape[3], out=out)
         out += mu
         if domain == "linear":
             np.exp2(out, out=out)
