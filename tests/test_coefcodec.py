@@ -158,6 +158,10 @@ def test_documented_format_decodes_with_numpy_and_blosc(coeffs, codec50):
     np.testing.assert_allclose(np.maximum(2.0 ** log.astype(np.float64) - rec["eps"], 0), ours,
                                rtol=1e-4, atol=1e-6)
     np.testing.assert_array_equal(codec50.decode(blobs, threads=2), ours)
+    # a batch decodes to exactly what the samples decode to one by one (map-style reader)
+    np.testing.assert_array_equal(np.concatenate([codec50.decode([b]) for b in blobs]), ours)
+    many = blobs * 3  # 18 samples: chunks of 8, 8, 2
+    np.testing.assert_array_equal(codec50.decode(many, threads=2)[12:], ours)
     on_device = codec50.decode(blobs, device="cpu")  # the torch path (GPU-capable)
     assert isinstance(on_device, torch.Tensor)
     np.testing.assert_allclose(on_device.numpy(), ours, rtol=1e-5, atol=1e-7)
