@@ -234,3 +234,25 @@ def test_damaged_or_foreign_blobs_are_refused(coeffs, codec50):
         CoefficientCodec.from_json({**rec, "version": 99})
     with pytest.raises(ValueError, match="quality"):
         CoefficientCodec.fit(fit, quality=101)
+
+
+def test_bytes_identical_on_the_avx2_paths(coeffs, codec50, tmp_path):
+    """Encoding in a process restricted to x86-64-v3 SIMD (numpy) and the Haswell (AVX2)
+    OpenBLAS kernels, with 2 BLAS threads, gives the same bytes as this process."""
+    import os
+    import subprocess
+    import sys
+
+    test = coeffs[0][:3]
+    np.save(tmp_path / "x.npy", test)
+    (tmp_path / "rec.json").write_text(json.dumps(codec50.to_json()))
+    script = (
+        "import json, sys, numpy as np\n"
+        "from scatstore.transforms.coefcodec import CoefficientCodec\n"
+        f"c = CoefficientCodec.from_json(json.load(open({str(tmp_path / 'rec.json')!r})))\n"
+        f"sys.stdout.write(b''.join(c.encode(np.load({str(tmp_path / 'x.npy')!r}))).hex())\n")
+    env = dict(os.environ, NPY_DISABLE_CPU_FEATURES="X86_V4 AVX512_ICL AVX512_SPR",
+               OPENBLAS_CORETYPE="Haswell", OMP_NUM_THREADS="2", OPENBLAS_NUM_THREADS="2")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         check=True, timeout=120)
+    assert bytes.fromhex(out.stdout) == b"".join(codec50.encode(test))
