@@ -100,6 +100,8 @@ def test_bytes_deterministic_across_runs_splits_threads_and_refits(coeffs, codec
     rec = json.loads(json.dumps(codec50.to_json()))
     assert CoefficientCodec.from_json(rec).encode(test) == ref
     assert CoefficientCodec.fit(fit, quality=50).to_json() == codec50.to_json()
+    import pickle  # DataLoader workers receive the codec pickled
+    assert pickle.loads(pickle.dumps(codec50)).encode(test) == ref
     # torch input and float64 input give the same bytes as float32 numpy
     assert codec50.encode(torch.from_numpy(test)) == ref
     assert codec50.encode(test.astype(np.float64)) == ref

@@ -304,6 +304,16 @@ class CoefficientCodec:
             raise ValueError("record fingerprint mismatch (edited or damaged parameters)")
         return codec
 
+    def __getstate__(self) -> dict:  # picklable (DataLoader workers): the record only
+        return self.to_json()
+
+    def __setstate__(self, rec: dict) -> None:
+        self.__dict__.update(CoefficientCodec.from_json(rec).__dict__)
+
+    def __repr__(self) -> str:
+        return (f"CoefficientCodec(shape={self.shape}, transform={self.transform!r}, "
+                f"quality={self.quality}, step={self.step:g}, eps={self.eps:g})")
+
     @property
     def step(self) -> float:
         """The (first) log-domain step."""
