@@ -1,0 +1,260 @@
+"""The scattering-coefficient transform coder (scatstore.transforms.coefcodec) on real images."""
+from __future__ import annotations
+
+import json
+import struct
+import threading
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import scatstore
+from scatstore.sample_data import load_image
+from scatstore.transforms.coefcodec import (
+    CoefficientCodec,
+    CorruptCoefficientsError,
+    quality_to_step,
+)
+
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "brick")
+FIT = ("immunohistochemistry", "stereo_motorcycle", "grass", "gravel", "coins", "retina")
+
+
+def _frame(name: str, size: int, rng: np.random.Generator | None = None) -> np.ndarray:
+    img = load_image(name)
+    H, W = img.shape[:2]
+    s = min(H, W)
+    if rng is None:
+        y, x = (H - s) // 2, (W - s) // 2
+    else:
+        s = int(rng.integers(s // 2, s + 1))
+        y, x = int(rng.integers(0, H - s + 1)), int(rng.integers(0, W - s + 1))
+    return np.asarray(Image.fromarray(img[y:y + s, x:x + s]).resize((size, size), Image.BICUBIC))
+
+
+def _scat(frames: np.ndarray, J: int, size: int) -> np.ndarray:
+    S = scatstore.Scattering2D(J=J, shape=(size, size), L=8, max_order=1)
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 255
+    return S(x).numpy()
+
+
+@pytest.fixture(scope="module")
+def coeffs():
+    """scat1 J=3 at 224² of six held-out photos, and a fitting sample from other images."""
+    rng = np.random.default_rng(0)
+    test = np.stack([_frame(n, 224) for n in PHOTOS])
+    fit = np.stack([_frame(n, 224, rng) for n in FIT for _ in range(2)])
+    return _scat(test, 3, 224), _scat(fit, 3, 224)
+
+
+@pytest.fixture(scope="module")
+def codec50(coeffs):
+    return CoefficientCodec.fit(coeffs[1], quality=50)
+
+
+def _log2v(x, eps):
+    return np.log2(np.maximum(x.astype(np.float64), 0) + np.float32(eps))
+
+
+@pytest.mark.parametrize("quality", [30, 50, 70])
+@pytest.mark.parametrize("transform", ["pca", "fixed"])
+def test_round_trip_within_documented_bounds(coeffs, quality, transform):
+    test, fit = coeffs
+    codec = CoefficientCodec.fit(fit, quality=quality, transform=transform)
+    step = quality_to_step(quality)
+    assert codec.step == pytest.approx(step, rel=1e-4)
+    x = codec.decode(codec.encode(test))
+    assert x.shape == test.shape and x.dtype == np.float32 and (x >= 0).all()
+    # hard bound: per spatial position, the L2 norm over the D channels in the log2 domain
+    B, C, K, H, W = test.shape
+    err = (np.log2(x.astype(np.float64) + np.float32(codec.eps)) - _log2v(test, codec.eps))
+    per_pos = np.sqrt((err.reshape(B, C * K, H * W) ** 2).sum(axis=1))
+    bound = codec.error_bound()
+    assert per_pos.max() <= bound
+    assert bound < 0.6 * np.sqrt(C * K) * step + 0.05  # the bound is not vacuous
+    # typical bound (docs): relative L2 error <= 0.25 * step on real images, and close to
+    # ln(2) * step / sqrt(12) (uniform quantization noise)
+    rel = np.linalg.norm(x - test) / np.linalg.norm(test)
+    assert rel <= 0.25 * step
+    assert rel >= 0.1 * step  # the knob really sets the error
+
+
+def test_bytes_deterministic_across_runs_splits_threads_and_refits(coeffs, codec50):
+    test, fit = coeffs
+    ref = codec50.encode(test)
+    assert codec50.encode(test) == ref
+    assert codec50.encode(test[:1]) + codec50.encode(test[1:4]) + codec50.encode(test[4:]) == ref
+    assert [codec50.encode(t)[0] for t in test] == ref  # one (C, K, H, W) sample at a time
+    out = [None, None]
+
+    def work(k):
+        out[k] = codec50.encode(test[k::2])
+    ths = [threading.Thread(target=work, args=(k,)) for k in (0, 1)]
+    [t.start() for t in ths]
+    [t.join() for t in ths]
+    assert out[0] == ref[0::2] and out[1] == ref[1::2]
+    # the parameters round-trip through JSON (the manifest) and a refit is identical
+    rec = json.loads(json.dumps(codec50.to_json()))
+    assert CoefficientCodec.from_json(rec).encode(test) == ref
+    assert CoefficientCodec.fit(fit, quality=50).to_json() == codec50.to_json()
+    import pickle  # DataLoader workers receive the codec pickled
+    assert pickle.loads(pickle.dumps(codec50)).encode(test) == ref
+    # torch input and float64 input give the same bytes as float32 numpy
+    assert codec50.encode(torch.from_numpy(test)) == ref
+    assert codec50.encode(test.astype(np.float64)) == ref
+
+
+def test_quantization_is_exact_integer_arithmetic(coeffs, codec50):
+    """The float64 projection equals an int64 computation (no BLAS), so BLAS order, threads
+    and FMA cannot change a code; the fixed-point log2 is within its stated error."""
+    test = coeffs[0][:2]
+    q = codec50.quantize(test)
+    rec = codec50.to_json()
+    eps = np.float32(rec["eps"])
+    v = np.maximum(test, 0).astype(np.float32) + eps
+    from scatstore.transforms.coefcodec import _fixed_log2
+    Y = _fixed_log2(test, rec["eps"]).astype(np.int64)
+    assert np.abs(Y / 4096 - np.log2(v.astype(np.float64))).max() <= 2 ** -13 + 2 ** -14 / np.log(2) + 1e-12
+    B, C, K, H, W = test.shape
+    A = np.array(rec["matrix"], dtype=np.int64)
+    M = np.array(rec["mean"], dtype=np.int64)
+    s = np.array(rec["steps"], dtype=np.int64)[:, None]
+    Z = np.einsum("dc,bcn->bdn", A, Y.reshape(B, C * K, H * W) - M[:, None], optimize=False)
+    q_ref = np.clip(np.floor_divide(2 * Z + s, 2 * s), -32767, 32767)
+    assert np.array_equal(q.reshape(B, C * K, H * W), q_ref)
+
+
+def _independent_decode(blob: bytes, rec: dict) -> np.ndarray:
+    """A reader written from docs/coefficient_codec.md: struct + numcodecs' blosc + numpy."""
+    from numcodecs import blosc
+
+    magic, version, width, D, H, W, fingerprint = struct.unpack_from("<2sBBHHHI", blob, 0)
+    assert magic == b"TC" and version == 1 and fingerprint == rec["fingerprint"]
+    assert zlib.crc32(blob[:-4]) == int.from_bytes(blob[-4:], "little")
+    raw = blosc.decompress(blob[14:-4])
+    u = np.frombuffer(raw, dtype=np.uint8 if width == 1 else "<u2").astype(np.int64)
+    q = np.where(u % 2 == 0, u // 2, -(u + 1) // 2).reshape(D, H * W)
+    A = np.array(rec["matrix"], dtype=np.float64) / 2 ** rec["matrix_bits"]
+    step = np.array(rec["steps"], dtype=np.float64) / 2 ** (rec["log_bits"] + rec["matrix_bits"])
+    mean = np.array(rec["mean"], dtype=np.float64) / 2 ** rec["log_bits"]
+    y = mean[:, None] + A.T @ (q * step[:, None])
+    x = np.maximum(2.0 ** y - rec["eps"], 0)
+    C, K = rec["shape"][:2]
+    return x.reshape(C, K, H, W)
+
+
+def test_documented_format_decodes_with_numpy_and_blosc(coeffs, codec50):
+    test = coeffs[0]
+    blobs = codec50.encode(test)
+    rec = json.loads(json.dumps(codec50.to_json()))
+    ours = codec50.decode(blobs)
+    theirs = np.stack([_independent_decode(b, rec) for b in blobs])
+    np.testing.assert_allclose(ours, theirs, rtol=2e-5, atol=1e-7)
+    # the other output forms agree with it
+    np.testing.assert_allclose(codec50.decode(blobs, dtype="float16").astype(np.float32), ours,
+                               rtol=2e-3, atol=1e-6)
+    log = codec50.decode(blobs, domain="log")
+    np.testing.assert_allclose(np.maximum(2.0 ** log.astype(np.float64) - rec["eps"], 0), ours,
+                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(codec50.decode(blobs, threads=2), ours)
+    # a batch decodes to exactly what the samples decode to one by one (map-style reader)
+    np.testing.assert_array_equal(np.concatenate([codec50.decode([b]) for b in blobs]), ours)
+    many = blobs * 3  # 18 samples: chunks of 8, 8, 2
+    np.testing.assert_array_equal(codec50.decode(many, threads=2)[12:], ours)
+    on_device = codec50.decode(blobs, device="cpu")  # the torch path (GPU-capable)
+    assert isinstance(on_device, torch.Tensor)
+    np.testing.assert_allclose(on_device.numpy(), ours, rtol=1e-5, atol=1e-7)
+    t = codec50.decode(blobs, out_format="torch")
+    assert isinstance(t, torch.Tensor) and np.array_equal(t.numpy(), ours)
+
+
+def test_j4_and_grey_shapes_and_bytes(coeffs):
+    rng = np.random.default_rng(1)
+    frames = np.stack([_frame(n, 224) for n in PHOTOS[:3]])
+    fit = np.stack([_frame(n, 224, rng) for n in FIT[:4]])
+    c4, f4 = _scat(frames, 4, 224), _scat(fit, 4, 224)
+    codec = CoefficientCodec.fit(f4, quality=50)
+    blobs = codec.encode(c4)
+    assert np.mean([len(b) for b in blobs]) < 0.4 * 3 * 33 * 14 * 14  # < 0.4 bytes / coefficient
+    x = codec.decode(blobs)
+    assert np.linalg.norm(x - c4) / np.linalg.norm(c4) <= 0.25 * codec.step
+    # one colour channel (grey), J=2 at 64², fixed transform
+    grey = _scat(np.stack([_frame(n, 64) for n in PHOTOS]), 2, 64)[:, :1]
+    g = CoefficientCodec.fit(grey, quality=60, transform="fixed")
+    y = g.decode(g.encode(grey))
+    assert y.shape == grey.shape
+    assert np.linalg.norm(y - grey) / np.linalg.norm(grey) <= 0.25 * g.step
+
+
+def test_hostile_inputs(coeffs, codec50):
+    test = coeffs[0][:2].copy()
+    bad = test.copy()
+    bad[0, 0, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN or inf"):
+        codec50.encode(bad)
+    with pytest.raises(ValueError, match="expected a batch"):
+        codec50.encode(test[:, :, :5])
+    with pytest.raises(ValueError, match="float"):
+        codec50.encode(test.astype(np.int32))
+    # negative values are clamped to 0; zeros and huge values code without error
+    neg = test.copy()
+    neg[:, :, 1:] *= -1
+    x = codec50.decode(codec50.encode(neg))
+    assert (x >= 0).all() and x[:, :, 1:].max() <= 2 * codec50.eps
+    extreme = np.zeros_like(test)
+    extreme[1] = 1e30
+    x = codec50.decode(codec50.encode(extreme))
+    assert np.all(np.isfinite(x)) and x[0].max() <= 2 * codec50.eps and x[1].min() > 1e29
+    assert codec50.decode([]).shape == (0,) + test.shape[1:]
+    # a batch mixing 8-bit and 16-bit samples decodes each as it decodes alone
+    blobs = codec50.encode(np.concatenate([test[:1], extreme[1:]]))
+    assert blobs[0][3] == 1 and blobs[1][3] == 2  # width byte
+    assert codec50.decode_codes(blobs).dtype == np.int16
+    np.testing.assert_array_equal(codec50.decode(blobs)[0], codec50.decode(blobs[:1])[0])
+    assert codec50.decode_codes(blobs[:1]).dtype == np.int8
+
+
+def test_damaged_or_foreign_blobs_are_refused(coeffs, codec50):
+    test, fit = coeffs
+    blob = codec50.encode(test[:1])[0]
+    flipped = bytearray(blob)
+    flipped[len(blob) // 2] ^= 0x10
+    for damaged, msg in ((bytes(flipped), "CRC32"), (blob[:-9], "CRC32|shorter"), (b"xx" + blob[2:], "magic"),
+                         (blob[:10], "shorter")):
+        with pytest.raises(CorruptCoefficientsError, match=msg):
+            codec50.decode([blob, damaged])
+    other = CoefficientCodec.fit(fit, quality=40)
+    with pytest.raises(CorruptCoefficientsError, match="other parameters"):
+        other.decode([blob])
+    rec = codec50.to_json()
+    with pytest.raises(ValueError, match="fingerprint"):
+        CoefficientCodec.from_json({**rec, "eps": rec["eps"] * 2})
+    with pytest.raises(ValueError, match="version"):
+        CoefficientCodec.from_json({**rec, "version": 99})
+    with pytest.raises(ValueError, match="quality"):
+        CoefficientCodec.fit(fit, quality=101)
+
+
+def test_bytes_identical_on_the_avx2_paths(coeffs, codec50, tmp_path):
+    """Encoding in a process restricted to x86-64-v3 SIMD (numpy) and the Haswell (AVX2)
+    OpenBLAS kernels, with 2 BLAS threads, gives the same bytes as this process."""
+    import os
+    import subprocess
+    import sys
+
+    test = coeffs[0][:3]
+    np.save(tmp_path / "x.npy", test)
+    (tmp_path / "rec.json").write_text(json.dumps(codec50.to_json()))
+    script = (
+        "import json, sys, numpy as np\n"
+        "from scatstore.transforms.coefcodec import CoefficientCodec\n"
+        f"c = CoefficientCodec.from_json(json.load(open({str(tmp_path / 'rec.json')!r})))\n"
+        f"sys.stdout.write(b''.join(c.encode(np.load({str(tmp_path / 'x.npy')!r}))).hex())\n")
+    env = dict(os.environ, NPY_DISABLE_CPU_FEATURES="X86_V4 AVX512_ICL AVX512_SPR",
+               OPENBLAS_CORETYPE="Haswell", OMP_NUM_THREADS="2", OPENBLAS_NUM_THREADS="2")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         check=True, timeout=120)
+    assert bytes.fromhex(out.stdout) == b"".join(codec50.encode(test))
