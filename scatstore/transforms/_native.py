@@ -204,17 +204,17 @@ def select_kernels(geo, level: str | None = None, forced: dict[str, str] | None 
 # A C kernel is listed for a level only where it beat the torch primitive there, by a margin.
 _C, _T = "native", "torch"
 KERNEL_TABLE: dict[str, dict[str, tuple[str, str]]] = {
-    # 512-bit vectors: every kernel 1.2-3x faster than torch (measured on an AMD EPYC, Zen 4)
+    # 512-bit vectors: every kernel 1.2-3x faster than torch (measured on a 2-core AMD EPYC VM)
     "x86-64-v4": {"fft": (_C, "own FFT 1.9-2.2x torch's (measured)"),
                   "prod_periodize": (_C, "2.0-2.4x torch (measured)"),
                   "modulus": (_C, "2.7-3.1x torch (measured)"),
-                  "lowpass": (_C, "1.2-2.0x torch (measured)")},
+                  "lowpass": (_C, "1.1-2.0x torch (measured)")},
     # 256-bit vectors, 12 live registers of 16 (the -march=x86-64-v3 build, measured on the same
     # CPU: the AVX2 code path; real AVX2-only CPUs were not at hand)
     "x86-64-v3": {"fft": (_C, "own FFT 1.6-2.0x torch's (measured, v3 build)"),
                   "prod_periodize": (_C, "1.8-2.4x torch (measured, v3 build)"),
                   "modulus": (_C, "2.8-3.1x torch (measured, v3 build)"),
-                  "lowpass": (_C, "1.3-1.9x torch (measured, v3 build)")},
+                  "lowpass": (_C, "1.1-2.0x torch (measured, v3 build)")},
     # 128-bit vectors (SSE4): the own FFT and the banded low-pass lose to torch (MKL, BLAS)
     "x86-64-v2": {"fft": (_T, "own FFT 0.86-0.92x torch's at 128 bits (measured): torch"),
                   "prod_periodize": (_C, "1.35-1.9x torch (measured, v2 build)"),
