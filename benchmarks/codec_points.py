@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from scatstore.codecs import center_crop, fit_codec, load_codec, ms_ssim, psnr
-from scatstore.sample_data import SHIPPED_IMAGES, load_image
+from scatstore.sample_data import SHIPPED_IMAGES, load_image  # noqa: F401
 
 # name, channels, hinge target (training-crop bpp), beta
 # H_t is set above the paper's bpp: 224² centre crops of the demo images code to ~0.75x the
@@ -35,6 +35,26 @@ POINTS = [
     ("high", 32, 0.80, 0.5),
 ]
 PAPER = {"low": 0.0983, "mid": 0.330, "high": 0.635}
+
+
+# Held out: five natural photographs never seen in training (three colour, two grey). Training:
+# every other image bundled with scikit-image that is a real photograph or texture (the right
+# view of the stereo pair included). lfw_subset (25x25 faces) is too small for 64² crops.
+HELDOUT = ("astronaut", "coffee", "rocket", "camera", "coins")
+TRAIN = ("chelsea", "hubble_deep_field", "immunohistochemistry", "stereo_motorcycle", "retina",
+         "moon", "page", "text", "cell", "clock", "colorwheel", "brick", "grass", "gravel")
+
+
+def training_images() -> list:
+    import skimage.data
+
+    imgs = [load_image(n) for n in TRAIN]
+    imgs.append(np.asarray(skimage.data.stereo_motorcycle()[1]))  # the right view
+    return imgs
+
+
+def heldout_images(size: int = 224) -> np.ndarray:
+    return np.stack([center_crop(load_image(n), size) for n in HELDOUT])
 
 
 def jpeg_bytes(img_chw: np.ndarray, quality: int) -> bytes:
