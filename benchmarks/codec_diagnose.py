@@ -18,11 +18,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from codec_points import heldout_images, training_images  # noqa: E402
+from codec_points import heldout_images, training_images
 
-from scatstore.codecs import fit_codec, psnr  # noqa: E402
+from scatstore.codecs import fit_codec, psnr
 
-V1 = dict(architecture="cae-sgdn-v1", hidden=64, lr=2e-3)
+V1 = {"architecture": "cae-sgdn-v1", "hidden": 64, "lr": 2e-3}
 # name -> fit_codec keyword arguments (C=32, the point where quality fell)
 RUNS = {
     "v1 hinge b=0.5 (old)": dict(V1, beta=0.5, rate_control="hinge", target_bpp=0.8),

@@ -190,7 +190,7 @@ class EntropyTables:
 
     @classmethod
     def from_pmfs(cls, pmfs: Sequence[np.ndarray], offsets: Sequence[int],
-                  precision: int = 16) -> "EntropyTables":
+                  precision: int = 16) -> EntropyTables:
         length = np.array([len(p) for p in pmfs], dtype=np.int32)
         counts = np.zeros((len(pmfs), int(length.max())), dtype=np.int32)
         for c, p in enumerate(pmfs):

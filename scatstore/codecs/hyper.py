@@ -30,8 +30,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .bitstream import (CorruptBitstreamError, EntropyTables, _bytes_to_words, _words_to_bytes,
-                        pack, unpack)
+from .bitstream import (
+    CorruptBitstreamError,
+    EntropyTables,
+    _bytes_to_words,
+    _words_to_bytes,
+    pack,
+    unpack,
+)
 from .model import SCALE_LEVELS, SCALE_MAX, SCALE_MIN, SCALE_STEP
 
 HYPER_BITSTREAM_VERSION = 2
@@ -78,7 +84,7 @@ class IntegerHyperSynthesis:
             a_max = float(ACT_MAX)
 
     @classmethod
-    def from_module(cls, hs, z_tables: EntropyTables) -> "IntegerHyperSynthesis":
+    def from_module(cls, hs, z_tables: EntropyTables) -> IntegerHyperSynthesis:
         """Quantize a trained float :class:`HyperSynthesis` (weights to 12 bits, per layer)."""
         weights, biases, shifts = [], [], []
         f_in = 0
@@ -86,7 +92,7 @@ class IntegerHyperSynthesis:
             w = layer.weight.detach().double().cpu().numpy()
             b = layer.bias.detach().double().cpu().numpy()
             m = float(np.abs(w).max()) or 1.0
-            s = int(math.floor(math.log2(WEIGHT_MAX / m)))
+            s = math.floor(math.log2(WEIGHT_MAX / m))
             weights.append(np.clip(np.round(w * 2.0 ** s), -WEIGHT_MAX, WEIGHT_MAX).astype(np.int32))
             biases.append(np.round(b * 2.0 ** (s + f_in)).astype(np.int64))
             shifts.append(s)
@@ -259,7 +265,7 @@ class HyperTables:
                 coder = constriction.stream.stack.AnsCoder(_bytes_to_words(payload))
                 for c in range(self.hyper_channels):
                     z[b, c] = coder.decode(zt._models[c], hz * wz).reshape(hz, wz)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 (constriction raises on impossible streams)
                 raise CorruptBitstreamError(str(name), f"entropy decoder failed: {exc}") from None
             coders.append(coder)
         if shape is None:
@@ -280,7 +286,7 @@ class HyperTables:
                     vals[pos:pos + n] = coder.decode(t._models[lev], n) + t.offset[lev]
                     pos += n
                 leftover = not coder.is_empty()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 (constriction raises on impossible streams)
                 raise CorruptBitstreamError(str(name), f"entropy decoder failed: {exc}") from None
             if leftover:
                 raise CorruptBitstreamError(str(name), "payload not fully consumed")
@@ -305,7 +311,7 @@ class HyperTables:
                                       "act_max": ACT_MAX, "z_max": self.synthesis.z_max}}
 
     @classmethod
-    def from_arrays(cls, meta: dict, arrays: dict[str, np.ndarray]) -> "HyperTables":
+    def from_arrays(cls, meta: dict, arrays: dict[str, np.ndarray]) -> HyperTables:
         st = meta.get("scale_table", {})
         if (st.get("min"), st.get("max"), st.get("levels")) != (SCALE_MIN, SCALE_MAX, SCALE_LEVELS):
             raise ValueError(f"hyperprior scale table {st} is not the one this scatstore knows")

@@ -246,7 +246,9 @@ def fit_codec(images, channels: int, beta: float, steps: int | None = None,
     ckpt = Path(checkpoint) if checkpoint is not None else None
     if ckpt is not None and ckpt.exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        if state.get("version") != _CKPT_VERSION or state.get("config") != config:
+        same = {k: v for k, v in config.items() if k not in ("steps", "minutes")}
+        theirs = {k: v for k, v in (state.get("config") or {}).items() if k not in ("steps", "minutes")}
+        if state.get("version") != _CKPT_VERSION or theirs != same:
             raise ValueError(f"{ckpt}: checkpoint of another training configuration; delete it or "
                              "train with the settings it was written with")
         model.load_state_dict(state["model"])
