@@ -36,10 +36,13 @@ RUNS = {
                                  quant_proxy="noise"),
     "v1 dual, crops 128 (batch 4)": dict(V1, beta=0.003, rate_control="dual", target_bpp=0.8,
                                          size=128, batch_size=4),
-    "v2 GDN N=64 dual": dict(architecture="cae-gdn-v2", hidden=64, lr=1e-3, beta=0.003,
-                             rate_control="dual", target_bpp=0.8),
-    "v2 GDN N=128 dual": dict(architecture="cae-gdn-v2", hidden=128, lr=1e-3, beta=0.003,
-                              rate_control="dual", target_bpp=0.8),
+    "v2 GDN N=64 dual": {"architecture": "cae-gdn-v2", "hidden": 64, "lr": 1e-3, "beta": 0.003,
+                         "rate_control": "dual", "target_bpp": 0.8},
+    "v2 GDN N=64 dual, latent gain 1": {"architecture": "cae-gdn-v2", "hidden": 64, "lr": 1e-3,
+                                        "beta": 0.003, "rate_control": "dual", "target_bpp": 0.8,
+                                        "latent_gain": 1.0},
+    "v2 GDN N=128 dual": {"architecture": "cae-gdn-v2", "hidden": 128, "lr": 1e-3, "beta": 0.003,
+                          "rate_control": "dual", "target_bpp": 0.8},
 }
 
 

@@ -28,7 +28,7 @@ from scatstore.codecs import center_crop, fit_codec, load_codec, ms_ssim, psnr
 from scatstore.sample_data import load_image
 
 # name, channels, target rate of the training crops (bpp)
-POINTS = [("low", 8, 0.13), ("mid", 16, 0.40), ("high", 32, 0.78)]
+POINTS = [("low", 8, 0.098), ("mid", 16, 0.33), ("high", 32, 0.635)]
 PAPER = {"low": 0.0983, "mid": 0.330, "high": 0.635}
 # PSNR on Kodak (RGB) from each method's published rate-distortion results (the anchors)
 ANCHORS = [("JPEG (Pillow)", 26.6, 30.2), ("JPEG 2000", 29.6, 32.4),

@@ -71,9 +71,11 @@ class Codec:
 
     @property
     def format_version(self) -> int:
-        """Codec file format version: 1 for the v1 architecture (files as scatstore always wrote
-        them), 2 for anything newer (an older scatstore refuses those with a clear message)."""
-        return 1 if self.config.get("architecture", "cae-sgdn-v1") == "cae-sgdn-v1" else FORMAT_VERSION
+        """Codec file format version: 1 for the v1 architecture with the factorized prior (files as
+        scatstore always wrote them), 2 for anything newer (an older scatstore refuses those with
+        a clear message)."""
+        v1 = self.config.get("architecture", "cae-sgdn-v1") == "cae-sgdn-v1" and self.prior == "factorized"
+        return 1 if v1 else FORMAT_VERSION
 
     stride = STRIDE
 

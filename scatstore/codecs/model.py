@@ -191,24 +191,32 @@ def _conv(cin: int, cout: int, k: int = 5, stride: int = 2) -> nn.Conv2d:
 
 
 class EncoderV2(nn.Module):
-    def __init__(self, channels: int, hidden: int):
+    """``gain``: a constant factor on the output. PyTorch's default init gives latents of std
+    ~0.05: every one rounds to 0 and the decoder starts blind (it can learn only the mean colour
+    until the encoder's outputs cross ±1/2). A constant (not a re-initialisation, which Adam's
+    per-weight step sizes would undo) moves the start to latents of order 1."""
+
+    def __init__(self, channels: int, hidden: int, gain: float = 1.0):
         super().__init__()
+        self.gain = float(gain)
         self.net = nn.Sequential(_conv(3, hidden), GDN(hidden), _conv(hidden, hidden), GDN(hidden),
                                  _conv(hidden, hidden), GDN(hidden), _conv(hidden, channels, 3, 1))
 
     def forward(self, x):
-        return self.net(x)
+        y = self.net(x)
+        return y * self.gain if self.gain != 1.0 else y
 
 
 class DecoderV2(nn.Module):
-    def __init__(self, channels: int, hidden: int):
+    def __init__(self, channels: int, hidden: int, gain: float = 1.0):
         super().__init__()
+        self.gain = float(gain)
         self.net = nn.Sequential(_conv(channels, hidden, 3, 1), GDN(hidden, True),
                                  _deconv(hidden, hidden), GDN(hidden, True),
                                  _deconv(hidden, hidden), GDN(hidden, True), _deconv(hidden, 3))
 
     def forward(self, y):
-        return self.net(y)
+        return self.net(y / self.gain if self.gain != 1.0 else y)
 
 
 class HyperAnalysis(nn.Module):
@@ -250,16 +258,23 @@ def scale_of_index(t: torch.Tensor) -> torch.Tensor:
 
 
 class CAE2(nn.Module):
-    """The v2 autoencoder with a factorized (``prior="factorized"``) or scale-hyperprior model."""
+    """An autoencoder with a factorized (``prior="factorized"``) or scale-hyperprior model;
+    ``transform`` "gdn4" (architecture cae-gdn-v2) or "sgdn3" (the v1 transform)."""
 
     def __init__(self, channels: int, hidden: int = 128, prior: str = "factorized",
-                 hyper_channels: int = 32, hyper_hidden: int = 64, density_init_scale: float = 10.0):
+                 hyper_channels: int = 32, hyper_hidden: int = 64, density_init_scale: float = 10.0,
+                 latent_gain: float = 1.0, transform: str = "gdn4"):
         super().__init__()
         if prior not in ("factorized", "hyper"):
             raise ValueError(f"prior is 'factorized' or 'hyper', not {prior!r}")
         self.channels, self.hidden, self.prior = channels, hidden, prior
-        self.encoder = EncoderV2(channels, hidden)
-        self.decoder = DecoderV2(channels, hidden)
+        if transform == "sgdn3":  # the v1 transform: same modules, same state-dict keys
+            self.encoder, self.decoder = Encoder(channels, hidden), Decoder(channels, hidden)
+        elif transform == "gdn4":
+            self.encoder = EncoderV2(channels, hidden, latent_gain)
+            self.decoder = DecoderV2(channels, hidden, latent_gain)
+        else:
+            raise ValueError(f"unknown transform {transform!r}")
         if prior == "hyper":
             self.hyper_analysis = HyperAnalysis(channels, hyper_channels, hyper_hidden)
             self.hyper_synthesis = HyperSynthesis(channels, hyper_channels, hyper_hidden)
@@ -293,11 +308,16 @@ def rate_bits(model: nn.Module, y: torch.Tensor, z: torch.Tensor | None = None,
 def build_model(config: dict) -> nn.Module:
     """The network a codec file's ``config`` describes (architecture registry)."""
     arch = config.get("architecture", "cae-sgdn-v1")
-    if arch == "cae-sgdn-v1":
+    if arch == "cae-sgdn-v1" and config.get("prior", "factorized") == "factorized":
         return CAE(int(config["channels"]), int(config["hidden"]))
+    if arch == "cae-sgdn-v1":  # the v1 transform under a scale hyperprior
+        return CAE2(int(config["channels"]), int(config["hidden"]), "hyper",
+                    int(config.get("hyper_channels", 32)), int(config.get("hyper_hidden", 64)),
+                    transform="sgdn3")
     if arch == "cae-gdn-v2":
         return CAE2(int(config["channels"]), int(config["hidden"]), config.get("prior", "factorized"),
-                    int(config.get("hyper_channels", 32)), int(config.get("hyper_hidden", 64)))
+                    int(config.get("hyper_channels", 32)), int(config.get("hyper_hidden", 64)),
+                    latent_gain=float(config.get("latent_gain", 1.0)))
     raise ValueError(f"unknown codec architecture {arch!r}")
 
 

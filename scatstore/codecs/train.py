@@ -7,8 +7,9 @@
   uniform noise U(−½, ½) (the "mixed" proxy of Minnen & Singh 2020); ``"noise"`` — both see the
   noisy latents (Ballé et al. 2017).
 * Rate control with ``target_bpp`` H_t (``rate_control``):
-  ``"dual"`` (default) — ``MSE + β·rate`` with β adapted every step, ``log β += η·(bpp − H_t)/H_t``
-  (a Lagrange multiplier found by dual ascent): the operating point lands on H_t and the loss
+  ``"dual"`` (default) — ``MSE + β·rate`` with β adapted every step after the warm-up,
+  ``log β += η·clip((bpp − H_t)/H_t, ±1)`` on the smoothed rate, η = 0.02 (a Lagrange multiplier
+  found by dual ascent): the operating point lands on H_t and the loss
   stays a smooth rate–distortion Lagrangian throughout;
   ``"hinge"`` — Torfason et al.'s ``MSE + β·max(bpp − H_t, 0)`` with β fixed. With β far above
   the distortion's scale the hinge acts as a wall: every step above H_t the rate gradient is
@@ -108,7 +109,7 @@ class StoreCropSampler:
         if probe.method != "raw":
             raise ValueError(f"{path}: a {probe.method!r} store; fit-codec streams 'raw' stores "
                              "(uint8 pixels) or reads a source folder")
-        shape = tuple(probe.spec.shape) if getattr(probe, "spec", None) is not None else ()
+        shape = tuple(getattr(probe.spec, "sample_shape", None) or ())
         if len(shape) >= 2 and min(shape[-2:]) < size:
             raise ValueError(f"{path}: stored images are {shape[-2:]}, smaller than the crop size {size}")
 
@@ -177,14 +178,14 @@ def _save_checkpoint(path: Path, payload: dict) -> None:
 
 def fit_codec(images, channels: int, beta: float, steps: int | None = None,
               *, target_bpp: float | None = None, batch_size: int = 16, size: int = 64,
-              hidden: int | None = None, lr: float = 1e-3, device: str = "cpu", seed: int = 0,
+              hidden: int | None = None, lr: float | None = None, device: str = "cpu", seed: int = 0,
               progress: bool | Callable[[int, dict], None] = True,
               sampler_short: int = 256, density_lr_scale: float = 10.0,
-              density_init_scale: float = 10.0, architecture: str = "cae-gdn-v2",
+              density_init_scale: float = 10.0, architecture: str = "cae-sgdn-v1",
               prior: str = "factorized", rate_control: str = "dual", dual_rate: float = 0.02,
               quant_proxy: str = "ste", hyper_channels: int = 32, hyper_hidden: int = 64,
               minutes: float | None = None, checkpoint: str | os.PathLike | None = None,
-              checkpoint_every: float = 60.0) -> Codec:
+              checkpoint_every: float = 60.0, latent_gain: float = 1.0) -> Codec:
     """Train a CAE on random crops and return the frozen :class:`Codec`.
 
     ``images``: uint8 HWC arrays, or a sampler with ``batch(n)`` (:class:`CropSampler`,
@@ -203,10 +204,10 @@ def fit_codec(images, channels: int, beta: float, steps: int | None = None,
         raise ValueError("rate_control is 'dual' or 'hinge'")
     if quant_proxy not in ("ste", "noise"):
         raise ValueError("quant_proxy is 'ste' or 'noise'")
-    if architecture == "cae-sgdn-v1" and prior != "factorized":
-        raise ValueError("the v1 architecture has only the factorized prior")
     if hidden is None:
         hidden = 64 if architecture == "cae-sgdn-v1" else 96
+    if lr is None:  # GDN's inverse grows as x·|x| and diverges at 2e-3 (docs/codec.md)
+        lr = 2e-3 if architecture == "cae-sgdn-v1" else 1e-3
     torch.manual_seed(seed)
     sampler = images if hasattr(images, "batch") else CropSampler(images, size, sampler_short, seed)
     dev = torch.device(device)
@@ -217,8 +218,10 @@ def fit_codec(images, channels: int, beta: float, steps: int | None = None,
               "training_quantization": ("straight-through rounding (decoder), uniform noise (rate)"
                                         if quant_proxy == "ste" else "uniform noise"),
               "rate_control": rate_control if target_bpp is not None else "fixed"}
-    if architecture != "cae-sgdn-v1":
+    if architecture != "cae-sgdn-v1" or prior != "factorized":
         config["prior"] = prior
+        if architecture != "cae-sgdn-v1":
+            config["latent_gain"] = latent_gain
         if prior == "hyper":
             config.update(hyper_channels=hyper_channels, hyper_hidden=hyper_hidden)
     model = build_model(config).to(dev)
@@ -294,7 +297,7 @@ def fit_codec(images, channels: int, beta: float, steps: int | None = None,
             mse = torch.mean((x_hat - x) ** 2)
             pixels = x.shape[0] * x.shape[2] * x.shape[3]
             if hyper:
-                z = model.hyper_analysis(y)
+                z = model.hyper_analysis(y_dec)  # at encode time it sees the rounded latents
                 z_noisy = z + torch.empty_like(z).uniform_(-0.5, 0.5)
                 bits_y, bits_z = rate_bits(model, y_noisy, z_noisy)
                 _, aux_z = rate_bits(model, y_noisy.detach(), z_noisy.detach(), detach_density=True)
@@ -313,26 +316,29 @@ def fit_codec(images, channels: int, beta: float, steps: int | None = None,
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             opt.step()
+            step += 1  # from here on this step's update is in the weights (and in a checkpoint)
             bpp_v = bpp.item()
-            if target_bpp is not None and rate_control == "dual":
-                log_beta += dual_rate * (bpp_v - target_bpp) / target_bpp
+            if target_bpp is not None and rate_control == "dual" and step > warm:
+                # after the warm-up (the density is still far from the latents before it), on the
+                # smoothed rate, with the relative error clipped: beta moves at most e^(eta) per step
+                err = (ema.get("bpp", bpp_v) - target_bpp) / target_bpp
+                log_beta += dual_rate * min(1.0, max(-1.0, err))
                 log_beta = min(max(log_beta, math.log(1e-6)), math.log(1e2))
             stats = {"loss": loss.item(), "mse": mse.item(), "bpp": bpp_v,
                      "bpp_side": bits_z.sum().item() / pixels, "beta": b}
             for k, v in stats.items():
                 ema[k] = v if k not in ema else 0.95 * ema[k] + 0.05 * v
             ema_psnr = 10 * math.log10(1.0 / max(ema["mse"], 1e-12))
-            if step % 10 == 0 or (steps is not None and step == steps - 1):
-                history.append({"step": step, **{k: round(v, 6) for k, v in ema.items()},
+            if step % 10 == 1 or (steps is not None and step == steps):
+                history.append({"step": step - 1, **{k: round(v, 6) for k, v in ema.items()},
                                 "psnr": round(ema_psnr, 3)})
                 history = history[-200:]
             if bar is not None:
                 bar.update(1)
-                if step % 10 == 0:
+                if step % 10 == 1:
                     bar.set_postfix(psnr=f"{ema_psnr:.2f}", bpp=f"{ema['bpp']:.3f}", beta=f"{b:.2g}")
             elif callable(progress):
-                progress(step, {**ema, "psnr": ema_psnr})
-            step += 1
+                progress(step - 1, {**ema, "psnr": ema_psnr})
             if ckpt is not None and time.perf_counter() - last_ckpt >= checkpoint_every:
                 write_ckpt(step, time.perf_counter() - t0)
                 last_ckpt = time.perf_counter()
