@@ -12,10 +12,20 @@ from scatstore.sample_data import PHOTOS, TEXTURES, load_image
 codecs = pytest.importorskip("scatstore.codecs")
 torch = pytest.importorskip("torch")
 
-from scatstore.codecs import (CaeMethod, CodecFileError, CodecMismatchError,  # noqa: E402
-                              CorruptBitstreamError, EntropyTables, center_crop, fit_codec,
-                              load_codec, ms_ssim, psnr, ssim)
-from scatstore.codecs import bitstream  # noqa: E402
+from scatstore.codecs import (  # noqa: E402
+    CaeMethod,
+    CodecFileError,
+    CodecMismatchError,
+    CorruptBitstreamError,
+    EntropyTables,
+    bitstream,  # noqa: E402
+    center_crop,
+    fit_codec,
+    load_codec,
+    ms_ssim,
+    psnr,
+    ssim,
+)
 
 NAMES = ("astronaut", "coffee", "chelsea", "rocket", "camera", "brick", "grass", "coins")
 
@@ -311,11 +321,11 @@ def test_encode_store_decode_end_to_end(tmp_path, codec_file, codec):
 
     from click.testing import CliRunner
     from PIL import Image
-
-    from scatstore import open_dataset
     from scatstore.cli.codec import decode_cmd
     from scatstore.pipelines.encode import EncodeConfig, encode
     from scatstore.pipelines.report import report
+
+    from scatstore import open_dataset
 
     src = tmp_path / "src"
     src.mkdir()
@@ -384,7 +394,7 @@ def _reference_index(hs, z):
     from scatstore.codecs import hyper
 
     def deconv(a, w, b):  # stride 2, padding 2, output_padding 1, kernel 5
-        B, ci, h, wd = a.shape
+        B, _, h, wd = a.shape
         co = w.shape[1]
         full = np.zeros((B, co, 2 * h + 4, 2 * wd + 4), dtype=np.int64)
         for i in range(5):
@@ -402,16 +412,23 @@ def _reference_index(hs, z):
                 out += np.einsum("bchw,oc->bohw", pad[:, :, i:i + h, j:j + wd], w[:, :, i, j])
         return out + b.reshape(1, -1, 1, 1)
 
+    def shift(acc, k):  # acc·2^k, floored, per output channel (>> floors on int64)
+        out = np.empty_like(acc)
+        for o, kk in enumerate(k):
+            out[:, o] = acc[:, o] << kk if kk >= 0 else acc[:, o] >> -kk
+        return out
+
     a, f = z.astype(np.int64), 0
     for i, (w, b) in enumerate(zip(hs.weights, hs.biases)):
         acc = (deconv if i < 2 else conv3)(a, w.astype(np.int64), b)
-        s = hs.shifts[i] + f
+        s = [int(v) + f for v in hs.shifts[i]]
         if i < 2:
-            k = hyper.ACT_BITS - s
-            a = np.clip(acc << k if k >= 0 else acc >> -k, 0, hyper.ACT_MAX)  # >> floors
+            a = np.clip(shift(acc, [hyper.ACT_BITS - v for v in s]), 0, hyper.ACT_MAX)
             f = hyper.ACT_BITS
-        else:
-            t = (acc + (1 << (s - 1))) >> s
+        else:  # floor(acc·2^-s + 1/2) per output channel
+            t = np.empty_like(acc)
+            for o, v in enumerate(s):
+                t[:, o] = acc[:, o] << -v if v <= 0 else (acc[:, o] + (1 << (v - 1))) >> v
             return np.clip(t, 0, hyper.SCALE_LEVELS - 1)
 
 
@@ -478,7 +495,9 @@ def test_codec_files_from_before_still_load_and_decode():
 
 
 def test_future_codec_format_is_refused_clearly(hyper_codec, tmp_path):
-    raw = bytearray(open(hyper_codec.path, "rb").read())
+    from pathlib import Path
+
+    raw = bytearray(Path(hyper_codec.path).read_bytes())
     assert raw[:8] == b"SSCAE\x00\x01\n"
     at = raw.index(b'"format_version": 2')
     raw[at:at + 19] = b'"format_version": 9'
@@ -489,7 +508,7 @@ def test_future_codec_format_is_refused_clearly(hyper_codec, tmp_path):
 
 def test_resume_from_checkpoint_continues_the_same_run(train_images, tmp_path):
     torch.set_num_threads(1)
-    kw = dict(channels=2, beta=0.01, steps=8, batch_size=2, size=24, hidden=8, seed=3)
+    kw = {"channels": 2, "beta": 0.01, "steps": 8, "batch_size": 2, "size": 24, "hidden": 8, "seed": 3}
 
     def stop_at(n):
         def progress(step, stats):
@@ -512,7 +531,6 @@ def test_resume_from_checkpoint_continues_the_same_run(train_images, tmp_path):
 def test_fit_codec_cli_streams_a_raw_store_and_resumes(tmp_path):
     from click.testing import CliRunner
     from PIL import Image
-
     from scatstore.cli.codec import fit_codec_cmd
     from scatstore.pipelines.encode import EncodeConfig, encode
 

@@ -138,7 +138,8 @@ class Codec:
         return np.concatenate(outs)
 
     def _prepare(self, symbols: np.ndarray, batch_size: int = 32):
-        """Integer latents -> ``(symbols in range, side information, #clamped)``."""
+        """Integer latents -> ``(symbols in range, side information, #clamped)``; the side
+        information of the hyperprior is ``(z, scale indices)``."""
         if self.prior == "hyper":
             z = self._hyper_latents(symbols, batch_size)
             return self.tables.clamp(symbols, z)
@@ -146,7 +147,7 @@ class Codec:
         return out, None, n
 
     def _code(self, symbols: np.ndarray, side) -> list[bytes]:
-        return self.tables.encode(symbols, side) if side is not None else self.tables.encode(symbols)
+        return self.tables.encode(symbols, *side) if side is not None else self.tables.encode(symbols)
 
     def quantize(self, images, batch_size: int = 32) -> tuple[np.ndarray, int]:
         """Integer symbols (B, C, h, w) as stored (clamped into the tables' range) and the
@@ -208,12 +209,12 @@ class Codec:
             raise ValueError("source is 'model' or 'tables'")
         symbols, side, _ = self._quantize(images, batch_size)
         if source == "tables":
-            return self.tables.ideal_bits(symbols, side) if side is not None \
+            return self.tables.ideal_bits(symbols, *side) if side is not None \
                 else self.tables.ideal_bits(symbols)
         if getattr(self, "_model64", None) is None:
             self._model64 = copy.deepcopy(self.model).to("cpu", torch.float64)
         y = torch.from_numpy(symbols).double()
-        z = torch.from_numpy(side).double() if side is not None else None
+        z = torch.from_numpy(side[0]).double() if side is not None else None
         bits_y, bits_z = rate_bits(self._model64, y, z)
         return (bits_y + bits_z).numpy()
 

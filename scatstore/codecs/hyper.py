@@ -8,11 +8,12 @@ table and the rest of the stream decodes into garbage. Here nothing of the sort 
 
 * ``z`` is coded with a per-channel factorized prior frozen into integer tables (bitstream.py);
 * the hyper-synthesis is frozen into an **integer network** (:class:`IntegerHyperSynthesis`):
-  integer weights ``W = round(w·2^S)``, integer biases, integer activations with ``F`` = 8
-  fractional bits clamped to ``[0, 2^16 − 1]`` (ReLU), rescaled by exact power-of-two floors.
-  The arithmetic is carried in float64 on the CPU, where integer products and sums below 2^53
-  are exact in any summation order (bounds are checked at freeze time), so the scale index
-  computed from ``z`` is the same integer on every machine, for every batch size;
+  integer weights ``W = round(w·2^S)`` (6-bit, a power-of-two scale per output channel),
+  integer biases, integer activations with 5 fractional bits clamped to ``[0, 2^10 − 1]``
+  (ReLU), rescaled by exact power-of-two floors. The arithmetic is carried in float32 on the
+  CPU, where integer products and partial sums below 2^24 are exact in any summation order
+  (bounds are checked at freeze time), so the scale index computed from ``z`` is the same
+  integer on every machine, for every batch size;
 * that index selects one of ``SCALE_LEVELS`` integer CDF tables (16-bit counts of a Gaussian of
   scale ``SCALE_MIN · exp(i · SCALE_STEP)`` discretised to unit bins, tails folded into the end
   symbols), as table-based coders do.
@@ -41,10 +42,10 @@ from .bitstream import (
 from .model import SCALE_LEVELS, SCALE_MAX, SCALE_MIN, SCALE_STEP
 
 HYPER_BITSTREAM_VERSION = 2
-ACT_BITS = 8            # fractional bits of the integer network's activations
-ACT_MAX = (1 << 16) - 1  # ReLU activations clamp to [0, ACT_MAX]
-WEIGHT_MAX = 1 << 11     # |integer weight| <= 2^11
-EXACT = 2.0 ** 52        # every accumulator stays below this: float64 is exact
+ACT_BITS = 5              # fractional bits of the integer network's activations
+ACT_MAX = (1 << 10) - 1   # ReLU activations clamp to [0, ACT_MAX] (i.e. [0, 32) in real units)
+WEIGHT_MAX = 1 << 5       # |integer weight| <= 2^5, one power-of-two scale per output channel
+EXACT = 2.0 ** 24         # every partial sum stays below this: float32 arithmetic is exact
 
 
 def _torch():
@@ -52,52 +53,91 @@ def _torch():
     return torch
 
 
+def _tap_bound(w: np.ndarray, kind: str) -> np.ndarray:
+    """Per output channel, the largest sum of |weights| that meets one output value."""
+    a = np.abs(w).astype(np.float64)
+    if kind == "conv":                       # (out, in, k, k): every tap meets every output
+        return a.sum(axis=(1, 2, 3))
+    # transposed conv, stride 2 (in, out, k, k): an output of parity (ry, rx) meets the taps of
+    # that parity only
+    return np.max([a[:, :, ry::2, rx::2].sum(axis=(0, 2, 3)) for ry in (0, 1) for rx in (0, 1)], axis=0)
+
+
 class IntegerHyperSynthesis:
     """``z`` (int) -> scale index (int), bit-exact everywhere. Layers as in
-    :class:`~scatstore.codecs.model.HyperSynthesis`: deconv5x5/2, ReLU, deconv5x5/2, ReLU, conv3x3."""
+    :class:`~scatstore.codecs.model.HyperSynthesis`: deconv5x5/2, ReLU, deconv5x5/2, ReLU, conv3x3.
+
+    Integer weights ``W[o] = round(w[o]·2^S[o])`` (|W| <= 2^5, a shift per output channel),
+    integer biases, activations with 5 fractional bits clamped to [0, 2^10 − 1]. The
+    convolutions run in float32 (oneDNN's direct kernels, CPU): all products and partial sums are
+    integers below 2^24 (checked here from the weights), which float32 holds exactly whatever the
+    order of summation, so the result is the same integer on every machine and batch split.
+    """
 
     KINDS = ("deconv", "deconv", "conv")
 
     def __init__(self, weights: Sequence[np.ndarray], biases: Sequence[np.ndarray],
-                 shifts: Sequence[int], z_max: int):
+                 shifts: Sequence[Sequence[int]], z_max: int):
         self.weights = [np.asarray(w, dtype=np.int32) for w in weights]
         self.biases = [np.asarray(b, dtype=np.int64) for b in biases]
-        self.shifts = [int(s) for s in shifts]
+        self.shifts = [[int(v) for v in s] for s in shifts]
         self.z_max = int(z_max)
         self.channels = self.weights[2].shape[0]
         self.hyper_channels = self.weights[0].shape[0]
         self._check_bounds()
         torch = _torch()
-        self._w = [torch.from_numpy(w.astype(np.float64)) for w in self.weights]
-        self._b = [torch.from_numpy(b.astype(np.float64)) for b in self.biases]
+        self._w = [torch.from_numpy(w.astype(np.float32)) for w in self.weights]
+        self._b = [torch.from_numpy(b.astype(np.float32)) for b in self.biases]
+        self._scale = []
+        f_in = 0
+        for i, sh in enumerate(self.shifts):  # per-channel powers of two: exact in float32
+            e = np.array(sh, dtype=np.float64) + f_in
+            e = (ACT_BITS - e) if i < 2 else -e
+            self._scale.append(torch.from_numpy(np.exp2(e).astype(np.float32)).reshape(1, -1, 1, 1))
+            f_in = ACT_BITS
 
     def _check_bounds(self) -> None:
         a_max = float(self.z_max)
-        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+        for i, (w, b, kind) in enumerate(zip(self.weights, self.biases, self.KINDS)):
             if np.abs(w).max(initial=0) > WEIGHT_MAX:
-                raise ValueError(f"hyper-synthesis layer {i}: weights exceed 2^11")
-            axes = (0, 2, 3) if self.KINDS[i] == "deconv" else (1, 2, 3)  # over inputs per output
-            bound = np.abs(w).astype(np.float64).sum(axis=axes) * a_max + np.abs(b).astype(np.float64)
+                raise ValueError(f"hyper-synthesis layer {i}: weights exceed 2^5")
+            bound = _tap_bound(w, kind) * a_max + np.abs(b).astype(np.float64)
             if bound.max(initial=0) >= EXACT:
                 raise ValueError(f"hyper-synthesis layer {i}: accumulator bound {bound.max():.3g} "
-                                 "is not exact in float64")
+                                 "is not exact in float32")
             a_max = float(ACT_MAX)
 
     @classmethod
     def from_module(cls, hs, z_tables: EntropyTables) -> IntegerHyperSynthesis:
-        """Quantize a trained float :class:`HyperSynthesis` (weights to 12 bits, per layer)."""
+        """Quantize a trained float :class:`HyperSynthesis` (shift per output channel, lowered
+        where needed until the float32 exactness bound holds)."""
+        z_max = int(max(np.abs(z_tables.lo).max(), np.abs(z_tables.hi).max()))
         weights, biases, shifts = [], [], []
-        f_in = 0
-        for i, layer in enumerate((hs.l0, hs.l1, hs.l2)):
+        f_in, a_max = 0, float(z_max)
+        for layer, kind in zip((hs.l0, hs.l1, hs.l2), cls.KINDS):
             w = layer.weight.detach().double().cpu().numpy()
             b = layer.bias.detach().double().cpu().numpy()
-            m = float(np.abs(w).max()) or 1.0
-            s = math.floor(math.log2(WEIGHT_MAX / m))
-            weights.append(np.clip(np.round(w * 2.0 ** s), -WEIGHT_MAX, WEIGHT_MAX).astype(np.int32))
-            biases.append(np.round(b * 2.0 ** (s + f_in)).astype(np.int64))
-            shifts.append(s)
-            f_in = ACT_BITS
-        z_max = int(max(np.abs(z_tables.lo).max(), np.abs(z_tables.hi).max()))
+            out_axis = 1 if kind == "deconv" else 0
+            wo = np.moveaxis(w, out_axis, 0)  # (out, ...)
+            Wq = np.empty(wo.shape, dtype=np.int32)
+            Bq = np.empty(b.shape, dtype=np.int64)
+            sh = []
+            for o in range(wo.shape[0]):
+                m = float(np.abs(wo[o]).max()) or 1.0
+                s = math.floor(math.log2(WEIGHT_MAX / m))
+                while True:
+                    Wo = np.clip(np.round(wo[o] * 2.0 ** s), -WEIGHT_MAX, WEIGHT_MAX)
+                    Bo = round(b[o] * 2.0 ** (s + f_in))
+                    one = np.moveaxis(Wo[None], 0, out_axis)
+                    if _tap_bound(one, kind)[0] * a_max + abs(Bo) < EXACT or s < -30:
+                        break
+                    s -= 1
+                Wq[o], Bq[o] = Wo, Bo
+                sh.append(s)
+            weights.append(np.moveaxis(Wq, 0, out_axis))
+            biases.append(Bq)
+            shifts.append(sh)
+            f_in, a_max = ACT_BITS, float(ACT_MAX)
         return cls(weights, biases, shifts, z_max)
 
     def __call__(self, z: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -105,28 +145,26 @@ class IntegerHyperSynthesis:
         torch = _torch()
         from torch.nn import functional as F
 
-        a = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float64))
-        f_in = 0
+        if np.abs(z).max(initial=0) > self.z_max:
+            raise ValueError("hyper-latent outside the range the integer network was checked for")
+        a = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))
         for i, kind in enumerate(self.KINDS):
             if kind == "deconv":
                 acc = F.conv_transpose2d(a, self._w[i], self._b[i], stride=2, padding=2, output_padding=1)
             else:
                 acc = F.conv2d(a, self._w[i], self._b[i], padding=1)
-            s = self.shifts[i] + f_in
-            if i < 2:  # ReLU with ACT_BITS fractional bits: floor(acc / 2^(s - F)), clamped
-                a = torch.floor(acc * (2.0 ** (ACT_BITS - s)))  # times a power of two: exact
-                a.clamp_(0.0, float(ACT_MAX))
-                f_in = ACT_BITS
-            else:      # the index: round(acc / 2^s), clamped to the table
-                t = torch.floor(acc * (2.0 ** -s) + 0.5)
-                t.clamp_(0.0, float(SCALE_LEVELS - 1))
+            if i < 2:  # ReLU with ACT_BITS fractional bits: floor(acc·2^(F − s)), clamped
+                a = torch.floor(acc * self._scale[i]).clamp_(0.0, float(ACT_MAX))
+            else:      # the index: round(acc·2^−s), clamped to the table
+                t = torch.floor(acc * self._scale[i] + 0.5).clamp_(0.0, float(SCALE_LEVELS - 1))
                 return t[..., :shape[0], :shape[1]].to(torch.int32).numpy()
         raise AssertionError
 
     def arrays(self) -> dict[str, np.ndarray]:
         out = {}
-        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+        for i, (w, b, s) in enumerate(zip(self.weights, self.biases, self.shifts)):
             out[f"hs.w{i}"], out[f"hs.b{i}"] = w, b
+            out[f"hs.s{i}"] = np.asarray(s, dtype=np.int32)
         return out
 
 
@@ -184,17 +222,18 @@ class HyperTables:
     def indices(self, z: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
         return self.synthesis(z, shape)
 
-    def clamp(self, symbols: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    def clamp(self, symbols: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, tuple, int]:
         """Clamp ``z`` into its tables and ``symbols`` into the range of their scale's table;
-        return ``(symbols, z, #clamped)``."""
+        return ``(symbols, (z, scale indices), #clamped)``."""
         z, nz = self.z_tables.clamp(z)
         idx = self.indices(z, symbols.shape[-2:])
         s = np.asarray(symbols)
         out = np.clip(s, self.y_tables.lo[idx], self.y_tables.hi[idx]).astype(np.int32)
-        return out, z, nz + int(np.count_nonzero(out != s))
+        return out, (z, idx), nz + int(np.count_nonzero(out != s))
 
-    def ideal_bits(self, symbols: np.ndarray, z: np.ndarray) -> np.ndarray:
-        idx = self.indices(z, symbols.shape[-2:])
+    def ideal_bits(self, symbols: np.ndarray, z: np.ndarray, idx: np.ndarray | None = None) -> np.ndarray:
+        if idx is None:
+            idx = self.indices(z, symbols.shape[-2:])
         t = self.y_tables
         bits = self.z_tables.ideal_bits(z)
         flat = np.concatenate([np.asarray(lp) for lp in t._log2p])
@@ -204,8 +243,9 @@ class HyperTables:
 
     # -------------------------------------------------------------- coding
 
-    def encode(self, symbols: np.ndarray, z: np.ndarray) -> list[bytes]:
-        """``symbols`` (B, C, h, w) and ``z`` (B, Cz, hz, wz), both in range (see ``clamp``)."""
+    def encode(self, symbols: np.ndarray, z: np.ndarray, idx: np.ndarray | None = None) -> list[bytes]:
+        """``symbols`` (B, C, h, w) and ``z`` (B, Cz, hz, wz), both in range (see ``clamp``,
+        which also gives the scale indices ``idx``: computed from ``z`` when not passed)."""
         import constriction
 
         s = np.asarray(symbols)
@@ -214,7 +254,7 @@ class HyperTables:
                 tuple(z.shape[2:]) != hyper_shape(h, w):
             raise ValueError(f"expected symbols (B, {self.channels}, h, w) and z (B, "
                              f"{self.hyper_channels}, ceil(h/4), ceil(w/4)), got {s.shape}, {z.shape}")
-        idx = self.indices(z, (h, w)).reshape(B, -1)
+        idx = (self.indices(z, (h, w)) if idx is None else np.asarray(idx)).reshape(B, -1)
         t, zt = self.y_tables, self.z_tables
         flat = s.reshape(B, -1).astype(np.int64)
         if np.any(flat < t.lo[idx]) or np.any(flat > t.hi[idx]):
@@ -307,8 +347,8 @@ class HyperTables:
     def meta(self) -> dict:
         return {"precision": self.precision, "kind": self.kind, "arrays": sorted(self.arrays()),
                 "scale_table": {"min": SCALE_MIN, "max": SCALE_MAX, "levels": SCALE_LEVELS},
-                "integer_synthesis": {"shifts": self.synthesis.shifts, "act_bits": ACT_BITS,
-                                      "act_max": ACT_MAX, "z_max": self.synthesis.z_max}}
+                "integer_synthesis": {"act_bits": ACT_BITS, "act_max": ACT_MAX,
+                                      "weight_max": WEIGHT_MAX, "z_max": self.synthesis.z_max}}
 
     @classmethod
     def from_arrays(cls, meta: dict, arrays: dict[str, np.ndarray]) -> HyperTables:
@@ -316,12 +356,12 @@ class HyperTables:
         if (st.get("min"), st.get("max"), st.get("levels")) != (SCALE_MIN, SCALE_MAX, SCALE_LEVELS):
             raise ValueError(f"hyperprior scale table {st} is not the one this scatstore knows")
         isy = meta["integer_synthesis"]
-        if (isy.get("act_bits"), isy.get("act_max")) != (ACT_BITS, ACT_MAX):
+        if (isy.get("act_bits"), isy.get("act_max"), isy.get("weight_max")) != (ACT_BITS, ACT_MAX, WEIGHT_MAX):
             raise ValueError("hyperprior integer network with unknown activation format")
         p = int(meta["precision"])
         tabs = {pre: EntropyTables(arrays[f"{pre}.counts"], arrays[f"{pre}.offset"],
                                    arrays[f"{pre}.length"], p) for pre in ("ztables", "ytables")}
         syn = IntegerHyperSynthesis([arrays[f"hs.w{i}"] for i in range(3)],
                                     [arrays[f"hs.b{i}"] for i in range(3)],
-                                    isy["shifts"], isy["z_max"])
+                                    [arrays[f"hs.s{i}"] for i in range(3)], isy["z_max"])
         return cls(tabs["ztables"], syn, tabs["ytables"], p)

@@ -262,7 +262,7 @@ class CAE2(nn.Module):
     ``transform`` "gdn4" (architecture cae-gdn-v2) or "sgdn3" (the v1 transform)."""
 
     def __init__(self, channels: int, hidden: int = 128, prior: str = "factorized",
-                 hyper_channels: int = 32, hyper_hidden: int = 64, density_init_scale: float = 10.0,
+                 hyper_channels: int = 16, hyper_hidden: int = 32, density_init_scale: float = 10.0,
                  latent_gain: float = 1.0, transform: str = "gdn4"):
         super().__init__()
         if prior not in ("factorized", "hyper"):
@@ -312,11 +312,11 @@ def build_model(config: dict) -> nn.Module:
         return CAE(int(config["channels"]), int(config["hidden"]))
     if arch == "cae-sgdn-v1":  # the v1 transform under a scale hyperprior
         return CAE2(int(config["channels"]), int(config["hidden"]), "hyper",
-                    int(config.get("hyper_channels", 32)), int(config.get("hyper_hidden", 64)),
+                    int(config["hyper_channels"]), int(config["hyper_hidden"]),
                     transform="sgdn3")
     if arch == "cae-gdn-v2":
         return CAE2(int(config["channels"]), int(config["hidden"]), config.get("prior", "factorized"),
-                    int(config.get("hyper_channels", 32)), int(config.get("hyper_hidden", 64)),
+                    int(config["hyper_channels"]), int(config["hyper_hidden"]),
                     latent_gain=float(config.get("latent_gain", 1.0)))
     raise ValueError(f"unknown codec architecture {arch!r}")
 

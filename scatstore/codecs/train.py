@@ -183,7 +183,7 @@ def fit_codec(images, channels: int, beta: float, steps: int | None = None,
               sampler_short: int = 256, density_lr_scale: float = 10.0,
               density_init_scale: float = 10.0, architecture: str = "cae-sgdn-v1",
               prior: str = "factorized", rate_control: str = "dual", dual_rate: float = 0.02,
-              quant_proxy: str = "ste", hyper_channels: int = 32, hyper_hidden: int = 64,
+              quant_proxy: str = "ste", hyper_channels: int = 16, hyper_hidden: int = 32,
               minutes: float | None = None, checkpoint: str | os.PathLike | None = None,
               checkpoint_every: float = 60.0, latent_gain: float = 1.0) -> Codec:
     """Train a CAE on random crops and return the frozen :class:`Codec`.
