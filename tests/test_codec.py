@@ -556,3 +556,24 @@ def test_fit_codec_cli_streams_a_raw_store_and_resumes(tmp_path):
     # a store of another method is refused in one line
     res = CliRunner().invoke(fit_codec_cmd, [str(tmp_path / "nothing"), str(out)])
     assert res.exit_code != 0
+
+
+def test_hyperprior_codec_through_encode_and_the_loader(tmp_path, hyper_codec):
+    from PIL import Image
+
+    import scatstore
+    from scatstore.pipelines.encode import EncodeConfig, encode
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for n in NAMES[:3]:
+        Image.fromarray(load_image(n)).save(src / f"{n}.png")
+    encode(EncodeConfig(src=src, out=tmp_path / "s", method="cae", codec=hyper_codec.path,
+                        format="zarr", shard_size=2, size=64, progress=False), log=lambda m: None)
+    ds = scatstore.open_dataset(tmp_path / "s")
+    assert ds.manifest["method"]["params"]["prior"] == "hyper"
+    blobs = [bytes(ds[i][0]) for i in range(len(ds))]
+    symbols = hyper_codec.decode_symbols(blobs)
+    x, _ = next(iter(scatstore.loader(tmp_path / "s", batch_size=3, shuffle=False)))
+    assert torch.equal(x, torch.from_numpy(symbols).float())
+    assert ds.manifest["quality"]["rate_actual_over_estimate"] <= 1.25

@@ -30,10 +30,11 @@ class SGDN(nn.Module):
         self.beta = nn.Parameter(torch.ones(ch))
         self.gamma = nn.Parameter(0.1 * torch.eye(ch).reshape(ch, ch, 1, 1))
 
+    def norm(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x.abs(), self.gamma.abs(), self.beta.abs() + 1e-6)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        beta = self.beta.abs() + 1e-6
-        gamma = self.gamma.abs()
-        norm = F.conv2d(x.abs(), gamma, beta)
+        norm = self.norm(x)
         return x * norm if self.inverse else x / norm
 
 
@@ -172,18 +173,11 @@ SCALE_MIN, SCALE_MAX, SCALE_LEVELS = 0.11, 64.0, 64
 SCALE_STEP = math.log(SCALE_MAX / SCALE_MIN) / (SCALE_LEVELS - 1)
 
 
-class GDN(nn.Module):
+class GDN(SGDN):
     """Generalized divisive normalization ``x / sqrt(beta + gamma x^2)`` (inverse: times)."""
 
-    def __init__(self, ch: int, inverse: bool = False):
-        super().__init__()
-        self.inverse = inverse
-        self.beta = nn.Parameter(torch.ones(ch))
-        self.gamma = nn.Parameter(0.1 * torch.eye(ch).reshape(ch, ch, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        norm = torch.sqrt(F.conv2d(x * x, self.gamma.abs(), self.beta.abs() + 1e-6))
-        return x * norm if self.inverse else x / norm
+    def norm(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sqrt(F.conv2d(x * x, self.gamma.abs(), self.beta.abs() + 1e-6))
 
 
 def _conv(cin: int, cout: int, k: int = 5, stride: int = 2) -> nn.Conv2d:
