@@ -264,7 +264,7 @@ class HyperTables:
             raise ValueError("z outside its tables: clamp it first")
         out = []
         for b in range(B):
-            order = np.argsort(idx[b], kind="stable")
+            order = np.argsort(idx[b].astype(np.uint8), kind="stable")  # uint8: a radix sort
             lev = idx[b][order]
             rel = (flat[b][order] - t.lo[lev]).astype(np.int32)
             cuts = np.flatnonzero(np.diff(lev)) + 1
@@ -316,7 +316,7 @@ class HyperTables:
         idx = self.indices(z, (h, w)).reshape(len(blobs), -1)
         out = np.empty((len(blobs), C * h * w), dtype=np.int32)
         for b, (coder, name) in enumerate(zip(coders, names)):
-            order = np.argsort(idx[b], kind="stable")
+            order = np.argsort(idx[b].astype(np.uint8), kind="stable")  # uint8: a radix sort
             counts = np.bincount(idx[b], minlength=SCALE_LEVELS)
             vals = np.empty(order.size, dtype=np.int32)
             pos = 0
