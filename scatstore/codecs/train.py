@@ -261,6 +261,8 @@ def fit_codec(images, channels: int, beta: float, steps: int | None = None,
         if hasattr(sampler, "restore"):
             sampler.restore(state["sampler"])
         torch.set_rng_state(state["torch_rng"])
+        if dev.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], dev)
 
     def write_ckpt(step: int, seconds: float) -> None:
         if ckpt is None:
@@ -269,6 +271,7 @@ def fit_codec(images, channels: int, beta: float, steps: int | None = None,
             "version": _CKPT_VERSION, "config": config, "model": model.state_dict(),
             "opt": opt.state_dict(), "step": step, "seconds": seconds, "log_beta": log_beta,
             "history": history, "ema": ema, "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
             "sampler": sampler.state() if hasattr(sampler, "state") else {}})
 
     total = steps if steps is not None else None
