@@ -43,54 +43,93 @@ def _load_training_images(src: str, layout: str, max_images: int, seed: int, log
 @click.argument("codec", type=click.Path(dir_okay=False, path_type=str))
 @click.option("--channels", "-C", type=int, default=16, show_default=True,
               help="Latent channels C (the paper: 8 / 16 / 32 for 0.098 / 0.33 / 0.64 bpp).")
-@click.option("--beta", type=float, default=0.5, show_default=True,
-              help="Rate weight β in MSE + β·rate (MSE on [0,1] pixels, rate in bits per pixel).")
+@click.option("--prior", type=click.Choice(["factorized", "hyper"]), default="factorized",
+              show_default=True, help="Entropy model: per-channel factorized, or a scale hyperprior "
+              "(side information counted in the rate; exact integer decoding).")
+@click.option("--architecture", type=click.Choice(["v1", "v2"]), default="v1", show_default=True,
+              help="v1: 3 layers a side with simplified GDN (learns fastest at CPU budgets, "
+              "docs/codec.md); v2: the larger 4-layer GDN transform (cae-gdn-v2).")
+@click.option("--beta", type=float, default=0.003, show_default=True,
+              help="Rate weight β in MSE + β·rate (MSE on [0,1] pixels, rate in bits per pixel); "
+              "with --target-bpp the starting value of the adapted β.")
 @click.option("--target-bpp", type=float, default=None,
-              help="Torfason's hinge: penalize only max(rate − H_t, 0). Without it: MSE + β·rate.")
-@click.option("--steps", type=int, default=2000, show_default=True, help="Optimizer steps.")
+              help="Steer the training rate (bpp of the training crops, side information included) to H_t.")
+@click.option("--rate-control", type=click.Choice(["dual", "hinge"]), default="dual", show_default=True,
+              help="With --target-bpp: adapt β to land on H_t (dual), or Torfason's β·max(rate − H_t, 0).")
+@click.option("--steps", type=int, default=None, help="Optimizer steps (default 2000 unless --minutes).")
+@click.option("--minutes", type=float, default=None,
+              help="Train for this many minutes (wall clock; with --steps: whichever ends first).")
 @click.option("--batch-size", type=int, default=16, show_default=True)
-@click.option("--lr", type=float, default=2e-3, show_default=True, help="Adam learning rate (cosine decay).")
+@click.option("--lr", type=float, default=None,
+              help="Adam learning rate, cosine decay (default 2e-3 for v1, 1e-3 for v2: GDN diverges above).")
 @click.option("--size", type=int, default=64, show_default=True,
               help="Training crop size (a multiple of 8); crops of images whose short side is 256.")
-@click.option("--hidden", type=int, default=64, show_default=True, help="Hidden channels N of the CAE.")
+@click.option("--hidden", type=int, default=None, help="Hidden channels N (default 96 for v2, 64 for v1).")
 @click.option("--layout", default="auto", show_default=True, help="Source layout (auto, imagenet, coco, folder).")
 @click.option("--max-images", type=int, default=2000, show_default=True,
-              help="Decode at most this many source images (random subset) into memory.")
+              help="From a source folder: decode at most this many images (random subset) into memory.")
+@click.option("--workers", type=int, default=None, help="From a raw store: loader reader threads.")
 @click.option("--device", type=DeviceParam(), default="cpu", show_default=True, help="torch device for training (cpu, cuda).")
+@click.option("--resume/--no-resume", default=True, show_default=True,
+              help="Continue from CODEC.ckpt when it exists (written every minute and on Ctrl-C).")
 @click.option("--seed", type=int, default=0, show_default=True)
-def fit_codec_cmd(src, codec, channels, beta, target_bpp, steps, batch_size, lr, size, hidden, layout,
-                  max_images, device, seed):
-    """Train a compressive autoencoder on images of SRC and write the codec file CODEC.
+def fit_codec_cmd(src, codec, channels, prior, architecture, beta, target_bpp, rate_control, steps,
+                  minutes, batch_size, lr, size, hidden, layout, max_images, workers, device, resume, seed):
+    """Train a compressive autoencoder on SRC and write the codec file CODEC.
 
-    The codec (stride-8 encoder, rounding quantizer, per-channel factorized entropy model frozen
-    into 16-bit integer tables, decoder) is one file holding the weights, the tables, the format
-    version and a content hash; `scatstore encode --method cae --codec CODEC` records that hash.
+    SRC is a source folder (any layout `encode` reads) or a `raw` store (uint8 pixels, streamed
+    by the loader). The codec (stride-8 encoder, rounding quantizer, factorized or hyperprior
+    entropy model frozen into 16-bit integer tables, decoder) is one file holding the weights,
+    the tables, the format version and a content hash; `scatstore encode --method cae --codec
+    CODEC` records that hash. Training checkpoints to CODEC.ckpt (removed when the codec is written).
     """
     from scatstore.codecs import fit_codec
+    from scatstore.codecs.train import StoreCropSampler
 
     if channels < 1 or channels > 1024:
         fail("--channels must be in 1..1024")
     if size % 8 or size < 16:
         fail("--size must be a multiple of 8, at least 16")
-    if steps < 1 or batch_size < 1:
-        fail("--steps and --batch-size must be >= 1")
-    log = lambda m: click.echo(m, err=True)  # noqa: E731
-    images = _load_training_images(src, layout, max_images, seed, log)
+    if steps is None and minutes is None:
+        steps = 2000
+    if (steps is not None and steps < 1) or batch_size < 1 or (minutes is not None and minutes <= 0):
+        fail("--steps, --batch-size and --minutes must be positive")
+    if beta <= 0:
+        fail("--beta must be positive")
+    log = lambda m: click.echo(m, err=True)
+    ckpt = Path(codec).with_name(Path(codec).name + ".ckpt")
+    if ckpt.exists() and not resume:
+        ckpt.unlink()
+    if os.path.exists(os.path.join(src, "manifest.json")):
+        try:
+            data = StoreCropSampler(src, size, batch_size, seed, num_workers=workers)
+        except (ValueError, OSError) as exc:
+            fail(str(exc))
+        log(f"training on crops streamed from the raw store {src}")
+    else:
+        data = _load_training_images(src, layout, max_images, seed, log)
+    if ckpt.exists():
+        log(f"resuming from {ckpt}")
     try:
-        model = fit_codec(images, channels=channels, beta=beta, steps=steps, target_bpp=target_bpp,
+        model = fit_codec(data, channels=channels, beta=beta, steps=steps, minutes=minutes,
+                          target_bpp=target_bpp, rate_control=rate_control, prior=prior,
+                          architecture="cae-sgdn-v1" if architecture == "v1" else "cae-gdn-v2",
                           batch_size=batch_size, size=size, hidden=hidden, lr=lr, device=device,
-                          seed=seed, progress=True)
+                          seed=seed, progress=True, checkpoint=ckpt)
     except (ValueError, RuntimeError) as exc:
         fail(str(exc))
     digest = model.save(codec)
     if "stopped_at_step" in model.info:
-        click.echo(f"stopped by Ctrl-C after {model.info['stopped_at_step']} of {steps} steps: the "
-                   "codec holds the weights so far", err=True)
+        click.echo(f"stopped by Ctrl-C after {model.info['stopped_at_step']} steps: the codec holds "
+                   f"the weights so far; run the same command again to continue from {ckpt}", err=True)
+    else:
+        ckpt.unlink(missing_ok=True)
     final = model.info.get("final") or {}
-    click.echo(f"codec written to {codec}: C={channels}, {Path(codec).stat().st_size:,} bytes, "
-               f"{digest}; training estimate {final.get('bpp', float('nan')):.4f} bpp, "
-               f"{final.get('psnr', float('nan')):.2f} dB on {size}x{size} crops "
-               f"({model.info.get('train_seconds')} s)")
+    click.echo(f"codec written to {codec}: C={channels}, {prior} prior, "
+               f"{Path(codec).stat().st_size:,} bytes, {digest}; training estimate "
+               f"{final.get('bpp', float('nan')):.4f} bpp, {final.get('psnr', float('nan')):.2f} dB "
+               f"on {size}x{size} crops ({model.info.get('steps_done')} steps, "
+               f"{model.info.get('train_seconds')} s)")
 
 
 # ----------------------------------------------------------------------------- decode
@@ -100,8 +139,12 @@ def _reference_image(manifest: dict, meta: dict, size: int, src_root: str | None
     """The preprocessed source image a sample was encoded from, or None if it cannot be rebuilt."""
     import numpy as np
 
-    from scatstore.sources import (decode_image, random_resized_crop, resize_center_crop,
-                                   resize_keep_aspect)
+    from scatstore.sources import (
+        decode_image,
+        random_resized_crop,
+        resize_center_crop,
+        resize_keep_aspect,
+    )
 
     root = src_root or (manifest.get("source") or {}).get("root")
     path = meta.get("path")
@@ -151,7 +194,13 @@ def decode_cmd(out, dest, codec, src_root, limit, batch_size, device, no_metrics
     from PIL import Image
 
     import scatstore
-    from scatstore.codecs import CodecMismatchError, CorruptBitstreamError, load_codec, ms_ssim, psnr
+    from scatstore.codecs import (
+        CodecMismatchError,
+        CorruptBitstreamError,
+        load_codec,
+        ms_ssim,
+        psnr,
+    )
 
     from scatstore.stores import StoreError
     from scatstore.stores.safepath import safe_name

@@ -12,10 +12,20 @@ from scatstore.sample_data import PHOTOS, TEXTURES, load_image
 codecs = pytest.importorskip("scatstore.codecs")
 torch = pytest.importorskip("torch")
 
-from scatstore.codecs import (CaeMethod, CodecFileError, CodecMismatchError,  # noqa: E402
-                              CorruptBitstreamError, EntropyTables, center_crop, fit_codec,
-                              load_codec, ms_ssim, psnr, ssim)
-from scatstore.codecs import bitstream  # noqa: E402
+from scatstore.codecs import (  # noqa: E402
+    CaeMethod,
+    CodecFileError,
+    CodecMismatchError,
+    CorruptBitstreamError,
+    EntropyTables,
+    bitstream,  # noqa: E402
+    center_crop,
+    fit_codec,
+    load_codec,
+    ms_ssim,
+    psnr,
+    ssim,
+)
 
 NAMES = ("astronaut", "coffee", "chelsea", "rocket", "camera", "brick", "grass", "coins")
 
@@ -32,7 +42,7 @@ def eval_images():
 
 @pytest.fixture(scope="session")
 def codec_file(tmp_path_factory, train_images):
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # one thread: two are slower on a shared 2-core machine
     codec = fit_codec(train_images, channels=4, beta=0.01, steps=25, batch_size=4, size=32,
                       hidden=16, lr=3e-3, seed=0, progress=False)
     path = tmp_path_factory.mktemp("codec") / "tiny.cae"
@@ -230,20 +240,25 @@ def test_ctrl_c_during_training_keeps_the_weights_so_far(train_images, tmp_path)
                 raise KeyboardInterrupt
         return progress
 
-    # interrupted in step 5's report: steps 0-4 done and kept, frozen into a working codec
+    # interrupted in step 5's report: steps 0-5 done and kept, frozen into a working codec
     codec = fit_codec(train_images, channels=2, beta=0.01, steps=50, batch_size=2, size=24,
                       hidden=8, seed=1, progress=interrupt_at(5))
-    assert codec.info["stopped_at_step"] == 5 and codec.config["steps"] == 50
+    # the update of step 5 was applied before its report raised: 6 steps are in the weights
+    assert codec.info["stopped_at_step"] == 6 and codec.config["steps"] == 50
     codec.save(tmp_path / "early.cae")
     loaded = load_codec(tmp_path / "early.cae")
-    assert loaded.info["stopped_at_step"] == 5
+    assert loaded.info["stopped_at_step"] == 6
     x = np.stack([center_crop(train_images[0], 24)])  # the saved weights and tables are these
     assert loaded.encode(x) == codec.encode(x)
     assert np.array_equal(loaded.decode_images(loaded.decode_symbols(loaded.encode(x))),
                           codec.decode_images(codec.decode_symbols(codec.encode(x))))
-    with pytest.raises(KeyboardInterrupt):  # before the first step: nothing worth keeping
-        fit_codec(train_images, channels=2, beta=0.01, steps=50, batch_size=2, size=24, hidden=8,
-                  seed=1, progress=interrupt_at(0))
+    class Interrupted:  # Ctrl-C while the first batch is read: nothing worth keeping
+        def batch(self, n):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit_codec(Interrupted(), channels=2, beta=0.01, steps=50, batch_size=2, size=24, hidden=8,
+                  seed=1, progress=False)
 
 
 # ------------------------------------------------------------------ metrics
@@ -306,11 +321,11 @@ def test_encode_store_decode_end_to_end(tmp_path, codec_file, codec):
 
     from click.testing import CliRunner
     from PIL import Image
-
-    from scatstore import open_dataset
     from scatstore.cli.codec import decode_cmd
     from scatstore.pipelines.encode import EncodeConfig, encode
     from scatstore.pipelines.report import report
+
+    from scatstore import open_dataset
 
     src = tmp_path / "src"
     src.mkdir()
@@ -343,3 +358,222 @@ def test_encode_store_decode_end_to_end(tmp_path, codec_file, codec):
     decoded = json.loads(res.output[res.output.index("{"):])
     # the manifest's PSNR (all 4 samples measured at encode time) is what decode finds again
     assert decoded["psnr_db"] == pytest.approx(quality["psnr_db"], abs=1e-6)
+
+
+# ------------------------------------------------------------------ rate-distortion, v2
+
+
+def test_lower_beta_buys_rate_and_quality_on_held_out_photos(train_images, eval_images):
+    """Fixed β, no target: the smaller rate weight must give a higher rate AND a higher PSNR."""
+    torch.set_num_threads(1)
+    out = {}
+    for beta in (0.2, 0.002):
+        codec = fit_codec(train_images, channels=4, beta=beta, steps=200, batch_size=8, size=32,
+                          hidden=16, lr=3e-3, seed=0, progress=False)
+        bits = codec.estimated_bits(eval_images, source="tables").mean()
+        rec = codec.decode_images(codec.decode_symbols(codec.encode(eval_images)))
+        out[beta] = (bits, float(np.mean(psnr(eval_images, rec))))
+    (bits_hi_beta, psnr_hi_beta), (bits_lo_beta, psnr_lo_beta) = out[0.2], out[0.002]
+    assert bits_lo_beta > 1.5 * bits_hi_beta, out
+    assert psnr_lo_beta > psnr_hi_beta + 0.5, out
+
+
+@pytest.fixture(scope="session")
+def hyper_codec(train_images, tmp_path_factory):
+    torch.set_num_threads(1)
+    codec = fit_codec(train_images, channels=4, beta=0.01, steps=15, batch_size=4, size=32,
+                      hidden=8, prior="hyper", hyper_channels=3, hyper_hidden=8, lr=3e-3, seed=0,
+                      progress=False)
+    path = tmp_path_factory.mktemp("hyper") / "hyper.cae"
+    codec.save(path)
+    return load_codec(path)
+
+
+def _reference_index(hs, z):
+    """The integer hyper-synthesis in plain int64 numpy, loops over taps (independent of torch)."""
+    from scatstore.codecs import hyper
+
+    def deconv(a, w, b):  # stride 2, padding 2, output_padding 1, kernel 5
+        B, _, h, wd = a.shape
+        co = w.shape[1]
+        full = np.zeros((B, co, 2 * h + 4, 2 * wd + 4), dtype=np.int64)
+        for i in range(5):
+            for j in range(5):
+                full[:, :, i:i + 2 * h:2, j:j + 2 * wd:2] += np.einsum("bchw,co->bohw", a, w[:, :, i, j])
+        return full[:, :, 2:2 + 2 * h, 2:2 + 2 * wd] + b.reshape(1, -1, 1, 1)
+
+    def conv3(a, w, b):
+        B, ci, h, wd = a.shape
+        pad = np.zeros((B, ci, h + 2, wd + 2), dtype=np.int64)
+        pad[:, :, 1:-1, 1:-1] = a
+        out = np.zeros((B, w.shape[0], h, wd), dtype=np.int64)
+        for i in range(3):
+            for j in range(3):
+                out += np.einsum("bchw,oc->bohw", pad[:, :, i:i + h, j:j + wd], w[:, :, i, j])
+        return out + b.reshape(1, -1, 1, 1)
+
+    def shift(acc, k):  # acc·2^k, floored, per output channel (>> floors on int64)
+        out = np.empty_like(acc)
+        for o, kk in enumerate(k):
+            out[:, o] = acc[:, o] << kk if kk >= 0 else acc[:, o] >> -kk
+        return out
+
+    a, f = z.astype(np.int64), 0
+    for i, (w, b) in enumerate(zip(hs.weights, hs.biases)):
+        acc = (deconv if i < 2 else conv3)(a, w.astype(np.int64), b)
+        s = [int(v) + f for v in hs.shifts[i]]
+        if i < 2:
+            a = np.clip(shift(acc, [hyper.ACT_BITS - v for v in s]), 0, hyper.ACT_MAX)
+            f = hyper.ACT_BITS
+        else:  # floor(acc·2^-s + 1/2) per output channel
+            t = np.empty_like(acc)
+            for o, v in enumerate(s):
+                t[:, o] = acc[:, o] << -v if v <= 0 else (acc[:, o] + (1 << (v - 1))) >> v
+            return np.clip(t, 0, hyper.SCALE_LEVELS - 1)
+
+
+def test_hyperprior_round_trips_exactly_for_batch_sizes_1_and_7(hyper_codec, train_images):
+    codec = hyper_codec
+    assert codec.prior == "hyper" and codec.params["bitstream_version"] == 2
+    images = np.stack([center_crop(im, 64) for im in train_images[:7]])
+    symbols, _ = codec.quantize(images)
+    blobs = codec.encode(images)
+    full = codec.decode_symbols(blobs)
+    np.testing.assert_array_equal(full, symbols)
+    ones = np.concatenate([codec.decode_symbols([b]) for b in blobs])
+    np.testing.assert_array_equal(ones, full)
+    assert codec.encode(images[:1]) + codec.encode(images[1:]) == blobs
+    # the scale indices: the torch float64 integer network equals an int64 numpy reference,
+    # whatever the thread count
+    _, z = codec.tables.decode(blobs, return_z=True)
+    np.testing.assert_array_equal(codec.tables.indices(z, (8, 8)),
+                                  _reference_index(codec.tables.synthesis, z)[..., :8, :8])
+    # ... and on hyper-latents spanning the whole table range (many scale indices), whatever the
+    # thread count and batch split
+    zt = codec.tables.z_tables
+    rng = np.random.default_rng(0)
+    zr = np.stack([rng.integers(zt.lo[c], zt.hi[c] + 1, size=(7, 5, 5)) for c in range(zt.channels)],
+                  axis=1).astype(np.int32)
+    ref = _reference_index(codec.tables.synthesis, zr)
+    assert len(np.unique(ref)) > 3
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        np.testing.assert_array_equal(codec.tables.indices(zr, (20, 20)), ref)
+        np.testing.assert_array_equal(codec.tables.indices(zr[3:4], (20, 20)), ref[3:4])
+    torch.set_num_threads(1)
+    # side information is in the rate: actual bytes vs the tables' ideal code length (y and z)
+    ideal = codec.estimated_bits(images, source="tables")
+    actual = 8 * np.array([len(b) for b in blobs])
+    assert np.all(actual >= ideal) and actual.sum() <= 1.05 * ideal.sum() + 8 * 20 * len(blobs)
+    # damage is caught, and a factorized-prior stream is refused with a clear reason
+    bad = bytearray(blobs[0])
+    bad[len(bad) // 2] ^= 0x10
+    with pytest.raises(CorruptBitstreamError):
+        codec.decode_symbols([bytes(bad)], ["s0"])
+
+
+def test_bitstream_kinds_are_not_mixed(codec, hyper_codec, eval_images):
+    with pytest.raises(CorruptBitstreamError, match="scale hyperprior"):
+        codec.decode_symbols(hyper_codec.encode(eval_images[:1]))
+    with pytest.raises(CorruptBitstreamError, match="factorized"):
+        hyper_codec.decode_symbols(codec.encode(eval_images[:1]))
+
+
+def test_codec_files_from_before_still_load_and_decode():
+    """tests/data/codec_v1_tiny.cae and its bitstream were written by the code before the v2
+    change (commit d4818c6): they load, decode, and encode to the same bytes."""
+    from pathlib import Path
+
+    data = Path(__file__).parent / "data"
+    old = load_codec(data / "codec_v1_tiny.cae")
+    assert old.format_version == 1 and old.config["architecture"] == "cae-sgdn-v1"
+    assert old.prior == "factorized"
+    blob = (data / "codec_v1_tiny.astronaut64.bits").read_bytes()
+    x = center_crop(load_image("astronaut"), 64)[None]
+    np.testing.assert_array_equal(old.decode_symbols([blob]), old.quantize(x)[0])
+    assert old.encode(x) == [blob]
+
+
+def test_future_codec_format_is_refused_clearly(hyper_codec, tmp_path):
+    from pathlib import Path
+
+    raw = bytearray(Path(hyper_codec.path).read_bytes())
+    assert raw[:8] == b"SSCAE\x00\x01\n"
+    at = raw.index(b'"format_version": 2')
+    raw[at:at + 19] = b'"format_version": 9'
+    (tmp_path / "future.cae").write_bytes(bytes(raw))
+    with pytest.raises(CodecFileError, match="format version 9 is not supported"):
+        load_codec(tmp_path / "future.cae")
+
+
+def test_resume_from_checkpoint_continues_the_same_run(train_images, tmp_path):
+    torch.set_num_threads(1)
+    kw = {"channels": 2, "beta": 0.01, "steps": 8, "batch_size": 2, "size": 24, "hidden": 8, "seed": 3}
+
+    def stop_at(n):
+        def progress(step, stats):
+            if step == n:
+                raise KeyboardInterrupt
+        return progress
+
+    straight = fit_codec(train_images, progress=False, **kw)
+    ckpt = tmp_path / "c.cae.ckpt"
+    first = fit_codec(train_images, progress=stop_at(3), checkpoint=ckpt, **kw)
+    assert first.info["stopped_at_step"] == 4 and ckpt.exists()
+    resumed = fit_codec(train_images, progress=False, checkpoint=ckpt, **kw)
+    assert resumed.info["resumed_at_step"] == 4 and resumed.info["steps_done"] == 8
+    for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="another training configuration"):
+        fit_codec(train_images, progress=False, checkpoint=ckpt, **{**kw, "hidden": 4})
+
+
+def test_fit_codec_cli_streams_a_raw_store_and_resumes(tmp_path):
+    from click.testing import CliRunner
+    from PIL import Image
+    from scatstore.cli.codec import fit_codec_cmd
+    from scatstore.pipelines.encode import EncodeConfig, encode
+
+    torch.set_num_threads(1)
+    src = tmp_path / "src"
+    src.mkdir()
+    for n in ("astronaut", "brick", "coffee", "grass"):
+        Image.fromarray(load_image(n)).save(src / f"{n}.png")
+    store = tmp_path / "raw"
+    encode(EncodeConfig(src=src, out=store, method="raw", format="zarr", shard_size=2, size=64,
+                        progress=False), log=lambda m: None)
+    out = tmp_path / "c.cae"
+    args = [str(store), str(out), "--channels", "3", "--batch-size", "2", "--size", "24",
+            "--hidden", "8", "--prior", "hyper"]
+    res = CliRunner().invoke(fit_codec_cmd, [*args, "--steps", "4"])
+    assert res.exit_code == 0, res.output
+    assert "raw store" in res.output and "hyper prior" in res.output
+    assert load_codec(out).prior == "hyper"
+    assert not (tmp_path / "c.cae.ckpt").exists()  # removed once the codec is written
+    # --minutes bounds the training by wall clock
+    res = CliRunner().invoke(fit_codec_cmd, [*args, "--minutes", "0.02"])
+    assert res.exit_code == 0, res.output
+    # a store of another method is refused in one line
+    res = CliRunner().invoke(fit_codec_cmd, [str(tmp_path / "nothing"), str(out)])
+    assert res.exit_code != 0
+
+
+def test_hyperprior_codec_through_encode_and_the_loader(tmp_path, hyper_codec):
+    from PIL import Image
+
+    import scatstore
+    from scatstore.pipelines.encode import EncodeConfig, encode
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for n in NAMES[:3]:
+        Image.fromarray(load_image(n)).save(src / f"{n}.png")
+    encode(EncodeConfig(src=src, out=tmp_path / "s", method="cae", codec=hyper_codec.path,
+                        format="zarr", shard_size=2, size=64, progress=False), log=lambda m: None)
+    ds = scatstore.open_dataset(tmp_path / "s")
+    assert ds.manifest["method"]["params"]["prior"] == "hyper"
+    blobs = [bytes(ds[i][0]) for i in range(len(ds))]
+    symbols = hyper_codec.decode_symbols(blobs)
+    x, _ = next(iter(scatstore.loader(tmp_path / "s", batch_size=3, shuffle=False)))
+    assert torch.equal(x, torch.from_numpy(symbols).float())
+    assert ds.manifest["quality"]["rate_actual_over_estimate"] <= 1.25

@@ -74,9 +74,9 @@ def _get_varint(buf: bytes, pos: int) -> tuple[int, int]:
             raise ValueError("varint too long")
 
 
-def pack(payload: bytes, shape: tuple[int, int, int]) -> bytes:
+def pack(payload: bytes, shape: tuple[int, int, int], version: int = BITSTREAM_VERSION) -> bytes:
     """Wrap an entropy-coded payload in the bitstream header and CRC."""
-    out = bytearray((MAGIC, BITSTREAM_VERSION))
+    out = bytearray((MAGIC, version))
     for v in shape:
         _put_varint(out, int(v))
     _put_varint(out, len(payload))
@@ -85,8 +85,13 @@ def pack(payload: bytes, shape: tuple[int, int, int]) -> bytes:
     return bytes(out)
 
 
-def unpack(blob: bytes, name: str = "?") -> tuple[tuple[int, int, int], bytes]:
-    """Check a bitstream and return ``((C, h, w), payload)``; raise CorruptBitstreamError."""
+_KINDS = {1: "factorized prior", 2: "scale hyperprior"}
+
+
+def unpack(blob: bytes, name: str = "?", version: int = BITSTREAM_VERSION
+           ) -> tuple[tuple[int, int, int], bytes]:
+    """Check a bitstream of ``version`` and return ``((C, h, w), payload)``; raise
+    CorruptBitstreamError (version 1: factorized prior, 2: scale hyperprior, hyper.py)."""
     if not isinstance(blob, (bytes, bytearray, memoryview)):
         raise CorruptBitstreamError(name, f"expected bytes, got {type(blob).__name__}")
     blob = bytes(blob)
@@ -94,8 +99,10 @@ def unpack(blob: bytes, name: str = "?") -> tuple[tuple[int, int, int], bytes]:
         raise CorruptBitstreamError(name, f"only {len(blob)} bytes, shorter than any header")
     if blob[0] != MAGIC:
         raise CorruptBitstreamError(name, f"bad magic byte 0x{blob[0]:02x} (expected 0x{MAGIC:02x})")
-    if blob[1] != BITSTREAM_VERSION:
-        raise CorruptBitstreamError(name, f"unsupported bitstream version {blob[1]}")
+    if blob[1] != version:
+        what = f" ({_KINDS[blob[1]]})" if blob[1] in _KINDS else ""
+        raise CorruptBitstreamError(name, f"bitstream version {blob[1]}{what}, but this codec reads "
+                                          f"version {version} ({_KINDS[version]})")
     try:
         pos = 2
         shape = []
@@ -183,7 +190,7 @@ class EntropyTables:
 
     @classmethod
     def from_pmfs(cls, pmfs: Sequence[np.ndarray], offsets: Sequence[int],
-                  precision: int = 16) -> "EntropyTables":
+                  precision: int = 16) -> EntropyTables:
         length = np.array([len(p) for p in pmfs], dtype=np.int32)
         counts = np.zeros((len(pmfs), int(length.max())), dtype=np.int32)
         for c, p in enumerate(pmfs):

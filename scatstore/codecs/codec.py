@@ -10,8 +10,9 @@ import numpy as np
 import torch
 
 from .bitstream import BITSTREAM_VERSION, CODER, EntropyTables
-from .fileformat import FORMAT_VERSION, read_codec, write_codec
-from .model import CAE
+from .fileformat import FORMAT_VERSION, CodecFileError, read_codec, write_codec
+from .hyper import HYPER_BITSTREAM_VERSION, HyperTables
+from .model import CAE, build_model, rate_bits
 
 STRIDE = 8
 
@@ -68,7 +69,14 @@ class Codec:
     def channels(self) -> int:
         return self.tables.channels
 
-    format_version = FORMAT_VERSION
+    @property
+    def format_version(self) -> int:
+        """Codec file format version: 1 for the v1 architecture with the factorized prior (files as
+        scatstore always wrote them), 2 for anything newer (an older scatstore refuses those with
+        a clear message)."""
+        v1 = self.config.get("architecture", "cae-sgdn-v1") == "cae-sgdn-v1" and self.prior == "factorized"
+        return 1 if v1 else FORMAT_VERSION
+
     stride = STRIDE
 
     def latent_shape(self, size: int | tuple[int, int]) -> tuple[int, int, int]:
@@ -80,8 +88,10 @@ class Codec:
         """What a dataset manifest records about this codec."""
         return {
             "codec_hash": self.hash,
-            "codec_format_version": FORMAT_VERSION,
-            "bitstream_version": BITSTREAM_VERSION,
+            "codec_format_version": self.format_version,
+            "bitstream_version": HYPER_BITSTREAM_VERSION if self.prior == "hyper" else BITSTREAM_VERSION,
+            "architecture": self.config.get("architecture", "cae-sgdn-v1"),
+            "prior": self.prior,
             "entropy_coder": CODER,
             "table_precision": self.tables.precision,
             "channels": self.channels,
@@ -113,17 +123,53 @@ class Codec:
             outs.append(self.model.encoder(xb).float().cpu())
         return torch.cat(outs) if outs else torch.zeros(0, self.channels, x.shape[2] // 8, x.shape[3] // 8)
 
+    @property
+    def prior(self) -> str:
+        return "hyper" if isinstance(self.tables, HyperTables) else "factorized"
+
+    @torch.no_grad()
+    def _hyper_latents(self, symbols: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """Rounded hyper-latents ``z`` of integer latents (the hyper-analysis runs on the symbols,
+        so that ``encode_symbols`` and ``encode`` agree)."""
+        outs = []
+        for i in range(0, len(symbols), batch_size):
+            yb = torch.from_numpy(np.asarray(symbols[i:i + batch_size], dtype=np.float32)).to(self.device)
+            outs.append(torch.round(self.model.hyper_analysis(yb)).to(torch.int64).cpu().numpy())
+        return np.concatenate(outs)
+
+    def _prepare(self, symbols: np.ndarray, batch_size: int = 32):
+        """Integer latents -> ``(symbols in range, side information, #clamped)``; the side
+        information of the hyperprior is ``(z, scale indices)``."""
+        if self.prior == "hyper":
+            z = self._hyper_latents(symbols, batch_size)
+            return self.tables.clamp(symbols, z)
+        out, n = self.tables.clamp(symbols)
+        return out, None, n
+
+    def _code(self, symbols: np.ndarray, side) -> list[bytes]:
+        return self.tables.encode(symbols, *side) if side is not None else self.tables.encode(symbols)
+
     def quantize(self, images, batch_size: int = 32) -> tuple[np.ndarray, int]:
-        """Integer symbols (B, C, h, w), clamped into the tables' range, and the clamp count."""
+        """Integer symbols (B, C, h, w) as stored (clamped into the tables' range) and the
+        clamp count. With the hyperprior, the side information is derived from them."""
+        symbols, _, n = self._quantize(images, batch_size)
+        return symbols, n
+
+    def _quantize(self, images, batch_size: int = 32):
         y = self.latents(images, batch_size)
-        return self.tables.clamp(torch.round(y).to(torch.int64).numpy())
+        return self._prepare(torch.round(y).to(torch.int64).numpy(), batch_size)
 
     def encode(self, images, batch_size: int = 32) -> list[bytes]:
-        symbols, _ = self.quantize(images, batch_size)
-        return self.tables.encode(symbols)
+        return self.encode_counted(images, batch_size)[0]
+
+    def encode_counted(self, images, batch_size: int = 32) -> tuple[list[bytes], int]:
+        """Bitstreams of ``images`` and the number of symbols clamped into the tables."""
+        symbols, side, n = self._quantize(images, batch_size)
+        return self._code(symbols, side), n
 
     def encode_symbols(self, symbols: np.ndarray) -> list[bytes]:
-        return self.tables.encode(self.tables.clamp(symbols)[0])
+        symbols, side, _ = self._prepare(np.asarray(symbols))
+        return self._code(symbols, side)
 
     def decode_symbols(self, blobs: Sequence[bytes], names: Sequence[str] | None = None) -> np.ndarray:
         """Bitstreams -> int32 symbols (B, C, h, w); CorruptBitstreamError on damage."""
@@ -159,28 +205,34 @@ class Codec:
         ``source="tables"``: the ideal code length under the frozen integer tables, after
         clamping (what an ideal entropy coder would spend).
         """
-        if source == "tables":
-            symbols, _ = self.quantize(images, batch_size)
-            return self.tables.ideal_bits(symbols)
-        if source != "model":
+        if source not in ("model", "tables"):
             raise ValueError("source is 'model' or 'tables'")
-        y = torch.round(self.latents(images, batch_size))
-        if getattr(self, "_density64", None) is None:
-            self._density64 = copy.deepcopy(self.model.density).to("cpu", torch.float64)
-        p = self._density64.likelihood(y.double()).clamp_min(1e-12)
-        return (-torch.log2(p)).sum(dim=(1, 2, 3)).numpy()
+        symbols, side, _ = self._quantize(images, batch_size)
+        if source == "tables":
+            return self.tables.ideal_bits(symbols, *side) if side is not None \
+                else self.tables.ideal_bits(symbols)
+        if getattr(self, "_model64", None) is None:
+            self._model64 = copy.deepcopy(self.model).to("cpu", torch.float64)
+        y = torch.from_numpy(symbols).double()
+        z = torch.from_numpy(side[0]).double() if side is not None else None
+        bits_y, bits_z = rate_bits(self._model64, y, z)
+        return (bits_y + bits_z).numpy()
 
     # ------------------------------------------------------------------ file
 
     def save(self, path: str | os.PathLike) -> str:
         arrays = {f"weights.{k}": v.detach().cpu().float().numpy()
                   for k, v in self.model.state_dict().items()}
-        arrays["tables.counts"] = self.tables.counts
-        arrays["tables.offset"] = self.tables.offset
-        arrays["tables.length"] = self.tables.length
-        tables_meta = {"precision": self.tables.precision, "kind": "per-channel categorical",
-                       "coder": CODER, "arrays": ["tables.counts", "tables.offset", "tables.length"]}
-        self.hash = write_codec(path, self.config, tables_meta, arrays, self.info)
+        if self.prior == "hyper":
+            arrays.update(self.tables.arrays())
+            tables_meta = {**self.tables.meta(), "coder": CODER}
+        else:
+            arrays["tables.counts"] = self.tables.counts
+            arrays["tables.offset"] = self.tables.offset
+            arrays["tables.length"] = self.tables.length
+            tables_meta = {"precision": self.tables.precision, "kind": "per-channel categorical",
+                           "coder": CODER, "arrays": ["tables.counts", "tables.offset", "tables.length"]}
+        self.hash = write_codec(path, self.config, tables_meta, arrays, self.info, self.format_version)
         self.path = str(path)
         return self.hash
 
@@ -189,12 +241,24 @@ def load_codec(path: str | os.PathLike, device: str | torch.device = "cpu") -> C
     """Read a codec file (verifying its hash) and return a ready :class:`Codec`."""
     header, arrays = read_codec(path)
     cfg = header["config"]
-    model = CAE(int(cfg["channels"]), int(cfg["hidden"]))
+    try:
+        model = build_model(cfg)
+    except (KeyError, ValueError) as exc:
+        raise CodecFileError(f"{path}: {exc}") from None
     state = {k[len("weights."):]: torch.from_numpy(np.array(v)) for k, v in arrays.items()
              if k.startswith("weights.")}
     model.load_state_dict(state, strict=True)
-    tables = EntropyTables(arrays["tables.counts"], arrays["tables.offset"], arrays["tables.length"],
-                           int(header["tables"]["precision"]))
+    kind = header["tables"].get("kind", "per-channel categorical")
+    try:
+        if kind == HyperTables.kind:
+            tables = HyperTables.from_arrays(header["tables"], arrays)
+        elif kind == "per-channel categorical":
+            tables = EntropyTables(arrays["tables.counts"], arrays["tables.offset"],
+                                   arrays["tables.length"], int(header["tables"]["precision"]))
+        else:
+            raise ValueError(f"unknown entropy model {kind!r}")
+    except (KeyError, ValueError) as exc:
+        raise CodecFileError(f"{path}: {exc}") from None
     return Codec(model, tables, cfg, header["hash"], header.get("info"), device, str(path))
 
 
@@ -238,9 +302,9 @@ class CaeMethod:
         return self.codec.latent_shape(size)
 
     def encode(self, images, out_dtype: str | None = None) -> list[bytes]:
-        symbols, n = self.codec.quantize(images)
+        blobs, n = self.codec.encode_counted(images)
         self.clamped_symbols += n
-        return self.codec.tables.encode(symbols)
+        return blobs
 
     def estimated_bits(self, images, source: str = "model") -> np.ndarray:
         return self.codec.estimated_bits(images, source=source)

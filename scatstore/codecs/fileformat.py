@@ -1,6 +1,7 @@
 """The codec file: one file, a JSON header and raw little-endian arrays, no pickle.
 
-Layout (format version 1)::
+Layout (format versions 1 and 2: the same bytes; version 2 marks codecs that a scatstore
+reading only version 1 cannot build: architecture ``cae-gdn-v2``, or the scale hyperprior)::
 
     offset  size  field
     0       8     magic b"SSCAE\\x00\\x01\\n"
@@ -27,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 MAGIC = b"SSCAE\x00\x01\n"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 _DTYPES = {"float32": "<f4", "float64": "<f8", "int32": "<i4", "int64": "<i8", "uint8": "u1",
            "uint16": "<u2"}
 
@@ -66,11 +68,14 @@ def _layout(arrays: dict[str, np.ndarray]) -> tuple[dict, bytes]:
     return meta, b"".join(chunks)
 
 
-def pack_codec(config: dict, tables: dict, arrays: dict[str, np.ndarray], info: dict) -> tuple[bytes, str]:
+def pack_codec(config: dict, tables: dict, arrays: dict[str, np.ndarray], info: dict,
+               version: int = FORMAT_VERSION) -> tuple[bytes, str]:
     """Serialize; return ``(file bytes, hash)``."""
+    if version not in READABLE_VERSIONS:
+        raise ValueError(f"codec format version {version} cannot be written")
     meta, data = _layout(arrays)
-    digest = content_hash(FORMAT_VERSION, config, tables, meta, data)
-    header = {"format": "scatstore-cae", "format_version": FORMAT_VERSION, "config": config,
+    digest = content_hash(version, config, tables, meta, data)
+    header = {"format": "scatstore-cae", "format_version": version, "config": config,
               "tables": tables, "arrays": meta, "info": info, "hash": digest}
     hb = json.dumps(header, sort_keys=True, indent=1).encode()
     hb += b" " * ((-len(hb)) % 8)
@@ -78,8 +83,8 @@ def pack_codec(config: dict, tables: dict, arrays: dict[str, np.ndarray], info: 
 
 
 def write_codec(path: str | os.PathLike, config: dict, tables: dict,
-                arrays: dict[str, np.ndarray], info: dict) -> str:
-    blob, digest = pack_codec(config, tables, arrays, info)
+                arrays: dict[str, np.ndarray], info: dict, version: int = FORMAT_VERSION) -> str:
+    blob, digest = pack_codec(config, tables, arrays, info, version)
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(blob)
@@ -101,9 +106,10 @@ def read_codec(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
         raise CodecFileError(f"{path}: header is not JSON: {exc}") from None
     if header.get("format") != "scatstore-cae":
         raise CodecFileError(f"{path}: not a scatstore-cae codec")
-    if header.get("format_version") != FORMAT_VERSION:
+    if header.get("format_version") not in READABLE_VERSIONS:
         raise CodecFileError(f"{path}: codec format version {header.get('format_version')} "
-                             f"is not supported (this scatstore reads {FORMAT_VERSION})")
+                             f"is not supported (this scatstore reads versions "
+                             f"{', '.join(map(str, READABLE_VERSIONS))}): upgrade scatstore")
     data = blob[16 + hl:]
     digest = content_hash(header["format_version"], header["config"], header["tables"],
                           header["arrays"], data)

@@ -1,27 +1,41 @@
-"""Training a compressive autoencoder: loss ``MSE + β·rate`` (optionally ``β·max(rate − H_t, 0)``).
+"""Training a compressive autoencoder: loss ``MSE + β·rate`` with the rate steered to a target.
 
-* MSE is measured on images scaled to [0, 1]; rate in bits per pixel (bits / (H·W)).
-* The decoder sees rounded latents with a straight-through gradient; the rate is the
-  density's code length of the latents plus uniform noise U(−½, ½) (Ballé et al.).
-* With ``target_bpp`` the rate term is Torfason et al.'s hinge ``β·max(bpp − H_t, 0)``: the
-  encoder is only pushed toward fewer bits above the target, so the operating point lands
-  near it. The density always keeps fitting the (detached) latents by maximum likelihood.
-* After training the density is frozen into integer tables (precision 16 bits) over a
-  per-channel symbol range that drops tails below 1e-7 (tails are folded into the end
-  symbols; the encoder clamps to that range).
+* MSE is measured on images scaled to [0, 1]; rate in bits per pixel (bits / (H·W)), side
+  information (the hyper-latent) included.
+* Quantization proxy (``quant_proxy``): ``"ste"`` (default) — the decoder sees rounded latents
+  with a straight-through gradient, the rate is the density's code length of the latents plus
+  uniform noise U(−½, ½) (the "mixed" proxy of Minnen & Singh 2020); ``"noise"`` — both see the
+  noisy latents (Ballé et al. 2017).
+* Rate control with ``target_bpp`` H_t (``rate_control``):
+  ``"dual"`` (default) — ``MSE + β·rate`` with β adapted every step after the warm-up,
+  ``log β += η·clip((bpp − H_t)/H_t, ±1)`` on the smoothed rate, η = 0.02 (a Lagrange multiplier
+  found by dual ascent): the operating point lands on H_t and the loss
+  stays a smooth rate–distortion Lagrangian throughout;
+  ``"hinge"`` — Torfason et al.'s ``MSE + β·max(bpp − H_t, 0)`` with β fixed. With β far above
+  the distortion's scale the hinge acts as a wall: every step above H_t the rate gradient is
+  ~100x the MSE gradient, Adam's second moments fill with it, and the transform barely learns
+  (docs/codec.md, "Why quality fell as rate rose"). Without a target: ``MSE + β·rate``, β fixed.
+* The density always keeps fitting the (detached) latents by maximum likelihood.
+* After training the density is frozen into integer tables (16 bits); with the hyperprior the
+  hyper-synthesis network is frozen into an integer network and the Gaussian conditionals into
+  one integer table per quantized scale (hyper.py).
+* Training can stop on ``steps`` or ``minutes`` (whichever comes first; the learning-rate
+  schedule follows the larger of the two fractions done), and resumes from ``checkpoint``.
 """
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from .bitstream import EntropyTables
 from .codec import Codec
-from .model import CAE
+from .model import build_model, rate_bits
 
 
 def resize_short_side(img: np.ndarray, short: int) -> np.ndarray:
@@ -44,6 +58,16 @@ def center_crop(img: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(img[t:t + size, l:l + size].transpose(2, 0, 1))
 
 
+def _random_crop(rng: np.random.Generator, im_hwc: np.ndarray, size: int) -> np.ndarray:
+    h, w = im_hwc.shape[:2]
+    t = rng.integers(h - size + 1)
+    l = rng.integers(w - size + 1)
+    crop = im_hwc[t:t + size, l:l + size]
+    if rng.random() < 0.5:
+        crop = crop[:, ::-1]
+    return crop.transpose(2, 0, 1)
+
+
 class CropSampler:
     """Random ``size``² crops (and horizontal flips) of images resized to a short side of
     ``short`` pixels, the scale at which they are encoded (256 for 224² center crops)."""
@@ -58,113 +82,284 @@ class CropSampler:
     def batch(self, n: int) -> np.ndarray:
         out = np.empty((n, 3, self.size, self.size), dtype=np.uint8)
         for i in range(n):
-            im = self.images[self.rng.integers(len(self.images))]
-            h, w = im.shape[:2]
-            t = self.rng.integers(h - self.size + 1)
-            l = self.rng.integers(w - self.size + 1)
-            crop = im[t:t + self.size, l:l + self.size]
-            if self.rng.random() < 0.5:
-                crop = crop[:, ::-1]
-            out[i] = crop.transpose(2, 0, 1)
+            out[i] = _random_crop(self.rng, self.images[self.rng.integers(len(self.images))], self.size)
         return out
 
+    def state(self) -> dict:
+        return {"rng": self.rng.bit_generator.state}
 
-def freeze_tables(model: CAE, precision: int = 16, tail: float = 1e-7) -> EntropyTables:
-    pmfs, offsets = model.density.to("cpu").double().pmfs(tail=tail)
-    model.density.float()
+    def restore(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+
+
+class StoreCropSampler:
+    """Random ``size``² crops of the images of a ``raw`` store, streamed by :func:`scatstore.loader`
+    (shuffled, epoch after epoch; one crop per stored image)."""
+
+    def __init__(self, path, size: int, batch_size: int, seed: int = 0, num_workers: int | None = None):
+        import scatstore
+
+        self.path, self.size, self.batch_size, self.seed = str(path), size, batch_size, seed
+        self.num_workers = num_workers
+        self.epoch, self.step = 0, 0
+        self.rng = np.random.default_rng(seed)
+        self._it = None
+        self._pending: list[np.ndarray] = []
+        probe = scatstore.loader(self.path, batch_size=1, shuffle=False, normalize_pixels=False)
+        if probe.method != "raw":
+            raise ValueError(f"{path}: a {probe.method!r} store; fit-codec streams 'raw' stores "
+                             "(uint8 pixels) or reads a source folder")
+        shape = tuple(getattr(probe.spec, "sample_shape", None) or ())
+        if len(shape) >= 2 and min(shape[-2:]) < size:
+            raise ValueError(f"{path}: stored images are {shape[-2:]}, smaller than the crop size {size}")
+
+    def _next_batch(self) -> np.ndarray:
+        import scatstore
+
+        while True:
+            if self._it is None:
+                ld = scatstore.loader(self.path, batch_size=self.batch_size, shuffle=True,
+                                      seed=self.seed, epoch=self.epoch, start_step=self.step,
+                                      normalize_pixels=False, drop_last=False,
+                                      num_workers=self.num_workers)
+                self._it = iter(ld)
+            try:
+                x, _ = next(self._it)
+                self.step += 1
+                return (x * 255.0).round_().clamp_(0, 255).to(torch.uint8).numpy()
+            except StopIteration:
+                self._it, self.epoch, self.step = None, self.epoch + 1, 0
+
+    def batch(self, n: int) -> np.ndarray:
+        out = np.empty((n, 3, self.size, self.size), dtype=np.uint8)
+        for i in range(n):
+            if not self._pending:
+                self._pending = list(self._next_batch())
+            im = self._pending.pop(0)
+            out[i] = _random_crop(self.rng, im.transpose(1, 2, 0), self.size)
+        return out
+
+    def state(self) -> dict:
+        # resuming restarts the current epoch at the next unread batch (the buffered rest of the
+        # current batch is dropped: a few crops, not worth a format)
+        return {"rng": self.rng.bit_generator.state, "epoch": self.epoch, "step": self.step}
+
+    def restore(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self.epoch, self.step, self._it, self._pending = int(state["epoch"]), int(state["step"]), None, []
+
+
+def freeze_density(density, precision: int = 16, tail: float = 1e-7) -> EntropyTables:
+    pmfs, offsets = density.to("cpu").double().pmfs(tail=tail)
+    density.float()
     return EntropyTables.from_pmfs(pmfs, offsets, precision)
 
 
-def fit_codec(images: Sequence[np.ndarray] | CropSampler, channels: int, beta: float, steps: int,
+def freeze_tables(model, precision: int = 16, tail: float = 1e-7):
+    """The frozen entropy coder of a trained model: :class:`EntropyTables` (factorized prior) or
+    :class:`~scatstore.codecs.hyper.HyperTables` (scale hyperprior)."""
+    tables = freeze_density(model.density, precision, tail)
+    if getattr(model, "prior", "factorized") == "hyper":
+        from .hyper import HyperTables, IntegerHyperSynthesis
+
+        return HyperTables(tables, IntegerHyperSynthesis.from_module(model.hyper_synthesis, tables),
+                           precision=precision)
+    return tables
+
+
+_CKPT_VERSION = 1
+
+
+def _save_checkpoint(path: Path, payload: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def fit_codec(images, channels: int, beta: float, steps: int | None = None,
               *, target_bpp: float | None = None, batch_size: int = 16, size: int = 64,
-              hidden: int = 64, lr: float = 2e-3, device: str = "cpu", seed: int = 0,
+              hidden: int | None = None, lr: float | None = None, device: str = "cpu", seed: int = 0,
               progress: bool | Callable[[int, dict], None] = True,
               sampler_short: int = 256, density_lr_scale: float = 10.0,
-              density_init_scale: float = 10.0) -> Codec:
-    """Train a CAE on random crops of ``images`` (uint8 HWC) and return the frozen :class:`Codec`.
+              density_init_scale: float = 10.0, architecture: str = "cae-sgdn-v1",
+              prior: str = "factorized", rate_control: str = "dual", dual_rate: float = 0.02,
+              quant_proxy: str = "ste", hyper_channels: int = 16, hyper_hidden: int = 32,
+              minutes: float | None = None, checkpoint: str | os.PathLike | None = None,
+              checkpoint_every: float = 60.0, latent_gain: float = 1.0) -> Codec:
+    """Train a CAE on random crops and return the frozen :class:`Codec`.
 
+    ``images``: uint8 HWC arrays, or a sampler with ``batch(n)`` (:class:`CropSampler`,
+    :class:`StoreCropSampler`). ``steps`` and/or ``minutes`` bound the training.
+    ``checkpoint``: a file written every ``checkpoint_every`` seconds and at the end; when it
+    exists and was written for the same configuration, training resumes from it.
     ``progress``: True shows a tqdm bar (loss, PSNR, bpp); a callable gets ``(step, stats)``.
     Ctrl-C after the first step stops the training early: the codec is frozen from the weights
     so far (``info["stopped_at_step"]``) instead of losing them; before it, it is raised.
     """
     if size % 8:
         raise ValueError("training crop size must be a multiple of 8")
+    if steps is None and minutes is None:
+        raise ValueError("give steps or minutes (or both)")
+    if rate_control not in ("dual", "hinge"):
+        raise ValueError("rate_control is 'dual' or 'hinge'")
+    if quant_proxy not in ("ste", "noise"):
+        raise ValueError("quant_proxy is 'ste' or 'noise'")
+    if hidden is None:
+        hidden = 64 if architecture == "cae-sgdn-v1" else 96
+    if lr is None:  # GDN's inverse grows as x·|x| and diverges at 2e-3 (docs/codec.md)
+        lr = 2e-3 if architecture == "cae-sgdn-v1" else 1e-3
     torch.manual_seed(seed)
-    sampler = images if isinstance(images, CropSampler) else CropSampler(images, size, sampler_short, seed)
+    sampler = images if hasattr(images, "batch") else CropSampler(images, size, sampler_short, seed)
     dev = torch.device(device)
-    model = CAE(channels, hidden, density_init_scale).to(dev)
-    # The density learns 10x faster than the networks: the rate estimate is only as good as its
-    # fit, and with a few hundred steps a slow density would leave the rate far above the target.
+    config = {"channels": channels, "hidden": hidden, "stride": 8, "architecture": architecture,
+              "beta": beta, "target_bpp": target_bpp, "steps": steps, "minutes": minutes,
+              "batch_size": batch_size, "crop_size": size, "lr": lr,
+              "density_lr_scale": density_lr_scale, "seed": seed, "quantization": "round, step 1",
+              "training_quantization": ("straight-through rounding (decoder), uniform noise (rate)"
+                                        if quant_proxy == "ste" else "uniform noise"),
+              "rate_control": rate_control if target_bpp is not None else "fixed"}
+    if architecture != "cae-sgdn-v1" or prior != "factorized":
+        config["prior"] = prior
+        if architecture != "cae-sgdn-v1":
+            config["latent_gain"] = latent_gain
+        if prior == "hyper":
+            config.update(hyper_channels=hyper_channels, hyper_hidden=hyper_hidden)
+    model = build_model(config).to(dev)
     dens = list(model.density.parameters())
     nets = [p for n, p in model.named_parameters() if not n.startswith("density.")]
     opt = torch.optim.Adam([{"params": nets, "lr_scale": 1.0},
                             {"params": dens, "lr_scale": density_lr_scale}], lr=lr)
-    warm = max(1, min(100, steps // 20))
+    warm = 100 if steps is None else max(1, min(100, steps // 20))
+    budget_s = None if minutes is None else 60.0 * minutes
 
-    def lr_at(step: int) -> float:
+    def frac(step: int, elapsed: float) -> float:
+        f = 0.0 if steps is None else step / max(1, steps)
+        return max(f, 0.0 if budget_s is None else elapsed / budget_s)
+
+    def lr_at(step: int, elapsed: float) -> float:
         if step < warm:
             return lr * (step + 1) / warm
-        t = (step - warm) / max(1, steps - warm)
+        t = min(1.0, frac(step, elapsed))
         return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
 
+    log_beta = math.log(beta)
+    history: list[dict] = []
+    ema: dict[str, float] = {}
+    start, spent = 0, 0.0
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    if ckpt is not None and ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        same = {k: v for k, v in config.items() if k not in ("steps", "minutes")}
+        theirs = {k: v for k, v in (state.get("config") or {}).items() if k not in ("steps", "minutes")}
+        if state.get("version") != _CKPT_VERSION or theirs != same:
+            raise ValueError(f"{ckpt}: checkpoint of another training configuration; delete it or "
+                             "train with the settings it was written with")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        start, spent, log_beta = int(state["step"]), float(state["seconds"]), float(state["log_beta"])
+        history, ema = list(state["history"]), dict(state["ema"])
+        if hasattr(sampler, "restore"):
+            sampler.restore(state["sampler"])
+        torch.set_rng_state(state["torch_rng"])
+        if dev.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], dev)
+
+    def write_ckpt(step: int, seconds: float) -> None:
+        if ckpt is None:
+            return
+        _save_checkpoint(ckpt, {
+            "version": _CKPT_VERSION, "config": config, "model": model.state_dict(),
+            "opt": opt.state_dict(), "step": step, "seconds": seconds, "log_beta": log_beta,
+            "history": history, "ema": ema, "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
+            "sampler": sampler.state() if hasattr(sampler, "state") else {}})
+
+    total = steps if steps is not None else None
     bar = None
     if progress is True:
         from tqdm.auto import tqdm
-        bar = tqdm(total=steps, desc=f"fit-codec C={channels}", unit="step")
-    history: list[dict] = []
-    ema: dict[str, float] = {}
-    t0 = time.perf_counter()
+        bar = tqdm(total=total, initial=start, desc=f"fit-codec C={channels}", unit="step")
+    t0 = time.perf_counter() - spent
+    last_ckpt = time.perf_counter()
     model.train()
-    stopped_at, done = None, 0
+    stopped_at, step = None, start
+    hyper = getattr(model, "prior", "factorized") == "hyper"
     try:
-        for step in range(steps):
+        while True:
+            elapsed = time.perf_counter() - t0
+            if (steps is not None and step >= steps) or (budget_s is not None and elapsed >= budget_s):
+                break
             for g in opt.param_groups:
-                g["lr"] = lr_at(step) * g["lr_scale"]
-            x = CAE.preprocess(torch.from_numpy(sampler.batch(batch_size)).to(dev))
+                g["lr"] = lr_at(step, elapsed) * g["lr_scale"]
+            x = model.preprocess(torch.from_numpy(sampler.batch(batch_size)).to(dev))
             y = model.encoder(x)
-            y_hat = y + (torch.round(y) - y).detach()
-            x_hat = model.decoder(y_hat)
-            mse = torch.mean((x_hat - x) ** 2)
             noise = torch.empty_like(y).uniform_(-0.5, 0.5)
+            y_noisy = y + noise
+            y_dec = y + (torch.round(y) - y).detach() if quant_proxy == "ste" else y_noisy
+            x_hat = model.decoder(y_dec)
+            mse = torch.mean((x_hat - x) ** 2)
             pixels = x.shape[0] * x.shape[2] * x.shape[3]
-            bpp = -torch.log2(model.density.likelihood(y + noise).clamp_min(1e-9)).sum() / pixels
-            bpp_aux = -torch.log2(model.density.likelihood(y.detach() + noise).clamp_min(1e-9)).sum() / pixels
-            rate = torch.relu(bpp - target_bpp) if target_bpp is not None else bpp
-            loss = mse + beta * rate + 1e-3 * bpp_aux
+            if hyper:
+                z = model.hyper_analysis(y_dec)  # at encode time it sees the rounded latents
+                z_noisy = z + torch.empty_like(z).uniform_(-0.5, 0.5)
+                bits_y, bits_z = rate_bits(model, y_noisy, z_noisy)
+                _, aux_z = rate_bits(model, y_noisy.detach(), z_noisy.detach(), detach_density=True)
+                aux = aux_z.sum() / pixels
+            else:
+                bits_y, bits_z = rate_bits(model, y_noisy)
+                aux = rate_bits(model, y_noisy.detach())[0].sum() / pixels
+            bpp = (bits_y.sum() + bits_z.sum()) / pixels
+            b = math.exp(log_beta)
+            if target_bpp is not None and rate_control == "hinge":
+                rate = torch.relu(bpp - target_bpp)
+            else:
+                rate = bpp
+            loss = mse + b * rate + 1e-3 * aux
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             opt.step()
-            stats = {"loss": loss.item(), "mse": mse.item(), "bpp": bpp.item()}
+            step += 1  # from here on this step's update is in the weights (and in a checkpoint)
+            bpp_v = bpp.item()
+            if target_bpp is not None and rate_control == "dual" and step > warm:
+                # after the warm-up (the density is still far from the latents before it), on the
+                # smoothed rate, with the relative error clipped: beta moves at most e^(eta) per step
+                err = (ema.get("bpp", bpp_v) - target_bpp) / target_bpp
+                log_beta += dual_rate * min(1.0, max(-1.0, err))
+                log_beta = min(max(log_beta, math.log(1e-6)), math.log(1e2))
+            stats = {"loss": loss.item(), "mse": mse.item(), "bpp": bpp_v,
+                     "bpp_side": bits_z.sum().item() / pixels, "beta": b}
             for k, v in stats.items():
                 ema[k] = v if k not in ema else 0.95 * ema[k] + 0.05 * v
             ema_psnr = 10 * math.log10(1.0 / max(ema["mse"], 1e-12))
-            if step % 10 == 0 or step == steps - 1:
-                history.append({"step": step, **{k: round(v, 6) for k, v in ema.items()},
+            if step % 10 == 1 or (steps is not None and step == steps):
+                history.append({"step": step - 1, **{k: round(v, 6) for k, v in ema.items()},
                                 "psnr": round(ema_psnr, 3)})
+                history = history[-200:]
             if bar is not None:
                 bar.update(1)
-                if step % 10 == 0 or step == steps - 1:
-                    bar.set_postfix(loss=f"{ema['loss']:.4g}", psnr=f"{ema_psnr:.2f}", bpp=f"{ema['bpp']:.3f}")
+                if step % 10 == 1:
+                    bar.set_postfix(psnr=f"{ema_psnr:.2f}", bpp=f"{ema['bpp']:.3f}", beta=f"{b:.2g}")
             elif callable(progress):
-                progress(step, {**ema, "psnr": ema_psnr})
-            done = step + 1
+                progress(step - 1, {**ema, "psnr": ema_psnr})
+            if ckpt is not None and time.perf_counter() - last_ckpt >= checkpoint_every:
+                write_ckpt(step, time.perf_counter() - t0)
+                last_ckpt = time.perf_counter()
     except KeyboardInterrupt:
-        if not done:
+        if step == start:
             raise
-        stopped_at = done
+        stopped_at = step
+    train_s = time.perf_counter() - t0
+    write_ckpt(step, train_s)
     if bar is not None:
         bar.close()
     model.eval()
     model.to("cpu")
     tables = freeze_tables(model)
-    config = {"channels": channels, "hidden": hidden, "stride": 8, "architecture": "cae-sgdn-v1",
-              "beta": beta, "target_bpp": target_bpp, "steps": steps, "batch_size": batch_size,
-              "crop_size": size, "lr": lr, "density_lr_scale": density_lr_scale, "seed": seed, "quantization": "round, step 1",
-              "training_quantization": "straight-through rounding (decoder), uniform noise (rate)"}
-    info = {"train_seconds": round(time.perf_counter() - t0, 2), "device": str(dev),
+    info = {"train_seconds": round(train_s, 2), "device": str(dev), "steps_done": step,
             "final": history[-1] if history else None, "history": history[-50:]}
+    if start:
+        info["resumed_at_step"] = start
     if stopped_at is not None:
         info["stopped_at_step"] = stopped_at
     return Codec(model, tables, config, None, info, "cpu")
-
