@@ -55,6 +55,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from . import convert as _cv
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_BUFFER_BYTES = 128 << 20
@@ -112,17 +114,11 @@ class _Pool:
             return t
 
 
-_GRAIN = 32768  # at::internal::GRAIN_SIZE: smaller copies run on the calling thread only
-
-
 def _serial_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
     """``dst.copy_(src)`` (with dtype conversion) in pieces that torch runs without its intra-op
     thread pool: the loader's threads already keep the cores busy, and OpenMP workers spinning
     beside them cost more than they bring (measured: 2-4x slower on 2 cores)."""
-    d, s = dst.reshape(-1), src.reshape(-1)
-    n = d.numel()
-    for a in range(0, n, _GRAIN):
-        d[a:a + _GRAIN].copy_(s[a:a + _GRAIN])
+    _cv._torch_pieces(dst, src, lambda d, s: d.copy_(s))
 
 
 @dataclass
@@ -347,43 +343,75 @@ class StoreLoader:
                 f"{self.world_size}, shuffle={self.shuffle})")
 
     # ------------------------------------------------------------------ batch finishing
-    def _finish(self, x: torch.Tensor, q: torch.Tensor | None, y: torch.Tensor, epoch: int,
-                step: int, out: torch.Tensor | None):
-        """Stored-dtype batch (on CPU, or already on the device) -> model input on the device."""
-        dev = self.device
-        B = x.shape[0]
+    def _convert(self, x: torch.Tensor, q: torch.Tensor | None, out: torch.Tensor | None):
+        """Stored-dtype batch (CPU, or already on the device) -> model values. On the CPU with an
+        output buffer, the conversion kernels of :mod:`scatstore.loaders.convert` write into
+        ``out``; on a GPU (``out`` None) torch converts on the device."""
+        cpu_f32 = out is not None and out.dtype == torch.float32 and x.device.type == "cpu"
         if self.spec.quantized:
             from scatstore.transforms.quantize import dequantize_uint8
 
             qs, qo = q[:, 0], q[:, 1]
-            if out is not None and self.quant_scheme == "affine" and x.device.type == "cpu":
-                o = out.view(x.shape)
-                o.copy_(x)
-                o.mul_(qs[..., None, None]).add_(qo[..., None, None])
-                xf = out
-            else:
-                xf = dequantize_uint8(x, qs, qo, scheme=self.quant_scheme)
-                if self.dtype is not None and self.dtype != torch.float32:
-                    xf = xf.to(self.dtype)
-        elif self.is_pixels:
+            if cpu_f32:
+                _cv.dequantize_into(x, out.view(x.shape), qs, qo, self.quant_scheme)
+                return out
+            xf = dequantize_uint8(x, qs, qo, scheme=self.quant_scheme)
+            if self.dtype is not None and self.dtype != torch.float32:
+                xf = xf.to(self.dtype)
+            if out is not None:
+                _serial_copy(out, xf)
+                return out
+            return xf
+        if self.is_pixels:
+            norm = self.normalize_pixels and x.shape[1] == 3
+            if cpu_f32 and x.dtype == torch.uint8:
+                _cv.normalize_pixels_into(x, out.view(x.shape), IMAGENET_MEAN if norm else None,
+                                          IMAGENET_STD if norm else None)
+                return out
             xf = out if out is not None else torch.empty(x.shape, dtype=self.dtype or torch.float32,
                                                          device=x.device)
             xf = xf.view(x.shape)
             xf.copy_(x)
             xf.mul_(1.0 / 255.0)
-            if self.normalize_pixels and x.shape[1] == 3:
+            if norm:
                 mean = torch.tensor(IMAGENET_MEAN, dtype=xf.dtype, device=xf.device).view(1, 3, 1, 1)
                 std = torch.tensor(IMAGENET_STD, dtype=xf.dtype, device=xf.device).view(1, 3, 1, 1)
                 xf.sub_(mean).div_(std)
+            return xf
+        want = self.dtype or x.dtype
+        if x.dtype == want:
+            return x
+        if out is None:
+            return x.to(want)
+        if cpu_f32 and x.dtype == torch.float16:
+            _cv.f16_to_f32(x.contiguous(), out.view(x.shape))
         else:
-            want = self.dtype or x.dtype
-            if x.dtype == want:
-                xf = x
-            elif out is not None:
-                out.view(x.shape).copy_(x)
-                xf = out
-            else:
-                xf = x.to(want)
+            _serial_copy(out, x)
+        return out
+
+    def _convert_split(self, x: torch.Tensor, q: torch.Tensor | None, out: torch.Tensor,
+                       pool: ThreadPoolExecutor | None) -> torch.Tensor:
+        """:meth:`_convert` of a CPU batch in pieces of whole samples: one piece on this
+        thread, the others on ``pool`` (the kernels release the GIL)."""
+        n = int(x.shape[0])
+        k = 1 if pool is None else min(n, pool._max_workers + 1)
+        if k <= 1:
+            return self._convert(x, q, out)
+        o = out.view(n, -1)
+        cuts = np.linspace(0, n, k + 1).astype(int).tolist()
+        futs = [pool.submit(self._convert, x[c0:c1], q[c0:c1] if q is not None else None, o[c0:c1])
+                for c0, c1 in zip(cuts[1:-1], cuts[2:])]
+        self._convert(x[:cuts[1]], q[:cuts[1]] if q is not None else None, o[:cuts[1]])
+        for f in futs:
+            f.result()
+        return out
+
+    def _finish(self, x: torch.Tensor, q: torch.Tensor | None, y: torch.Tensor, epoch: int,
+                step: int, out: torch.Tensor | None, converted: bool = False):
+        """Stored-dtype batch (on CPU, or already on the device) -> model input on the device
+        (``converted``: ``x`` holds model values already)."""
+        B = x.shape[0]
+        xf = x if converted else self._convert(x, q, out)
         xf = xf.reshape(B, *self.out_shape)
         if self.flip or self.crop_cells:
             g = torch.Generator().manual_seed(_seed(self.seed, epoch, self.rank, step, 0xF11B))
@@ -493,6 +521,10 @@ class LoaderEpoch:
         shape = tuple(o.spec.sample_shape)
         direct = not cuda and not (o.spec.quantized or o.is_pixels) and xdt == self._out_dtype()
         pool = ThreadPoolExecutor(max_workers=o.num_workers, thread_name_prefix="scatstore-read")
+        # conversion helpers beside the assembler (which converts one piece itself); separate
+        # from the readers, whose queue holds the next window's reads
+        conv = ThreadPoolExecutor(max_workers=o.num_workers - 1, thread_name_prefix="scatstore-conv") \
+            if o.num_workers > 1 and not direct and not cuda else None
         loaded: dict = {}
 
         def submit(w):
@@ -562,18 +594,17 @@ class LoaderEpoch:
                     # CPU: finish here, off the consumer's thread, into a recycled output buffer
                     if direct:
                         xf, yy = o._finish(xt, None, y, self.epoch, st, None)
-                    elif o.spec.quantized or o.is_pixels:
-                        xf, yy = o._finish(xt, qs, y, self.epoch, st, self._out_buffer(n))
                     else:
-                        out = self._out_buffer(n)
-                        _serial_copy(out, xt)
-                        xf, yy = o._finish(out.view(n, *shape), None, y, self.epoch, st, None)
+                        out = o._convert_split(xt, qs, self._out_buffer(n), conv)
+                        xf, yy = o._finish(out, None, y, self.epoch, st, None, converted=True)
                         del out
                     del xt, qs
                     q.put(("done", xf, yy))
                 del d
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+            if conv is not None:
+                conv.shutdown(wait=True, cancel_futures=True)
 
     def _out_dtype(self):
         o = self.owner

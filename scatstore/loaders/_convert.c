@@ -1,0 +1,186 @@
+/* Conversion kernels of the loader: stored dtype -> model input, on the CPU.
+ *
+ * Built by scatstore/loaders/convert.py through scatstore/_cbuild.py for ONE ISA level, chosen
+ * from the CPU's features (-march=x86-64-v4 / x86-64-v3 / x86-64-v2 / armv8-a / generic); the
+ * preprocessor then picks the variant below, and cv_kernel() names it. Nothing is chosen by
+ * timing.
+ *
+ *   cv_f16_to_f32   IEEE binary16 -> binary32, exact (every half is a float): AVX-512F
+ *                   vcvtph2ps zmm (16 per instruction), F16C vcvtph2ps ymm (8), NEON fcvtl (4),
+ *                   or a branch-free integer routine the compiler vectorises (no denormal
+ *                   float arithmetic, so flush-to-zero / denormals-are-zero modes do not change
+ *                   the result).
+ *   cv_u8_affine    uint8 codes -> float32, per map m:  q * a[m] + b[m]          (affine)
+ *   cv_u8_sqrt      uint8 codes -> float32, per map m:  (q * a[m])^2 + b[m]      (sqrt companding)
+ *   cv_u8_norm      uint8 pixels -> float32, per map m: (q * a - b[m]) / c[m]    (x/255, mean, std)
+ *
+ * The uint8 kernels compute in float32 in exactly the order written (built with
+ * -ffp-contract=off: no fused multiply-add), so their results are bit-identical to
+ * scatstore.transforms.quantize.dequantize_uint8 in numpy and torch.
+ *
+ * All functions are plain loops over contiguous memory; they hold no state and may run on
+ * several threads at once on disjoint outputs (ctypes releases the GIL around each call).
+ */
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__x86_64__) && (defined(__AVX512F__) || defined(__F16C__))
+#include <immintrin.h>
+#endif
+#if defined(__aarch64__) && defined(__ARM_NEON)
+#include <arm_neon.h>
+#endif
+
+#if defined(__x86_64__) && defined(__AVX512F__)
+#define CV_KERNEL "avx512f-vcvtph2ps"
+#elif defined(__x86_64__) && defined(__F16C__) && defined(__AVX__)
+#define CV_KERNEL "f16c-avx2-vcvtph2ps"
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+#define CV_KERNEL "neon-fcvtl"
+#else
+#define CV_KERNEL "generic-c"
+#endif
+
+const char *cv_kernel(void) { return CV_KERNEL; }
+
+/* binary16 -> binary32 with integer operations only (vectorisable, no denormal arithmetic). */
+static inline uint32_t half_bits_to_float_bits(uint32_t h)
+{
+    uint32_t sign = (h & 0x8000u) << 16;
+    uint32_t e = (h >> 10) & 0x1fu;
+    uint32_t m = h & 0x3ffu;
+    uint32_t normal = ((e + 112u) << 23) | (m << 13);
+    uint32_t infnan = 0x7f800000u | (m << 13);
+    /* subnormal half (e == 0): m * 2^-24 = 2^(p-24) * (m / 2^p), p = index of m's top bit;
+       computed as the float of m (exact, m < 1024) scaled by 2^-24 in the exponent field. */
+    float fm = (float)m;
+    uint32_t fb;
+    memcpy(&fb, &fm, 4);
+    uint32_t sub = m ? fb - (24u << 23) : 0u;
+    uint32_t r = e == 0x1fu ? infnan : (e == 0 ? sub : normal);
+    return sign | r;
+}
+
+static void f16_to_f32_tail(const uint16_t *src, float *dst, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t b = half_bits_to_float_bits(src[i]);
+        memcpy(dst + i, &b, 4);
+    }
+}
+
+/* Outputs larger than this are written with non-temporal (streaming) stores: a batch of
+ * 256 scat1 samples is 60 MB of float32, far beyond the caches, and streaming stores skip the
+ * read-for-ownership of every destination line (measured here: 2.4x the rate of plain stores
+ * at batch 256; plain stores win below a few MB, where the output stays in cache). A size
+ * rule, not a timing: the values written are the same either way. */
+#define CV_STREAM_BYTES (4 << 20)
+
+void cv_f16_to_f32(const uint16_t *src, float *dst, int64_t n)
+{
+    int64_t i = 0;
+#if defined(__x86_64__) && defined(__AVX512F__)
+    if (n * 4 >= CV_STREAM_BYTES) {
+        int64_t head = (int64_t)((64 - ((uintptr_t)dst & 63)) & 63) / 4;
+        if ((uintptr_t)dst % 4 == 0 && head <= n) {
+            f16_to_f32_tail(src, dst, head);
+            for (i = head; i + 64 <= n; i += 64)
+                for (int k = 0; k < 4; k++)
+                    _mm512_stream_ps(dst + i + 16 * k, _mm512_cvtph_ps(
+                        _mm256_loadu_si256((const __m256i *)(src + i + 16 * k))));
+            _mm_sfence();
+        }
+    }
+    for (; i + 64 <= n; i += 64) {
+        __m256i a = _mm256_loadu_si256((const __m256i *)(src + i));
+        __m256i b = _mm256_loadu_si256((const __m256i *)(src + i + 16));
+        __m256i c = _mm256_loadu_si256((const __m256i *)(src + i + 32));
+        __m256i d = _mm256_loadu_si256((const __m256i *)(src + i + 48));
+        _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(a));
+        _mm512_storeu_ps(dst + i + 16, _mm512_cvtph_ps(b));
+        _mm512_storeu_ps(dst + i + 32, _mm512_cvtph_ps(c));
+        _mm512_storeu_ps(dst + i + 48, _mm512_cvtph_ps(d));
+    }
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + i))));
+#elif defined(__x86_64__) && defined(__F16C__) && defined(__AVX__)
+    if (n * 4 >= CV_STREAM_BYTES) {
+        int64_t head = (int64_t)((32 - ((uintptr_t)dst & 31)) & 31) / 4;
+        if ((uintptr_t)dst % 4 == 0 && head <= n) {
+            f16_to_f32_tail(src, dst, head);
+            for (i = head; i + 32 <= n; i += 32)
+                for (int k = 0; k < 4; k++)
+                    _mm256_stream_ps(dst + i + 8 * k, _mm256_cvtph_ps(
+                        _mm_loadu_si128((const __m128i *)(src + i + 8 * k))));
+            _mm_sfence();
+        }
+    }
+    for (; i + 32 <= n; i += 32) {
+        __m128i a = _mm_loadu_si128((const __m128i *)(src + i));
+        __m128i b = _mm_loadu_si128((const __m128i *)(src + i + 8));
+        __m128i c = _mm_loadu_si128((const __m128i *)(src + i + 16));
+        __m128i d = _mm_loadu_si128((const __m128i *)(src + i + 24));
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(a));
+        _mm256_storeu_ps(dst + i + 8, _mm256_cvtph_ps(b));
+        _mm256_storeu_ps(dst + i + 16, _mm256_cvtph_ps(c));
+        _mm256_storeu_ps(dst + i + 24, _mm256_cvtph_ps(d));
+    }
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+    for (; i + 16 <= n; i += 16) {
+        uint16x8_t a = vld1q_u16(src + i), b = vld1q_u16(src + i + 8);
+        vst1q_f32(dst + i, vcvt_f32_f16(vreinterpret_f16_u16(vget_low_u16(a))));
+        vst1q_f32(dst + i + 4, vcvt_high_f32_f16(vreinterpretq_f16_u16(a)));
+        vst1q_f32(dst + i + 8, vcvt_f32_f16(vreinterpret_f16_u16(vget_low_u16(b))));
+        vst1q_f32(dst + i + 12, vcvt_high_f32_f16(vreinterpretq_f16_u16(b)));
+    }
+#endif
+    f16_to_f32_tail(src + i, dst + i, n - i);
+}
+
+/* uint8 kernels: n_maps maps of map_len values each, contiguous; one (a, b[, c]) per map. */
+void cv_u8_affine(const uint8_t *src, float *dst, const float *a, const float *b,
+                  int64_t n_maps, int64_t map_len)
+{
+    for (int64_t m = 0; m < n_maps; m++) {
+        const uint8_t *s = src + m * map_len;
+        float *d = dst + m * map_len;
+        const float am = a[m], bm = b[m];
+        for (int64_t i = 0; i < map_len; i++) {
+            float t = (float)s[i] * am;
+            d[i] = t + bm;
+        }
+    }
+}
+
+void cv_u8_sqrt(const uint8_t *src, float *dst, const float *a, const float *b,
+                int64_t n_maps, int64_t map_len)
+{
+    for (int64_t m = 0; m < n_maps; m++) {
+        const uint8_t *s = src + m * map_len;
+        float *d = dst + m * map_len;
+        const float am = a[m], bm = b[m];
+        for (int64_t i = 0; i < map_len; i++) {
+            float t = (float)s[i] * am;
+            float t2 = t * t;
+            d[i] = t2 + bm;
+        }
+    }
+}
+
+void cv_u8_norm(const uint8_t *src, float *dst, float a, const float *b, const float *c,
+                int64_t n_maps, int64_t map_len)
+{
+    for (int64_t m = 0; m < n_maps; m++) {
+        const uint8_t *s = src + m * map_len;
+        float *d = dst + m * map_len;
+        const float bm = b[m], cm = c[m];
+        for (int64_t i = 0; i < map_len; i++) {
+            float t = (float)s[i] * a;
+            float u = t - bm;
+            d[i] = u / cm;
+        }
+    }
+}
