@@ -30,7 +30,7 @@ def bench_load_cmd(data, jpeg, batch_size, num_workers, seconds, repeats, device
 
 
     from scatstore.loaders import bench
-    from scatstore.stores import StoreError, read_manifest
+    from scatstore.stores import StoreError, get_format, read_manifest
 
     rows, plain, jpg = [], None, None
     try:
@@ -41,7 +41,8 @@ def bench_load_cmd(data, jpeg, batch_size, num_workers, seconds, repeats, device
                                      device=device)
             r["what"] = f"scatstore {m['store']['format']} {m['dtype']} ({os.path.basename(os.path.normpath(path))})"
             rows.append(r)
-            if plain is None and m["store"]["format"] == "wds" and m["dtype"] != "bytes":
+            if plain is None and get_format(m["store"]["format"]).webdataset_urls is not None \
+                    and m["dtype"] != "bytes":
                 plain = bench.measure_plain_wds(path, batch_size, num_workers, seconds, repeats)
         if jpeg:
             bench.warm_files([jpeg])

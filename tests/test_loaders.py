@@ -108,7 +108,7 @@ def test_fast_paths_are_used(stores):
     assert loader(stores["zarr_raw"], 4).reader.mode == "raw"
     assert loader(stores["zarr"], 4).reader.mode == "zstd"
     assert loader(stores["h5_raw"], 4).reader._layout(0)[0] == "direct"
-    assert loader(stores["h5"], 4).reader._layout(0)[0] == "h5"
+    assert loader(stores["h5"], 4).reader._layout(0)[0] == "library"
 
 
 def test_uint8_dequantized_close_to_float16(stores):
@@ -229,7 +229,7 @@ def test_flip_and_crop_options(stores):
 def test_tar_member_names_are_checked_not_trusted(stores, tmp_path):
     p = shutil.copytree(stores["wds"], tmp_path / "wds")
     ds = open_dataset(p)
-    from scatstore.stores.dataset import load_index_npy
+    from scatstore.stores.index_npy import load_index_npy
 
     ix = load_index_npy(Path(p), ds.manifest)
     off = int(ix["off_x_npy"][0]) - 512

@@ -578,7 +578,8 @@ def _tar_with(path: Path, members: dict) -> None:
 
 
 def test_no_pickle_and_no_paths(tmp_path):
-    from scatstore.stores.wds_store import iter_tar_samples, npy_bytes
+    from scatstore.stores.formats.wds import iter_tar_samples
+    from scatstore.stores.index_npy import npy_bytes
 
     marker = tmp_path / "pwned"
     good = {"k1.x.npy": npy_bytes(np.zeros((2, 2), np.float16)), "k1.cls": b"1", "k1.json": b"{}"}

@@ -128,14 +128,15 @@ def plain_wds_pipeline(urls: list[str], batch_size: int, seed: int = 0):
 
 def measure_plain_wds(path, batch_size: int = 256, num_workers: int = 2, seconds: float = 5.0,
                       repeats: int = 3) -> dict:
-    from scatstore.stores import read_manifest
+    from scatstore.stores import get_format, read_manifest
 
     root = Path(path)
     m = read_manifest(root)
-    if m["store"]["format"] != "wds":
+    urls_of = get_format(m["store"]["format"]).webdataset_urls
+    if urls_of is None:
         raise ValueError(f"{root} is a {m['store']['format']} store: the plain webdataset baseline "
-                         "needs a wds store")
-    urls = sorted(str(p) for p in root.glob("shard-*.tar"))
+                         "needs a store of webdataset tars")
+    urls = urls_of(root, m)
     sizes = {u: os.path.getsize(u) for u in urls}
     per_sample = sum(sizes.values()) / max(1, m["count"])
     counter = {"n": 0}

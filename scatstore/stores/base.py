@@ -9,10 +9,8 @@ rename) and then the shard's *record* ``_store/shard-NNNNNN.json`` (the commit m
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,18 +18,17 @@ from typing import Any
 
 import numpy as np
 
-FORMATS = ("zarr", "wds", "h5")
+from .errors import StoreError
+from .files import atomic_write_bytes, json_bytes, remove_tmp_files, sha256_file
+from .manifest import build_manifest, write_manifest
+from .registry import format_names
+
 DTYPES = ("float16", "float32", "uint8", "bytes")
 QUANT_SCHEMES = ("affine", "sqrt")
 STATE_DIR = "_store"          # spec.json + one record per committed shard
-TMP_PREFIX = ".tmp-"          # temporary names; removed by prepare()
 KEY_MAX = 90                  # ustar name field is 100 bytes: KEY + ".x.npy"
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-+=,@~:]+$")
 _SPEC_FORMAT_VERSION = 1
-
-
-class StoreError(RuntimeError):
-    """Anything wrong with a store: bad spec or batch, missing/corrupt files, unsupported manifest."""
 
 
 def all_finite(x: np.ndarray) -> bool:
@@ -88,8 +85,8 @@ class StoreSpec:
     chunk_samples: int | None = None
 
     def __post_init__(self):
-        if self.format not in FORMATS:
-            raise StoreError(f"unknown store format {self.format!r}; choose from {FORMATS}")
+        if self.format not in format_names():
+            raise StoreError(f"unknown store format {self.format!r}; choose from {format_names()}")
         if self.dtype == "bfloat16":
             raise StoreError("dtype bfloat16 is not supported (no numpy / zarr core bfloat16); "
                              "use float16, float32 or uint8")
@@ -308,79 +305,6 @@ class ShardRecord:
                 "bytes": self.bytes, "payload_bytes": self.payload_bytes}
 
 
-# --------------------------------------------------------------------------------------- files
-def sha256_file(path: Path, bufsize: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        while True:
-            b = f.read(bufsize)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def tmp_path(path: Path) -> Path:
-    return path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}")
-
-
-def commit_tmp(tmp: Path, path: Path) -> None:
-    """fsync ``tmp`` and rename it onto ``path`` (atomic on POSIX), then fsync the directory."""
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> dict:
-    """Write ``data`` to ``path`` through a temporary name; return ``{"sha256", "bytes"}``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-
-
-def json_bytes(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=1, allow_nan=False) + "\n").encode()
-
-
-def remove_tmp_files(root: Path) -> int:
-    """Remove leftovers of killed writers (names starting with ``.tmp-``) under ``root``."""
-    n = 0
-    if not root.exists():
-        return 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in filenames:
-            if name.startswith(TMP_PREFIX):
-                try:
-                    os.unlink(os.path.join(dirpath, name))
-                    n += 1
-                except FileNotFoundError:
-                    pass
-    return n
-
-
 # --------------------------------------------------------------------------------------- writer
 class StoreWriter:
     """Base of the format writers; picklable (holds only ``out`` and ``spec``)."""
@@ -477,8 +401,6 @@ class StoreWriter:
     # ---------------------------------------------------------------- finalize
     def finalize(self, manifest: dict, records: list) -> None:
         """Write the global index files, then ``manifest.json`` atomically."""
-        from .manifest import build_manifest, write_manifest
-
         records = sorted((r if isinstance(r, ShardRecord) else ShardRecord.from_dict(r) for r in records),
                          key=lambda r: r.index)
         if [r.index for r in records] != list(range(self.spec.n_shards)):

@@ -22,8 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import StoreError, StoreSpec
+from .base import StoreSpec
+from .errors import StoreError
 from .manifest import read_manifest
+from .registry import get_format
 
 
 class ScatDataset:
@@ -175,29 +177,12 @@ class ScatDataset:
         raise NotImplementedError
 
 
-def load_index_npy(root: Path, manifest: dict) -> np.ndarray:
-    """The structured ``index.npy`` of wds/h5 stores (never unpickled)."""
-    p = root / manifest["store"].get("index", "index.npy")
-    try:
-        a = np.load(p, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise StoreError(f"cannot read {p}: {e}") from None
-    if a.dtype.names is None or not {"slot", "shard", "pos", "y", "key"} <= set(a.dtype.names):
-        raise StoreError(f"{p} is not a scatstore index")
-    return a
-
-
 def open_dataset(path, raw: bool = False) -> ScatDataset:
     """Open a finished store (the directory holding ``manifest.json``) as a map-style dataset."""
     root = Path(path)
     m = read_manifest(root)
-    fmt = m["store"]["format"]
-    if fmt == "zarr":
-        from .zarr_store import ZarrDataset as cls
-    elif fmt == "wds":
-        from .wds_store import WdsDataset as cls
-    elif fmt == "h5":
-        from .h5_store import H5Dataset as cls
-    else:
-        raise StoreError(f"{root}: unknown store format {fmt!r}")
-    return cls(root, m, raw=raw)
+    try:
+        fmt = get_format(m["store"]["format"])
+    except StoreError as e:
+        raise StoreError(f"{root}: {e}") from None
+    return fmt.dataset(root, m, raw=raw)

@@ -11,7 +11,9 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from .base import StoreError, StoreSpec, atomic_write_bytes, json_bytes
+from .errors import StoreError
+from .files import atomic_write_bytes, json_bytes
+from .registry import get_format
 
 MANIFEST_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -112,7 +114,7 @@ def software_versions() -> dict:
 
 
 # --------------------------------------------------------------------------------------- build
-def _quantization(spec: StoreSpec, given) -> dict | None:
+def _quantization(spec, given) -> dict | None:
     if not spec.quantized:
         if given not in (None, {}, {"scheme": "none"}):
             raise StoreError("manifest.quantization given for a store that is not quantized")
@@ -128,7 +130,7 @@ def _quantization(spec: StoreSpec, given) -> dict | None:
     return info
 
 
-def build_manifest(engine: dict, spec: StoreSpec, layout: str, records: list,
+def build_manifest(engine: dict, spec, layout: str, records: list,
                    global_files: dict, store_extra: dict) -> dict:
     """The engine's fields (method, source, job, rejected, class_names, ...) plus the store's."""
     engine = dict(engine or {})
@@ -147,9 +149,7 @@ def build_manifest(engine: dict, spec: StoreSpec, layout: str, records: list,
     }
     m: dict[str, Any] = {"format_version": MANIFEST_VERSION}
     versions = software_versions()
-    if spec.format == "h5":
-        import h5py
-        versions["hdf5"] = h5py.version.hdf5_version
+    versions.update(get_format(spec.format).library_versions())
     m["created_by"] = {**versions, **engine.pop("created_by", {})}
     m["method"] = engine.pop("method", None)
     m["dtype"] = spec.dtype

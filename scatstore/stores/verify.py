@@ -9,9 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
-from .base import StoreError, sha256_file
+from .errors import StoreError
+from .files import sha256_file
+from .manifest import read_manifest
+from .registry import get_format
 
 
 @dataclass
@@ -32,6 +33,17 @@ class VerifyReport:
     @property
     def damaged_shards(self) -> list:
         return sorted({d[0] for d in self.damaged if d[0] >= 0})
+
+    def compare_counts(self, counts: list, manifest: dict, what: str = "index") -> None:
+        """Record a problem for each shard whose sample count in ``counts`` (read from the store's
+        index) differs from the manifest's."""
+        shards = manifest["store"]["shards"]
+        if len(counts) != len(shards):
+            self.problems.append(f"{what} covers {len(counts)} shards, manifest lists {len(shards)}")
+        for s, c in zip(shards, counts):
+            if c != s["count"]:
+                self.problems.append(f"shard {s['index']:06d}: {what} counts {c}, manifest says "
+                                     f"{s['count']}")
 
     def format(self) -> str:
         lines = [f"{self.path}: {'OK' if self.ok else 'DAMAGED'} ({self.count} samples, "
@@ -55,8 +67,6 @@ def _check_file(root: Path, rel: str, info: dict) -> str | None:
 
 
 def verify(path) -> VerifyReport:
-    from .manifest import read_manifest
-
     root = Path(path)
     rep = VerifyReport(path=str(root))
     try:
@@ -89,32 +99,10 @@ def verify(path) -> VerifyReport:
                 rep.damaged.append((s["index"], rel, why))
     if m["count"] + 0 != sum(per_shard):
         rep.problems.append(f"shard counts sum to {sum(per_shard)}, manifest count is {m['count']}")
-    if not any(d[0] < 0 for d in rep.damaged):  # the index is intact: compare its counts too
+    if not any(d[0] < 0 for d in rep.damaged):  # the index is intact: the format's own checks
         try:
-            rep.problems += _index_counts(root, m, per_shard)
+            get_format(store["format"]).verify(root, m, rep)
         except Exception as e:  # noqa: BLE001 - any failure to read the index is damage
             rep.problems.append(f"index unreadable: {e}")
     rep.ok = not rep.damaged and not rep.problems
     return rep
-
-
-def _index_counts(root: Path, m: dict, per_shard: list) -> list:
-    store = m["store"]
-    ss = store["shard_size"]
-    if store["format"] == "zarr":
-        import zarr
-
-        g = zarr.open_group(str(root / store.get("group", "data.zarr")), mode="r")
-        valid = np.asarray(g["valid"][:], dtype=bool)
-        if len(valid) != m["n_slots"]:
-            return [f"valid has {len(valid)} slots, manifest n_slots is {m['n_slots']}"]
-        counts = [int(valid[i * ss:(i + 1) * ss].sum()) for i in range(store["n_shards"])]
-    else:
-        from .dataset import load_index_npy
-
-        ix = load_index_npy(root, m)
-        counts = np.bincount(ix["shard"], minlength=store["n_shards"]).tolist()[:store["n_shards"]]
-        if len(ix) != m["count"]:
-            return [f"index holds {len(ix)} samples, manifest count is {m['count']}"]
-    return [f"shard {i:06d}: index counts {c}, manifest says {p}"
-            for i, (c, p) in enumerate(zip(counts, per_shard)) if c != p]

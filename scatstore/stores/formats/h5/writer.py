@@ -1,4 +1,4 @@
-"""HDF5 store: ``OUT/shard-NNNNNN.h5``, one chunked, compressed file per shard (layout
+"""HDF5 store writer: ``OUT/shard-NNNNNN.h5``, one chunked, compressed file per shard (layout
 ``scatstore-h5-v1``, docs/format.md).
 
 Datasets of a shard file (``n`` = samples in the shard): ``x`` (n, *sample_shape) chunked per
@@ -11,17 +11,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import threading
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 
-from .base import (ShardBatch, StoreError, StoreSpec, StoreWriter, atomic_write_bytes,
-                   parse_compression, records_arrays, shard_name)
-from .dataset import ScatDataset, load_index_npy
-from .wds_store import build_index, npy_bytes
+from ...base import ShardBatch, StoreSpec, StoreWriter, parse_compression, records_arrays, shard_name
+from ...files import atomic_write_bytes
+from ...index_npy import build_index, npy_bytes
 
 LAYOUT = "scatstore-h5-v1"
 INDEX = "index.npy"
@@ -110,97 +106,3 @@ class H5Writer(StoreWriter):
         extra = {"index": INDEX, "chunk_samples": h5_chunk_samples(self.spec),
                  "compression": {k: v for k, v in f.items()} or None}
         return {INDEX: info}, extra
-
-
-class H5Dataset(ScatDataset):
-    MAX_OPEN = 32
-
-    def _load_index(self):
-        ix = load_index_npy(self.root, self.manifest)
-        self._ix = ix
-        self.slots = ix["slot"].astype(np.int64)
-        self.labels = ix["y"].astype(np.int64)
-        self.keys = [k.decode("ascii") for k in ix["key"]]
-
-    def _file(self, shard: int):
-        import h5py
-
-        h = self._handles()
-        files = h.setdefault("files", _FileCache())  # per thread: a thread closes only its own
-        f = files.get(shard)
-        if f is None:
-            p = self.root / f"{shard_name(shard)}.h5"
-            if not p.exists():
-                raise StoreError(f"shard file {p} is missing")
-            f = h5py.File(p, "r")
-            files.put(shard, f, self.MAX_OPEN)
-        return f
-
-    def _read(self, idx: np.ndarray):
-        spec = self.spec
-        xs, qs, qo, hws = [], [], [], []
-        for i in idx:
-            row = self._ix[int(i)]
-            f = self._file(int(row["shard"]))
-            p = int(row["pos"])
-            k = f["key"][p]
-            if (k.decode() if isinstance(k, bytes) else str(k)) != self.keys[int(i)]:
-                raise StoreError(f"shard {int(row['shard'])} position {p} does not hold {self.keys[int(i)]!r}")
-            if spec.dtype == "bytes":
-                a, b = f["bits_offsets"][p:p + 2]
-                xs.append(f["bits"][int(a):int(b)].tobytes())
-            else:
-                xs.append(f["x"][p])
-            if spec.quantized:
-                qs.append(f["qscale"][p])
-                qo.append(f["qoffset"][p])
-            if spec.has_hw:
-                hws.append(f["hw"][p])
-        x = xs if spec.dtype == "bytes" else (np.stack(xs) if xs else
-                                              np.zeros((0, *spec.sample_shape), spec.dtype))
-        if spec.quantized:
-            qs_a = np.stack(qs) if qs else np.zeros((0, *spec.qparam_shape), np.float32)
-            qo_a = np.stack(qo) if qo else np.zeros((0, *spec.qparam_shape), np.float32)
-        else:
-            qs_a = qo_a = None
-        hw = np.asarray(hws, dtype=np.int32).reshape(-1, 2) if spec.has_hw else None
-        return x, qs_a, qo_a, hw
-
-    def _meta(self, i: int) -> dict:
-        row = self._ix[i]
-        m = self._file(int(row["shard"]))["meta"][int(row["pos"])]
-        return json.loads(m.decode() if isinstance(m, bytes) else m)
-
-    def close(self):
-        h = self._h
-        if "files" in h and self._pid == os.getpid():
-            h["files"].close()
-        self._h = {}
-
-
-class _FileCache(threading.local):
-    def __init__(self):
-        self.d: OrderedDict = OrderedDict()
-
-    def get(self, k):
-        f = self.d.get(k)
-        if f is not None:
-            self.d.move_to_end(k)
-        return f
-
-    def put(self, k, f, cap):
-        self.d[k] = f
-        while len(self.d) > cap:
-            _, old = self.d.popitem(last=False)
-            old.close()
-
-    def close(self):
-        for f in self.d.values():
-            try:
-                f.close()
-            except Exception:  # noqa: BLE001
-                pass
-        self.d.clear()
-
-
-__all__ = ["H5Writer", "H5Dataset", "LAYOUT", "StoreError"]

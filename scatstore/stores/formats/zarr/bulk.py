@@ -1,0 +1,167 @@
+"""Bulk reader of zarr stores (the ``scatstore.stores.bulk`` contract; fast paths in its docstring)."""
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+import numpy as np
+
+from ...bulk import BulkReader, _LRU, _preadv_all, _runs, _scatter, as_dst
+from ...errors import StoreError
+from .writer import GROUP
+
+
+class ZarrBulkReader(BulkReader):
+    name = "zarr"
+
+    def __init__(self, ds):
+        super().__init__(ds)
+        self.group = self.root / GROUP
+        meta = json.loads((self.group / "x" / "zarr.json").read_text())
+        self.chunk_samples, self.mode, self.key_fmt = self._parse(meta)
+        self._index = _LRU(256)
+        self._q = _LRU(8)
+        self._zarr = None
+        self._zlock = threading.Lock()
+        self._scratch = threading.local()
+        if self.mode == "zstd":
+            import numcodecs
+
+            self._zstd = numcodecs.Zstd()
+
+    def unit_size(self) -> int:
+        return self.chunk_samples
+
+    def _parse(self, meta: dict):
+        """(chunk_samples, mode, shard key format); mode "raw" | "zstd" | "library" (zarr-python)."""
+        ss = self.spec.shard_size
+        try:
+            codecs = meta["codecs"]
+            assert len(codecs) == 1 and codecs[0]["name"] == "sharding_indexed"
+            cfg = codecs[0]["configuration"]
+            inner = cfg["chunk_shape"]
+            assert list(meta["chunk_grid"]["configuration"]["chunk_shape"]) == [ss, *self.sample_shape]
+            assert list(inner[1:]) == list(self.sample_shape) and ss % inner[0] == 0
+            assert cfg.get("index_location", "end") == "end"
+            idx_codecs = [c["name"] for c in cfg["index_codecs"]]
+            assert idx_codecs in (["bytes"], ["bytes", "crc32c"])
+            assert cfg["index_codecs"][0].get("configuration", {}).get("endian", "little") == "little"
+            names = [c["name"] for c in cfg["codecs"]]
+            assert names[0] == "bytes"
+            endian = cfg["codecs"][0].get("configuration", {}).get("endian", "little")
+            assert endian == "little" or self.dtype.itemsize == 1
+            rest = names[1:]
+            self._crc_index = 4 if idx_codecs[-1] == "crc32c" else 0
+            self._crc_chunk = 4 if rest and rest[-1] == "crc32c" else 0
+            if self._crc_chunk:
+                rest = rest[:-1]
+            if rest == []:
+                mode = "raw"
+            elif rest == ["zstd"]:
+                mode = "zstd"
+            else:
+                raise AssertionError
+            enc = meta.get("chunk_key_encoding", {"name": "default"})
+            sep = enc.get("configuration", {}).get("separator", "/")
+            prefix = "c" + sep if enc["name"] == "default" else ""
+            nd = 1 + len(self.sample_shape)
+            key_fmt = prefix + sep.join(["{}"] + ["0"] * (nd - 1))
+            return int(inner[0]), mode, key_fmt
+        except (AssertionError, KeyError, IndexError, TypeError):
+            return int(ss), "library", None
+
+    def _shard_index(self, shard: int):
+        """(offsets, nbytes) uint64 arrays of the inner chunks of one shard file, or None."""
+        def make():
+            path = self.group / "x" / self.key_fmt.format(shard)
+            try:
+                size = os.stat(path).st_size
+            except FileNotFoundError:
+                return ("missing", None, None)
+            n = self.spec.shard_size // self.chunk_samples
+            ilen = n * 16 + self._crc_index
+            fd = self._fd(path)
+            raw = os.pread(fd, ilen, size - ilen)
+            if len(raw) != ilen:
+                raise StoreError(f"{path}: truncated shard index")
+            a = np.frombuffer(raw[: n * 16], dtype="<u8").reshape(n, 2)
+            off, nb = a[:, 0].copy(), a[:, 1].copy()
+            present = off != np.uint64(2 ** 64 - 1)
+            if (present & (off + nb > np.uint64(size - ilen))).any():
+                raise StoreError(f"{path}: shard index points outside the file")
+            return (path, off, nb)
+        return self._index.get(shard, make)
+
+    def _zarr_array(self, name: str):
+        with self._zlock:
+            if self._zarr is None:
+                import zarr
+                self._zarr = zarr.open_group(str(self.group), mode="r")
+            return self._zarr[name]
+
+    def _qparams(self, shard: int):
+        def make():
+            lo, hi = self.spec.shard_range(shard)
+            qs = np.asarray(self._zarr_array("qscale")[lo:hi], dtype=np.float32)
+            qo = np.asarray(self._zarr_array("qoffset")[lo:hi], dtype=np.float32)
+            return np.stack([qs, qo], axis=1)
+        return self._q.get(shard, make)
+
+    def read(self, idx, x_out, q_out) -> int:
+        slots = self.slots[idx]
+        ss, cs = self.spec.shard_size, self.chunk_samples
+        total = 0
+        chunks = slots // cs
+        brk = np.flatnonzero(np.diff(chunks) != 0) + 1
+        starts = np.concatenate([[0], brk]).tolist()
+        stops = np.concatenate([brk, [len(slots)]]).tolist()
+        dst = as_dst(x_out, len(idx))
+        for a, b in zip(starts, stops):
+            total += self._read_chunk(int(chunks[a]), slots[a:b], dst[a:b])
+        if q_out is not None:
+            shards = slots // ss
+            for s in np.unique(shards):
+                sel = shards == s
+                q = self._qparams(int(s))
+                q_out[sel] = q[slots[sel] - s * ss]
+                total += int(sel.sum()) * q_out[0].nbytes
+        return total
+
+    def _read_chunk(self, chunk: int, slots: np.ndarray, out) -> int:
+        cs, ss, nbs = self.chunk_samples, self.spec.shard_size, self.sample_nbytes
+        if self.mode == "library":
+            lo = chunk * cs
+            blk = np.asarray(self._zarr_array("x")[lo: min(lo + cs, self.spec.n_slots)])
+            _scatter(out, np.ascontiguousarray(blk[slots - lo]))
+            return blk.nbytes
+        shard = (chunk * cs) // ss
+        path, off, nb = self._shard_index(shard)
+        within = chunk - shard * (ss // cs)
+        if path == "missing" or off[within] == np.uint64(2 ** 64 - 1):
+            for d in out:  # chunk of fill values (never written)
+                d[:] = bytes(len(d))
+            return 0
+        fd = self._fd(path)
+        base = int(off[within])
+        local = slots - chunk * cs
+        if self.mode == "raw":
+            if int(nb[within]) != cs * nbs + self._crc_chunk:
+                raise StoreError(f"{path}: chunk {within} has {int(nb[within])} bytes, "
+                                      f"expected {cs * nbs + self._crc_chunk}")
+            total = 0
+            for a, b in _runs(local):
+                total += _preadv_all(fd, out[a:b], base + int(local[a]) * nbs)
+            return total
+        # zstd: read the whole compressed chunk, decompress (GIL released by numcodecs)
+        n = int(nb[within])
+        comp = os.pread(fd, n, base)
+        if len(comp) != n:
+            raise StoreError(f"{path}: short read of chunk {within}")
+        payload = memoryview(comp)[: n - self._crc_chunk]
+        buf = getattr(self._scratch, "buf", None)
+        if buf is None or buf.nbytes != cs * nbs:
+            buf = self._scratch.buf = np.empty((cs, *self.sample_shape), dtype=self.dtype)
+        self._zstd.decode(payload, out=buf.reshape(-1).view(np.uint8))
+        _scatter(out, buf[local])
+        return n
