@@ -339,3 +339,142 @@ def test_bench_timing_refuses_a_loader_without_batches():
 
     with pytest.raises(ValueError, match="fewer samples than one batch"):
         bench._timed(lambda epoch: iter(()), seconds=0.1, bytes_fn=lambda: 0)
+
+
+# ------------------------------------------------------------------ conversion kernels
+def _builds():
+    """(name, lib) for the CPU's build and every lower ISA level this CPU can run."""
+    from scatstore import _cbuild
+    from scatstore.loaders import convert
+
+    out = [("auto", convert.load())]
+    for lv in _cbuild.isa_levels()[1:]:
+        out.append((lv, convert.library_for(lv).load()))
+    return [(n, lib) for n, lib in out if lib is not None]
+
+
+def _real_coefficients(stores, name="zarr", n=None):
+    ds = open_dataset(stores[name], raw=True)
+    idx = np.arange(len(ds) if n is None else min(n, len(ds)))
+    return ds.get_batch(idx)
+
+
+def test_f16_kernel_exact_on_every_half_and_on_real_batches(stores):
+    from scatstore.loaders import convert
+
+    builds = _builds()
+    if not builds:
+        pytest.skip("no C compiler: the loader converts with torch")
+    every = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    ref = every.float()
+    x = torch.from_numpy(np.ascontiguousarray(_real_coefficients(stores)["x"]))
+    assert x.dtype == torch.float16
+    # > 4 MB of output (the streaming-store path) with an odd start (unaligned destination)
+    big = x.reshape(-1).repeat(-(-(1_200_000) // x.numel()))[: 1_200_001]
+    for name, lib in builds:
+        out = torch.empty(65536)
+        convert.f16_to_f32(every, out, lib=lib)
+        same = (out.view(torch.int32) == ref.view(torch.int32)) | (out.isnan() & ref.isnan())
+        assert bool(same.all()), name
+        dst = torch.full((big.numel() + 1,), -1.0)
+        convert.f16_to_f32(big, dst[1:], lib=lib)
+        assert torch.equal(dst[1:], big.float()) and dst[0] == -1.0, name
+
+
+@pytest.mark.parametrize("scheme", ["affine", "sqrt"])
+def test_uint8_kernels_bit_identical_to_dequantize_uint8(stores, scheme):
+    from scatstore.loaders import convert
+    from scatstore.transforms.quantize import dequantize_uint8, quantize_uint8
+
+    xf = _real_coefficients(stores)["x"].astype(np.float32)
+    q, qs, qo = quantize_uint8(xf, scheme=scheme)
+    ref = dequantize_uint8(q, qs, qo, scheme=scheme)
+    for name, lib in _builds() + [("torch", None)]:
+        out = torch.empty(q.shape)
+        if lib is None:
+            convert.select(use_torch=True)
+        try:
+            convert.dequantize_into(torch.from_numpy(q), out, torch.from_numpy(qs),
+                                    torch.from_numpy(qo), scheme, lib=lib)
+        finally:
+            convert.select()
+        np.testing.assert_array_equal(out.numpy(), ref, err_msg=name)
+    with pytest.raises(ValueError, match="maps"):
+        convert.dequantize_into(torch.from_numpy(q), torch.empty(q.shape), torch.ones(7),
+                                torch.ones(7))
+
+
+def test_pixel_kernel_equals_torch_normalisation():
+    from skimage import data
+
+    from scatstore.loaders import convert
+    from scatstore.loaders.stream import IMAGENET_MEAN, IMAGENET_STD
+
+    imgs = np.stack([np.ascontiguousarray(im[:128, :128, :3].transpose(2, 0, 1))
+                     for im in (data.astronaut(), data.chelsea(), data.coffee())])
+    x = torch.from_numpy(imgs)
+    ref = x.float().mul_(1.0 / 255.0)
+    ref.sub_(torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)).div_(torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+    for name, lib in _builds():
+        out = torch.empty(x.shape)
+        convert.normalize_pixels_into(x, out, IMAGENET_MEAN, IMAGENET_STD, lib=lib)
+        assert torch.equal(out, ref), name
+        convert.normalize_pixels_into(x, out, lib=lib)
+        assert torch.equal(out, x.float().mul_(1.0 / 255.0)), name
+
+
+def test_kernel_chosen_from_cpu_features(monkeypatch):
+    from scatstore import _cbuild
+    from scatstore.loaders import convert
+
+    info = convert.kernel_info()
+    if not info["available"]:
+        pytest.skip(f"no conversion kernels here: {info['why']}")
+    assert info["isa"] == _cbuild.isa_level()
+    expect = {"x86-64-v4": "avx512f", "x86-64-v3": "f16c-avx2", "aarch64-neon": "neon",
+              "aarch64-sve": "neon"}.get(info["isa"], "generic")
+    assert info["kernel"].startswith(expect)
+    assert info["f16_to_f32"] == info["kernel"] or expect == "generic"
+    monkeypatch.setenv("SCATSTORE_CONVERT", "torch")
+    assert convert.kernel_info()["kernel"] == "torch" and convert.load() is None
+    monkeypatch.delenv("SCATSTORE_CONVERT")
+    if "x86-64-v3" in _cbuild.isa_levels():
+        monkeypatch.setenv("SCATSTORE_ISA", "x86-64-v3")
+        convert._reset_for_tests()
+        try:
+            assert convert.kernel_info()["kernel"] == "f16c-avx2-vcvtph2ps"
+        finally:
+            monkeypatch.delenv("SCATSTORE_ISA")
+            convert._reset_for_tests()
+
+
+@pytest.mark.parametrize("name", ["zarr_raw", "zarr_u8"])
+def test_loader_same_batches_with_torch_conversion(stores, name):
+    from scatstore.loaders import convert
+
+    a = [x for x, _ in loader(stores[name], 5, shuffle=True, seed=3, num_workers=2)]
+    convert.select(use_torch=True)
+    try:
+        b = [x for x, _ in loader(stores[name], 5, shuffle=True, seed=3, num_workers=2)]
+    finally:
+        convert.select()
+    assert len(a) == len(b) > 1
+    for xa, xb in zip(a, b):
+        assert xa.dtype == torch.float32 and torch.equal(xa, xb)
+
+
+def test_pixel_store_batches_normalised(stores, tmp_path):
+    from scatstore.loaders.stream import IMAGENET_MEAN, IMAGENET_STD
+
+    p = _encode(stores["src"], tmp_path / "raw", format="zarr", method="raw")
+    ds = open_dataset(p, raw=True)
+    ld = loader(p, 4, shuffle=False, num_workers=2)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    k = 0
+    for x, y in ld:
+        raw = torch.from_numpy(np.ascontiguousarray(ds.get_batch(np.arange(k, k + len(y)))["x"]))
+        ref = raw.float().mul_(1.0 / 255.0).sub_(mean).div_(std)
+        assert torch.equal(x, ref.reshape(x.shape))
+        k += len(y)
+    assert k == len(ds)
