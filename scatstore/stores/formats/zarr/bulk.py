@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import threading
 
@@ -10,6 +11,14 @@ import numpy as np
 from ...bulk import BulkReader, _LRU, _preadv_all, _runs, _scatter, as_dst
 from ...errors import StoreError
 from .writer import GROUP
+
+
+def _unmap(mm) -> None:
+    try:
+        if mm is not None:
+            mm.close()
+    except BufferError:  # a reader thread still decodes from it: freed when it lets go
+        pass
 
 
 class ZarrBulkReader(BulkReader):
@@ -25,10 +34,12 @@ class ZarrBulkReader(BulkReader):
         self._zarr = None
         self._zlock = threading.Lock()
         self._scratch = threading.local()
+        self._maps = None
         if self.mode == "zstd":
             import numcodecs
 
             self._zstd = numcodecs.Zstd()
+            self._maps, self._maps_pid = _LRU(64, _unmap), os.getpid()
 
     def unit_size(self) -> int:
         return self.chunk_samples
@@ -153,15 +164,43 @@ class ZarrBulkReader(BulkReader):
             for a, b in _runs(local):
                 total += _preadv_all(fd, out[a:b], base + int(local[a]) * nbs)
             return total
-        # zstd: read the whole compressed chunk, decompress (GIL released by numcodecs)
+        # zstd: decompress the chunk straight from the mapped shard file (no read copy; GIL
+        # released by numcodecs) into a per-thread scratch buffer, then copy each wanted sample
+        # from it to its destination (no gathered intermediate)
         n = int(nb[within])
-        comp = os.pread(fd, n, base)
-        if len(comp) != n:
-            raise StoreError(f"{path}: short read of chunk {within}")
-        payload = memoryview(comp)[: n - self._crc_chunk]
         buf = getattr(self._scratch, "buf", None)
         if buf is None or buf.nbytes != cs * nbs:
-            buf = self._scratch.buf = np.empty((cs, *self.sample_shape), dtype=self.dtype)
-        self._zstd.decode(payload, out=buf.reshape(-1).view(np.uint8))
-        _scatter(out, buf[local])
+            buf = self._scratch.buf = np.empty(cs * nbs, dtype=np.uint8)
+        mm = self._map(path)
+        if mm is None or base + n > len(mm):
+            comp = os.pread(fd, n, base)
+            if len(comp) != n:
+                raise StoreError(f"{path}: short read of chunk {within}")
+            self._zstd.decode(memoryview(comp)[: n - self._crc_chunk], out=buf)
+        else:
+            with memoryview(mm) as mv:
+                self._zstd.decode(mv[base: base + n - self._crc_chunk], out=buf)
+        src = memoryview(buf)
+        for d, k in zip(out, local.tolist()):
+            d[:] = src[k * nbs:(k + 1) * nbs]
         return n
+
+    def _map(self, path):
+        """A read-only map of a shard file (shards never change once committed), or None."""
+        if self._maps is None:
+            return None
+        if os.getpid() != self._maps_pid:  # forked: maps of our own
+            self._maps, self._maps_pid = _LRU(64, _unmap), os.getpid()
+
+        def make():
+            try:
+                with open(path, "rb") as f:
+                    return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except (OSError, ValueError):  # empty file, or a filesystem without mmap
+                return None
+        return self._maps.get(str(path), make)
+
+    def close(self):
+        super().close()
+        if self._maps is not None:
+            self._maps.clear()
