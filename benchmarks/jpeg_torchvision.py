@@ -9,7 +9,7 @@ Pipeline, the usual ImageNet evaluation transform on uint8 tensors: ``torchvisio
 (libjpeg-turbo) -> ``Resize(256)`` (antialiased bilinear) -> ``CenterCrop(224)`` -> float32 in
 [0, 1] -> ``Normalize`` (ImageNet mean/std); a ``DataLoader`` with ``--num-workers`` worker
 processes, batch ``--batch-size``, shuffled. Prints one JSON line: samples/s per round (after a
-warm-up of one pass), the torch/torchvision versions and the settings.
+warm-up of one pass), CPU µs per sample (this process and its workers, from /proc), the torch/torchvision versions and the settings.
 
 Usage: python jpeg_torchvision.py ROOT [--batch-size 256] [--num-workers 2] [--seconds 3]
        [--rounds 1]
@@ -74,13 +74,28 @@ def main(argv=None) -> int:
     n0 = 0
     while n0 < max(len(files), 2 * a.batch_size * max(1, a.num_workers)):  # warm-up: workers started, files in the page cache
         n0 += int(next(it)[1].shape[0])
-    rounds = []
+    def cpu_seconds() -> float:
+        """CPU time of this process and of the DataLoader's worker processes so far."""
+        tck = os.sysconf("SC_CLK_TCK")
+        total = sum(os.times()[:2])
+        for w in getattr(dl._iterator, "_workers", []) if dl._iterator is not None else []:
+            try:
+                with open(f"/proc/{w.pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / tck
+            except (OSError, IndexError, ValueError):
+                pass
+        return total
+
+    rounds, cpu_us = [], []
     for _ in range(a.rounds):
-        n, t0 = 0, time.perf_counter()
+        n, t0, c0 = 0, time.perf_counter(), cpu_seconds()
         while time.perf_counter() - t0 < a.seconds:
             n += int(next(it)[1].shape[0])
         rounds.append(n / (time.perf_counter() - t0))
-    print(json.dumps({"samples_per_s": rounds, "torch": torch.__version__,
+        cpu_us.append((cpu_seconds() - c0) / max(n, 1) * 1e6)
+    print(json.dumps({"samples_per_s": rounds, "cpu_us_per_sample": cpu_us,
+                      "torch": torch.__version__,
                       "torchvision": torchvision.__version__, "files": len(files),
                       "batch_size": a.batch_size, "num_workers": a.num_workers}))
     return 0

@@ -107,6 +107,8 @@ def test_batches_equal_dataset_items(stores, name):
 def test_fast_paths_are_used(stores):
     assert loader(stores["zarr_raw"], 4).reader.mode == "raw"
     assert loader(stores["zarr"], 4).reader.mode == "zstd"
+    assert loader(stores["zarr"], 4).reader.converts and loader(stores["zarr_raw"], 4).reader.converts
+    assert not loader(stores["zarr_u8"], 4).reader.converts
     assert loader(stores["h5_raw"], 4).reader._layout(0)[0] == "direct"
     assert loader(stores["h5"], 4).reader._layout(0)[0] == "library"
 

@@ -77,11 +77,12 @@ static void f16_to_f32_tail(const uint16_t *src, float *dst, int64_t n)
  * rule, not a timing: the values written are the same either way. */
 #define CV_STREAM_BYTES (4 << 20)
 
-void cv_f16_to_f32(const uint16_t *src, float *dst, int64_t n)
+static void f16_to_f32(const uint16_t *src, float *dst, int64_t n, int stream)
 {
     int64_t i = 0;
+    (void)stream;
 #if defined(__x86_64__) && defined(__AVX512F__)
-    if (n * 4 >= CV_STREAM_BYTES) {
+    if (stream) {
         int64_t head = (int64_t)((64 - ((uintptr_t)dst & 63)) & 63) / 4;
         if ((uintptr_t)dst % 4 == 0 && head <= n) {
             f16_to_f32_tail(src, dst, head);
@@ -105,7 +106,7 @@ void cv_f16_to_f32(const uint16_t *src, float *dst, int64_t n)
     for (; i + 16 <= n; i += 16)
         _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + i))));
 #elif defined(__x86_64__) && defined(__F16C__) && defined(__AVX__)
-    if (n * 4 >= CV_STREAM_BYTES) {
+    if (stream) {
         int64_t head = (int64_t)((32 - ((uintptr_t)dst & 31)) & 31) / 4;
         if ((uintptr_t)dst % 4 == 0 && head <= n) {
             f16_to_f32_tail(src, dst, head);
@@ -138,6 +139,22 @@ void cv_f16_to_f32(const uint16_t *src, float *dst, int64_t n)
     }
 #endif
     f16_to_f32_tail(src + i, dst + i, n - i);
+}
+
+void cv_f16_to_f32(const uint16_t *src, float *dst, int64_t n)
+{
+    f16_to_f32(src, dst, n, n * 4 >= CV_STREAM_BYTES);
+}
+
+/* n samples of elems halves each, at base + src_off[k] (bytes), converted to the float32 rows
+ * at the addresses dst[k]: a bulk reader's converting read (from a mapped file or a decoded
+ * chunk straight into the batch, one pass). */
+void cv_gather_f16_to_f32(const uint8_t *base, const int64_t *src_off, const int64_t *dst,
+                          int64_t n, int64_t elems)
+{
+    int stream = n * elems * 4 >= CV_STREAM_BYTES;
+    for (int64_t k = 0; k < n; k++)
+        f16_to_f32((const uint16_t *)(base + src_off[k]), (float *)(intptr_t)dst[k], elems, stream);
 }
 
 /* uint8 kernels: n_maps maps of map_len values each, contiguous; one (a, b[, c]) per map. */

@@ -38,6 +38,7 @@ _vp, _i64, _f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
     "cv_kernel": ([], ctypes.c_char_p),
     "cv_f16_to_f32": [_vp, _vp, _i64],
+    "cv_gather_f16_to_f32": [_vp, _vp, _vp, _i64, _i64],
     "cv_u8_affine": [_vp, _vp, _vp, _vp, _i64, _i64],
     "cv_u8_sqrt": [_vp, _vp, _vp, _vp, _i64, _i64],
     "cv_u8_norm": [_vp, _vp, _f, _vp, _vp, _i64, _i64],
@@ -150,6 +151,30 @@ def f16_to_f32(src: torch.Tensor, dst: torch.Tensor, lib=None) -> None:
         lib.cv_f16_to_f32(_ptr(src), _ptr(dst), src.numel())
     else:
         _torch_pieces(dst, src, lambda d, s: d.copy_(s))
+
+
+def gather_f16_to_f32(base: int, src_off, dst_addrs, elems: int, lib=None) -> bool:
+    """Convert ``len(src_off)`` float16 samples of ``elems`` values at ``base + src_off[k]`` into
+    the float32 rows at addresses ``dst_addrs[k]`` (int64 arrays); the bulk readers' converting
+    read. Returns False (nothing done) without a vector float16 kernel: the caller then reads
+    the stored dtype and converts afterwards. The caller keeps every address valid."""
+    import numpy as np
+
+    lib = load() if lib is None else lib
+    if not f16_kernel(lib):
+        return False
+    off = np.ascontiguousarray(src_off, dtype=np.int64)
+    dst = np.ascontiguousarray(dst_addrs, dtype=np.int64)
+    if len(off) != len(dst):
+        raise ValueError("src_off and dst_addrs differ in length")
+    if len(off):
+        lib.cv_gather_f16_to_f32(base, off.ctypes.data, dst.ctypes.data, len(off), int(elems))
+    return True
+
+
+def can_gather() -> bool:
+    """Whether :func:`gather_f16_to_f32` converts on this machine (a vector kernel is built)."""
+    return f16_kernel(load())
 
 
 def _maps(src: torch.Tensor, a: torch.Tensor) -> tuple[int, int]:

@@ -43,6 +43,7 @@ cells, output ``h - c``; centred when ``shuffle`` is off).
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import queue
 import threading
@@ -520,11 +521,15 @@ class LoaderEpoch:
         xdt = {"float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}[o.spec.dtype]
         shape = tuple(o.spec.sample_shape)
         direct = not cuda and not (o.spec.quantized or o.is_pixels) and xdt == self._out_dtype()
+        # converting read: float16 samples land as float32 in the output rows, one pass from the
+        # mapped file / decoded chunk (readers that can: ``converts``; vector kernel built)
+        fused = (not cuda and not direct and xdt == torch.float16
+                 and self._out_dtype() == torch.float32 and getattr(o.reader, "converts", False))
         pool = ThreadPoolExecutor(max_workers=o.num_workers, thread_name_prefix="scatstore-read")
         # conversion helpers beside the assembler (which converts one piece itself); separate
         # from the readers, whose queue holds the next window's reads
         conv = ThreadPoolExecutor(max_workers=o.num_workers - 1, thread_name_prefix="scatstore-conv") \
-            if o.num_workers > 1 and not direct and not cuda else None
+            if o.num_workers > 1 and not (direct or fused or cuda) else None
         loaded: dict = {}
 
         def submit(w):
@@ -538,6 +543,8 @@ class LoaderEpoch:
                 n = bb - ba
                 if direct:
                     xt = self._out_buffer(n).view(n, *shape)
+                elif fused:
+                    xt = self._out_buffer(n).view(n, -1)
                 else:
                     xt = o._pin_pool.get((n, *shape), xdt, pin=pin)
                     ev = getattr(xt, "_scatstore_event", None)
@@ -553,9 +560,15 @@ class LoaderEpoch:
             nu = len(u)
             n_pieces = max(1, min(2 * o.num_workers, nu // max(1, o.unit_size)))
             cuts = np.linspace(0, nu, n_pieces + 1).astype(int)
-            futs = [pool.submit(o.reader.read, u[c0:c1], udst[c0:c1],
-                                qb[c0:c1] if qb is not None else None)
-                    for c0, c1 in zip(cuts[:-1], cuts[1:]) if c1 > c0]
+            if fused:
+                uaddr = np.fromiter((ctypes.addressof(ctypes.c_char.from_buffer(d)) for d in udst),
+                                    dtype=np.int64, count=len(udst))
+                futs = [pool.submit(o.reader.read_f32, u[c0:c1], uaddr[c0:c1])
+                        for c0, c1 in zip(cuts[:-1], cuts[1:]) if c1 > c0]
+            else:
+                futs = [pool.submit(o.reader.read, u[c0:c1], udst[c0:c1],
+                                    qb[c0:c1] if qb is not None else None)
+                        for c0, c1 in zip(cuts[:-1], cuts[1:]) if c1 > c0]
             dup = np.setdiff1d(np.arange(len(seg)), first) if len(first) < len(seg) else None
             loaded[w] = dict(a=a, inv=inv, first=first, dst=dst, dup=dup, qb=qb, futs=futs,
                              batches=batches)
@@ -592,8 +605,8 @@ class LoaderEpoch:
                         q.put(("stage", xt, qs, y, ev, st))
                         continue
                     # CPU: finish here, off the consumer's thread, into a recycled output buffer
-                    if direct:
-                        xf, yy = o._finish(xt, None, y, self.epoch, st, None)
+                    if direct or fused:
+                        xf, yy = o._finish(xt, None, y, self.epoch, st, None, converted=fused)
                     else:
                         out = o._convert_split(xt, qs, self._out_buffer(n), conv)
                         xf, yy = o._finish(out, None, y, self.epoch, st, None, converted=True)

@@ -1,6 +1,7 @@
 """Bulk reader of zarr stores (the ``scatstore.stores.bulk`` contract; fast paths in its docstring)."""
 from __future__ import annotations
 
+import ctypes
 import json
 import mmap
 import os
@@ -13,11 +14,12 @@ from ...errors import StoreError
 from .writer import GROUP
 
 
-def _unmap(mm) -> None:
+def _unmap(m) -> None:
+    """Drop a cached map: closed when nothing uses it, else freed with its last user (a numpy
+    view or a decoding thread)."""
     try:
-        if mm is not None:
-            mm.close()
-    except BufferError:  # a reader thread still decodes from it: freed when it lets go
+        m[0].close()
+    except (BufferError, TypeError):
         pass
 
 
@@ -34,12 +36,11 @@ class ZarrBulkReader(BulkReader):
         self._zarr = None
         self._zlock = threading.Lock()
         self._scratch = threading.local()
-        self._maps = None
+        self._maps, self._maps_pid = _LRU(64, _unmap), os.getpid()
         if self.mode == "zstd":
             import numcodecs
 
             self._zstd = numcodecs.Zstd()
-            self._maps, self._maps_pid = _LRU(64, _unmap), os.getpid()
 
     def unit_size(self) -> int:
         return self.chunk_samples
@@ -139,7 +140,37 @@ class ZarrBulkReader(BulkReader):
                 total += int(sel.sum()) * q_out[0].nbytes
         return total
 
-    def _read_chunk(self, chunk: int, slots: np.ndarray, out) -> int:
+    # ------------------------------------------------------------------ converting read
+    @property
+    def converts(self) -> bool:
+        """float16 stores whose chunks this reader decodes itself can be read straight into
+        float32 rows (:meth:`read_f32`)."""
+        from scatstore.loaders import convert
+
+        return self.dtype == np.float16 and self.mode in ("raw", "zstd") and convert.can_gather()
+
+    def read_f32(self, idx, dst_addrs) -> int:
+        """Like :meth:`read`, but each sample lands converted to float32 at the address
+        ``dst_addrs[k]`` (``2 * sample_nbytes`` writable bytes the caller owns): from the mapped
+        shard file (uncompressed) or the decoded chunk (zstd) in one pass, no staging copy."""
+        from scatstore.loaders import convert
+
+        slots = self.slots[idx]
+        cs = self.chunk_samples
+        chunks = slots // cs
+        brk = np.flatnonzero(np.diff(chunks) != 0) + 1
+        starts = np.concatenate([[0], brk]).tolist()
+        stops = np.concatenate([brk, [len(slots)]]).tolist()
+        dst_addrs = np.asarray(dst_addrs, dtype=np.int64)
+        elems = self.sample_nbytes // 2
+        total = 0
+        for a, b in zip(starts, stops):
+            total += self._read_chunk(int(chunks[a]), slots[a:b], None, convert=convert,
+                                      addrs=dst_addrs[a:b], elems=elems)
+        return total
+
+    def _read_chunk(self, chunk: int, slots: np.ndarray, out, convert=None, addrs=None,
+                    elems=0) -> int:
         cs, ss, nbs = self.chunk_samples, self.spec.shard_size, self.sample_nbytes
         if self.mode == "library":
             lo = chunk * cs
@@ -150,6 +181,10 @@ class ZarrBulkReader(BulkReader):
         path, off, nb = self._shard_index(shard)
         within = chunk - shard * (ss // cs)
         if path == "missing" or off[within] == np.uint64(2 ** 64 - 1):
+            if out is None:  # converting read: float32 zeros (all bits zero)
+                for a in addrs.tolist():
+                    ctypes.memset(a, 0, elems * 4)
+                return 0
             for d in out:  # chunk of fill values (never written)
                 d[:] = bytes(len(d))
             return 0
@@ -160,6 +195,12 @@ class ZarrBulkReader(BulkReader):
             if int(nb[within]) != cs * nbs + self._crc_chunk:
                 raise StoreError(f"{path}: chunk {within} has {int(nb[within])} bytes, "
                                       f"expected {cs * nbs + self._crc_chunk}")
+            if out is None:  # converting read from the mapped file
+                m = self._map(path, with_address=True)
+                if m is not None and base + cs * nbs <= len(m[0]):
+                    convert.gather_f16_to_f32(m[1] + base, local * nbs, addrs, elems)
+                    return len(local) * nbs
+                return self._read_f32_staged(chunk, slots, addrs, elems, convert)
             total = 0
             for a, b in _runs(local):
                 total += _preadv_all(fd, out[a:b], base + int(local[a]) * nbs)
@@ -180,27 +221,41 @@ class ZarrBulkReader(BulkReader):
         else:
             with memoryview(mm) as mv:
                 self._zstd.decode(mv[base: base + n - self._crc_chunk], out=buf)
+        if out is None:  # converting read from the decoded chunk
+            convert.gather_f16_to_f32(buf.ctypes.data, local * nbs, addrs, elems)
+            return n
         src = memoryview(buf)
         for d, k in zip(out, local.tolist()):
             d[:] = src[k * nbs:(k + 1) * nbs]
         return n
 
-    def _map(self, path):
-        """A read-only map of a shard file (shards never change once committed), or None."""
-        if self._maps is None:
-            return None
+    def _read_f32_staged(self, chunk, slots, addrs, elems, convert) -> int:
+        """Converting read through a float16 staging buffer (a shard that cannot be mapped)."""
+        tmp = np.empty((len(slots), self.sample_nbytes), dtype=np.uint8)
+        n = self._read_chunk(chunk, slots, as_dst(tmp, len(slots)))
+        convert.gather_f16_to_f32(tmp.ctypes.data, np.arange(len(slots)) * self.sample_nbytes,
+                                  addrs, elems)
+        return n
+
+    def _map(self, path, with_address: bool = False):
+        """A read-only map of a shard file (shards never change once committed), or None; with
+        ``with_address``, ``(map, address)`` (the address stays valid while the pair lives)."""
         if os.getpid() != self._maps_pid:  # forked: maps of our own
             self._maps, self._maps_pid = _LRU(64, _unmap), os.getpid()
 
         def make():
             try:
                 with open(path, "rb") as f:
-                    return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             except (OSError, ValueError):  # empty file, or a filesystem without mmap
                 return None
-        return self._maps.get(str(path), make)
+            view = np.frombuffer(mm, dtype=np.uint8)  # keeps the map alive while cached
+            return (mm, int(view.ctypes.data), view)
+        m = self._maps.get(str(path), make)
+        if m is None:
+            return None
+        return (m[0], m[1]) if with_address else m[0]
 
     def close(self):
         super().close()
-        if self._maps is not None:
-            self._maps.clear()
+        self._maps.clear()
