@@ -480,3 +480,46 @@ def test_pixel_store_batches_normalised(stores, tmp_path):
         assert torch.equal(x, ref.reshape(x.shape))
         k += len(y)
     assert k == len(ds)
+
+
+@pytest.mark.parametrize("march", ["armv8-a", "armv8.2-a+sve"])
+def test_conversion_kernels_on_aarch64_under_qemu(tmp_path, march):
+    """The NEON variant, cross-built with Debian's aarch64 compiler and run under qemu-user
+    (correctness only), against torch / numpy on the host."""
+    import shutil
+    import subprocess
+
+    cc, qemu = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")
+    if not (cc and qemu):
+        pytest.skip("needs aarch64-linux-gnu-gcc and qemu-aarch64 (apt-get install "
+                    "gcc-aarch64-linux-gnu qemu-user)")
+    here = Path(__file__).parent
+    src_dir = here.parent / "scatstore" / "loaders"
+    exe = tmp_path / "harness"
+    subprocess.run([cc, "-O2", f"-march={march}", "-ffp-contract=off", "-std=gnu99", "-static",
+                    f"-I{src_dir}", str(here / "convert_harness.c"), "-o", str(exe)], check=True)
+    raw = subprocess.run([qemu, str(exe)], capture_output=True, check=True, timeout=300).stdout
+    name = raw[:64].rstrip(b"\0").decode()
+    assert name == "neon-fcvtl"
+    v = np.frombuffer(raw[64:], dtype="<f4")
+    every, v = v[:65536], v[65536:]
+    ref = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
+    assert np.array_equal(every.view(np.uint32)[~np.isnan(ref)], ref.view(np.uint32)[~np.isnan(ref)])
+    assert np.isnan(every[np.isnan(ref)]).all()
+    g, v = v[:3000], v[3000:]
+    halves = (np.arange(6000) * 7 + 1).astype(np.uint16).view(np.float16)
+    gref = np.concatenate([halves[100 * k: 100 * k + 100] for k in range(30)]).astype(np.float32)
+    assert np.array_equal(g, gref, equal_nan=True)
+    q = (np.arange(6 * 784) % 251).astype(np.uint8).reshape(1, 6, 28, 28)
+    a = (np.float32(0.01) * np.arange(1, 7, dtype=np.float32)).reshape(1, 6)
+    b = (np.arange(6, dtype=np.float32) - np.float32(2.5)).reshape(1, 6)
+    from scatstore.transforms.quantize import dequantize_uint8
+
+    aff, sq, nrm = v[:4704], v[4704:9408], v[9408:]
+    np.testing.assert_array_equal(aff, dequantize_uint8(q, a, b, "affine").reshape(-1))
+    np.testing.assert_array_equal(sq, dequantize_uint8(q, a, b, "sqrt").reshape(-1))
+    mean = np.float32(0.1) * np.arange(6, dtype=np.float32)
+    std = np.float32(0.2) + np.float32(0.05) * np.arange(6, dtype=np.float32)
+    t = torch.from_numpy(q).float().mul_(1.0 / 255.0)
+    t.sub_(torch.from_numpy(mean).view(1, 6, 1, 1)).div_(torch.from_numpy(std).view(1, 6, 1, 1))
+    np.testing.assert_array_equal(nrm, t.numpy().reshape(-1))
