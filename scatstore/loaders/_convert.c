@@ -77,58 +77,39 @@ static void f16_to_f32_tail(const uint16_t *src, float *dst, int64_t n)
  * rule, not a timing: the values written are the same either way. */
 #define CV_STREAM_BYTES (4 << 20)
 
+/* x86: one vector of CV_W floats per conversion instruction, the rest written once for both */
+#if defined(__x86_64__) && defined(__AVX512F__)
+#define CV_W 16
+#define CV_LOADH(p) _mm256_loadu_si256((const __m256i *)(p))
+#define CV_CVT(h) _mm512_cvtph_ps(h)
+#define CV_STORE(p, v) _mm512_storeu_ps((p), (v))
+#define CV_STREAM(p, v) _mm512_stream_ps((p), (v))
+#elif defined(__x86_64__) && defined(__F16C__) && defined(__AVX__)
+#define CV_W 8
+#define CV_LOADH(p) _mm_loadu_si128((const __m128i *)(p))
+#define CV_CVT(h) _mm256_cvtph_ps(h)
+#define CV_STORE(p, v) _mm256_storeu_ps((p), (v))
+#define CV_STREAM(p, v) _mm256_stream_ps((p), (v))
+#endif
+
 static void f16_to_f32(const uint16_t *src, float *dst, int64_t n, int stream)
 {
     int64_t i = 0;
     (void)stream;
-#if defined(__x86_64__) && defined(__AVX512F__)
-    if (stream) {
-        int64_t head = (int64_t)((64 - ((uintptr_t)dst & 63)) & 63) / 4;
-        if ((uintptr_t)dst % 4 == 0 && head <= n) {
+#if defined(CV_W)
+    const int64_t vb = CV_W * 4; /* vector bytes: streaming stores need aligned destinations */
+    if (stream && (uintptr_t)dst % 4 == 0) {
+        int64_t head = (int64_t)((vb - ((uintptr_t)dst & (vb - 1))) & (vb - 1)) / 4;
+        if (head <= n) {
             f16_to_f32_tail(src, dst, head);
-            for (i = head; i + 64 <= n; i += 64)
+            for (i = head; i + 4 * CV_W <= n; i += 4 * CV_W)
                 for (int k = 0; k < 4; k++)
-                    _mm512_stream_ps(dst + i + 16 * k, _mm512_cvtph_ps(
-                        _mm256_loadu_si256((const __m256i *)(src + i + 16 * k))));
+                    CV_STREAM(dst + i + k * CV_W, CV_CVT(CV_LOADH(src + i + k * CV_W)));
             _mm_sfence();
         }
     }
-    for (; i + 64 <= n; i += 64) {
-        __m256i a = _mm256_loadu_si256((const __m256i *)(src + i));
-        __m256i b = _mm256_loadu_si256((const __m256i *)(src + i + 16));
-        __m256i c = _mm256_loadu_si256((const __m256i *)(src + i + 32));
-        __m256i d = _mm256_loadu_si256((const __m256i *)(src + i + 48));
-        _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(a));
-        _mm512_storeu_ps(dst + i + 16, _mm512_cvtph_ps(b));
-        _mm512_storeu_ps(dst + i + 32, _mm512_cvtph_ps(c));
-        _mm512_storeu_ps(dst + i + 48, _mm512_cvtph_ps(d));
-    }
-    for (; i + 16 <= n; i += 16)
-        _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + i))));
-#elif defined(__x86_64__) && defined(__F16C__) && defined(__AVX__)
-    if (stream) {
-        int64_t head = (int64_t)((32 - ((uintptr_t)dst & 31)) & 31) / 4;
-        if ((uintptr_t)dst % 4 == 0 && head <= n) {
-            f16_to_f32_tail(src, dst, head);
-            for (i = head; i + 32 <= n; i += 32)
-                for (int k = 0; k < 4; k++)
-                    _mm256_stream_ps(dst + i + 8 * k, _mm256_cvtph_ps(
-                        _mm_loadu_si128((const __m128i *)(src + i + 8 * k))));
-            _mm_sfence();
-        }
-    }
-    for (; i + 32 <= n; i += 32) {
-        __m128i a = _mm_loadu_si128((const __m128i *)(src + i));
-        __m128i b = _mm_loadu_si128((const __m128i *)(src + i + 8));
-        __m128i c = _mm_loadu_si128((const __m128i *)(src + i + 16));
-        __m128i d = _mm_loadu_si128((const __m128i *)(src + i + 24));
-        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(a));
-        _mm256_storeu_ps(dst + i + 8, _mm256_cvtph_ps(b));
-        _mm256_storeu_ps(dst + i + 16, _mm256_cvtph_ps(c));
-        _mm256_storeu_ps(dst + i + 24, _mm256_cvtph_ps(d));
-    }
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+    for (; i + CV_W <= n; i += CV_W)
+        CV_STORE(dst + i, CV_CVT(CV_LOADH(src + i)));
 #elif defined(__aarch64__) && defined(__ARM_NEON)
     for (; i + 16 <= n; i += 16) {
         uint16x8_t a = vld1q_u16(src + i), b = vld1q_u16(src + i + 8);
