@@ -138,47 +138,46 @@ void cv_gather_f16_to_f32(const uint8_t *base, const int64_t *src_off, const int
         f16_to_f32((const uint16_t *)(base + src_off[k]), (float *)(intptr_t)dst[k], elems, stream);
 }
 
-/* uint8 kernels: n_maps maps of map_len values each, contiguous; one (a, b[, c]) per map. */
-void cv_u8_affine(const uint8_t *src, float *dst, const float *a, const float *b,
-                  int64_t n_maps, int64_t map_len)
+/* uint8 kernels: n_maps maps of map_len values each, contiguous; per map m the scale a[m * as]
+ * (as = 0: one scale for all), the offset b[m] and, for mode CV_NORM, the divisor c[m]. */
+enum { CV_AFFINE, CV_SQRT, CV_NORM };
+
+static inline void u8_kernel(const uint8_t *src, float *dst, const float *a, int64_t as,
+                             const float *b, const float *c, int64_t n_maps, int64_t map_len,
+                             const int mode)
 {
     for (int64_t m = 0; m < n_maps; m++) {
         const uint8_t *s = src + m * map_len;
         float *d = dst + m * map_len;
-        const float am = a[m], bm = b[m];
+        const float am = a[m * as], bm = b[m], cm = mode == CV_NORM ? c[m] : 1.0f;
         for (int64_t i = 0; i < map_len; i++) {
             float t = (float)s[i] * am;
-            d[i] = t + bm;
+            if (mode == CV_SQRT)
+                t = t * t;
+            if (mode == CV_NORM) {
+                float u = t - bm;
+                d[i] = u / cm;
+            } else {
+                d[i] = t + bm;
+            }
         }
     }
+}
+
+void cv_u8_affine(const uint8_t *src, float *dst, const float *a, const float *b,
+                  int64_t n_maps, int64_t map_len)
+{
+    u8_kernel(src, dst, a, 1, b, NULL, n_maps, map_len, CV_AFFINE);
 }
 
 void cv_u8_sqrt(const uint8_t *src, float *dst, const float *a, const float *b,
                 int64_t n_maps, int64_t map_len)
 {
-    for (int64_t m = 0; m < n_maps; m++) {
-        const uint8_t *s = src + m * map_len;
-        float *d = dst + m * map_len;
-        const float am = a[m], bm = b[m];
-        for (int64_t i = 0; i < map_len; i++) {
-            float t = (float)s[i] * am;
-            float t2 = t * t;
-            d[i] = t2 + bm;
-        }
-    }
+    u8_kernel(src, dst, a, 1, b, NULL, n_maps, map_len, CV_SQRT);
 }
 
 void cv_u8_norm(const uint8_t *src, float *dst, float a, const float *b, const float *c,
                 int64_t n_maps, int64_t map_len)
 {
-    for (int64_t m = 0; m < n_maps; m++) {
-        const uint8_t *s = src + m * map_len;
-        float *d = dst + m * map_len;
-        const float bm = b[m], cm = c[m];
-        for (int64_t i = 0; i < map_len; i++) {
-            float t = (float)s[i] * a;
-            float u = t - bm;
-            d[i] = u / cm;
-        }
-    }
+    u8_kernel(src, dst, &a, 0, b, c, n_maps, map_len, CV_NORM);
 }
