@@ -33,8 +33,13 @@ Work is done by threads, not processes: ``num_workers`` reader threads (file rea
 numpy/torch copies release the GIL) fill the next window while one assembler thread gathers,
 converts and (for CUDA) stages batches in pinned memory, ``prefetch`` batches ahead. On CUDA
 the stored dtype (float16, or uint8 codes with their scales) is copied with ``non_blocking=True``
-and converted / dequantized on the device; on CPU the conversion is done by the assembler into
-recycled output buffers (a buffer is reused only once nothing outside the loader refers to it).
+and converted / dequantized on the device. On the CPU, float16 zarr samples are read *converted*
+(the reader's ``read_f32``: one pass from the mapped shard file or the decoded zstd chunk into
+the float32 rows of the output batch); other conversions (uint8 codes, pixels, float16 from
+webdataset / HDF5) run after the read, in pieces on the assembler and ``num_workers - 1``
+conversion threads, with the C kernels of :mod:`scatstore.loaders.convert` (torch without a
+compiler). Output buffers are recycled (a buffer is reused only once nothing outside the loader
+refers to it).
 
 Optional augmentation, applied per batch on the device with a generator seeded by
 ``(seed, epoch, rank, step)``: ``flip=True`` (coefficient-space horizontal flip of half the
