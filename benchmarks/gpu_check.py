@@ -364,6 +364,9 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         try:
             fn(cfg)
+        except KeyboardInterrupt:  # the shell script's time limit (SIGINT): keep what we have
+            row(name, "interrupted (time limit)", f"after {time.perf_counter() - t0:.0f} s", "FAIL")
+            break
         except Exception as e:  # noqa: BLE001 - a failed section must not stop the others
             traceback.print_exc()
             row(name, "section failed", _why(e), "FAIL")
