@@ -523,3 +523,16 @@ def test_conversion_kernels_on_aarch64_under_qemu(tmp_path, march):
     t = torch.from_numpy(q).float().mul_(1.0 / 255.0)
     t.sub_(torch.from_numpy(mean).view(1, 6, 1, 1)).div_(torch.from_numpy(std).view(1, 6, 1, 1))
     np.testing.assert_array_equal(nrm, t.numpy().reshape(-1))
+
+
+@pytest.mark.parametrize("name", ["zarr_raw", "zarr"])
+def test_truncated_shard_file_is_an_error_not_a_crash(stores, tmp_path, name):
+    """The mapped reads (converting read, zstd chunks) meet a damaged shard with StoreError."""
+    p = tmp_path / name
+    shutil.copytree(stores[name], p)
+    shard = sorted(f for f in (p / "data.zarr" / "x" / "c").rglob("*") if f.is_file())[0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises((StoreError, EOFError)):
+        for _ in loader(p, 4, shuffle=False, num_workers=2):
+            pass

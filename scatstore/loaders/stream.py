@@ -529,7 +529,8 @@ class LoaderEpoch:
         # converting read: float16 samples land as float32 in the output rows, one pass from the
         # mapped file / decoded chunk (readers that can: ``converts``; vector kernel built)
         fused = (not cuda and not direct and xdt == torch.float16
-                 and self._out_dtype() == torch.float32 and getattr(o.reader, "converts", False))
+                 and self._out_dtype() == torch.float32 and getattr(o.reader, "converts", False)
+                 and _cv.can_gather())
         pool = ThreadPoolExecutor(max_workers=o.num_workers, thread_name_prefix="scatstore-read")
         # conversion helpers beside the assembler (which converts one piece itself); separate
         # from the readers, whose queue holds the next window's reads
@@ -568,7 +569,8 @@ class LoaderEpoch:
             if fused:
                 uaddr = np.fromiter((ctypes.addressof(ctypes.c_char.from_buffer(d)) for d in udst),
                                     dtype=np.int64, count=len(udst))
-                futs = [pool.submit(o.reader.read_f32, u[c0:c1], uaddr[c0:c1])
+                futs = [pool.submit(o.reader.read_f32, u[c0:c1], uaddr[c0:c1],
+                                    _cv.gather_f16_to_f32)
                         for c0, c1 in zip(cuts[:-1], cuts[1:]) if c1 > c0]
             else:
                 futs = [pool.submit(o.reader.read, u[c0:c1], udst[c0:c1],

@@ -14,10 +14,11 @@ opened :class:`scatstore.stores.ScatDataset` and answers
     outputs (file reads use ``pread``/``preadv``, which release the GIL and share no position).
 
 Optional, for float16 stores: ``converts`` (True when the reader can) and
-``read_f32(idx, dst_addrs) -> bytes_read``: each sample lands converted to float32 at the address
-``dst_addrs[k]`` (int64; ``2 * sample_nbytes`` writable bytes the caller keeps alive), by the
-loader's C kernel (:func:`scatstore.loaders.convert.gather_f16_to_f32`) straight from the mapped
-file or the decoded chunk. zarr's reader has it (uncompressed and zstd chunks).
+``read_f32(idx, dst_addrs, gather) -> bytes_read``: each sample lands converted to float32 at the
+address ``dst_addrs[k]`` (int64; ``2 * sample_nbytes`` writable bytes the caller keeps alive),
+straight from the mapped file or the decoded chunk, by ``gather(base, src_offsets, dst_addrs,
+elems)`` (the loader passes its C kernel, :func:`scatstore.loaders.convert.gather_f16_to_f32`:
+stores import nothing from loaders). zarr's reader has it (uncompressed and zstd chunks).
 
 Fast paths (no per-sample Python beyond building the I/O vector, no extra copy):
 

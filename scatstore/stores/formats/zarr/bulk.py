@@ -145,16 +145,14 @@ class ZarrBulkReader(BulkReader):
     def converts(self) -> bool:
         """float16 stores whose chunks this reader decodes itself can be read straight into
         float32 rows (:meth:`read_f32`)."""
-        from scatstore.loaders import convert
+        return self.dtype == np.float16 and self.mode in ("raw", "zstd")
 
-        return self.dtype == np.float16 and self.mode in ("raw", "zstd") and convert.can_gather()
-
-    def read_f32(self, idx, dst_addrs) -> int:
+    def read_f32(self, idx, dst_addrs, gather) -> int:
         """Like :meth:`read`, but each sample lands converted to float32 at the address
         ``dst_addrs[k]`` (``2 * sample_nbytes`` writable bytes the caller owns): from the mapped
-        shard file (uncompressed) or the decoded chunk (zstd) in one pass, no staging copy."""
-        from scatstore.loaders import convert
-
+        shard file (uncompressed) or the decoded chunk (zstd) in one pass, no staging copy.
+        ``gather(base, src_offsets, dst_addrs, elems)`` is the converter (the loader's
+        :func:`scatstore.loaders.convert.gather_f16_to_f32`)."""
         slots = self.slots[idx]
         cs = self.chunk_samples
         chunks = slots // cs
@@ -165,11 +163,11 @@ class ZarrBulkReader(BulkReader):
         elems = self.sample_nbytes // 2
         total = 0
         for a, b in zip(starts, stops):
-            total += self._read_chunk(int(chunks[a]), slots[a:b], None, convert=convert,
+            total += self._read_chunk(int(chunks[a]), slots[a:b], None, gather=gather,
                                       addrs=dst_addrs[a:b], elems=elems)
         return total
 
-    def _read_chunk(self, chunk: int, slots: np.ndarray, out, convert=None, addrs=None,
+    def _read_chunk(self, chunk: int, slots: np.ndarray, out, gather=None, addrs=None,
                     elems=0) -> int:
         cs, ss, nbs = self.chunk_samples, self.spec.shard_size, self.sample_nbytes
         if self.mode == "library":
@@ -198,9 +196,9 @@ class ZarrBulkReader(BulkReader):
             if out is None:  # converting read from the mapped file
                 m = self._map(path, with_address=True)
                 if m is not None and base + cs * nbs <= len(m[0]):
-                    convert.gather_f16_to_f32(m[1] + base, local * nbs, addrs, elems)
+                    gather(m[1] + base, local * nbs, addrs, elems)
                     return len(local) * nbs
-                return self._read_f32_staged(chunk, slots, addrs, elems, convert)
+                return self._read_f32_staged(chunk, slots, addrs, elems, gather)
             total = 0
             for a, b in _runs(local):
                 total += _preadv_all(fd, out[a:b], base + int(local[a]) * nbs)
@@ -222,18 +220,18 @@ class ZarrBulkReader(BulkReader):
             with memoryview(mm) as mv:
                 self._zstd.decode(mv[base: base + n - self._crc_chunk], out=buf)
         if out is None:  # converting read from the decoded chunk
-            convert.gather_f16_to_f32(buf.ctypes.data, local * nbs, addrs, elems)
+            gather(buf.ctypes.data, local * nbs, addrs, elems)
             return n
         src = memoryview(buf)
         for d, k in zip(out, local.tolist()):
             d[:] = src[k * nbs:(k + 1) * nbs]
         return n
 
-    def _read_f32_staged(self, chunk, slots, addrs, elems, convert) -> int:
+    def _read_f32_staged(self, chunk, slots, addrs, elems, gather) -> int:
         """Converting read through a float16 staging buffer (a shard that cannot be mapped)."""
         tmp = np.empty((len(slots), self.sample_nbytes), dtype=np.uint8)
         n = self._read_chunk(chunk, slots, as_dst(tmp, len(slots)))
-        convert.gather_f16_to_f32(tmp.ctypes.data, np.arange(len(slots)) * self.sample_nbytes,
+        gather(tmp.ctypes.data, np.arange(len(slots)) * self.sample_nbytes,
                                   addrs, elems)
         return n
 
