@@ -88,7 +88,23 @@ def photos(n: int, size: int):
 
 
 # ------------------------------------------------------------------------------------------ env
+# the project's runtime dependencies (pyproject.toml) the sections need, by import name
+DEPENDENCIES = ("numpy", "zarr", "numcodecs", "webdataset", "h5py", "dask", "click", "tqdm",
+                "PIL", "simplejpeg", "constriction", "skimage")
+
+
 def section_env(cfg: Cfg) -> None:
+    import importlib
+
+    missing = []
+    for mod in DEPENDENCIES:
+        try:
+            importlib.import_module(mod)
+        except Exception:  # noqa: BLE001
+            missing.append(mod)
+    row("env", "project dependencies importable", "all" if not missing else
+        "missing: " + ", ".join(missing), "ok" if not missing else
+        "FAIL (install their wheels: pip install --no-index --find-links DIR ...)")
     import torch
 
     row("env", "torch", torch.__version__)
