@@ -536,3 +536,25 @@ def test_truncated_shard_file_is_an_error_not_a_crash(stores, tmp_path, name):
     with pytest.raises((StoreError, EOFError)):
         for _ in loader(p, 4, shuffle=False, num_workers=2):
             pass
+
+
+@pytest.mark.parametrize("name", ["zarr_raw", "zarr"])
+def test_float16_out_mapped_copy_equals_dataset_items(stores, name):
+    from scatstore.loaders import convert
+
+    ds = open_dataset(stores[name])
+    ld = loader(stores[name], 4, shuffle=True, seed=5, drop_last=False, num_workers=2,
+                buffer_size=9, dtype=None)
+    ep = ld(0)
+    xs, _, idx = _collect(ep)
+    for x, ii in zip(xs, idx):
+        assert x.dtype == torch.float16
+        ref = np.stack([ds[int(i)][0] for i in ii]).reshape(x.shape)
+        np.testing.assert_array_equal(x.numpy(), ref)
+    convert.select(use_torch=True)  # no library: the preadv path
+    try:
+        ys, _, idy = _collect(loader(stores[name], 4, shuffle=True, seed=5, drop_last=False,
+                                     num_workers=2, buffer_size=9, dtype=None)(0))
+    finally:
+        convert.select()
+    assert all(torch.equal(a, b) for a, b in zip(xs, ys)) and len(xs) == len(ys)

@@ -39,6 +39,7 @@ _SIGNATURES = {
     "cv_kernel": ([], ctypes.c_char_p),
     "cv_f16_to_f32": [_vp, _vp, _i64],
     "cv_gather_f16_to_f32": [_vp, _vp, _vp, _i64, _i64],
+    "cv_gather_copy": [_vp, _vp, _vp, _i64, _i64],
     "cv_u8_affine": [_vp, _vp, _vp, _vp, _i64, _i64],
     "cv_u8_sqrt": [_vp, _vp, _vp, _vp, _i64, _i64],
     "cv_u8_norm": [_vp, _vp, _f, _vp, _vp, _i64, _i64],
@@ -170,6 +171,28 @@ def gather_f16_to_f32(base: int, src_off, dst_addrs, elems: int, lib=None) -> bo
     if len(off):
         lib.cv_gather_f16_to_f32(base, off.ctypes.data, dst.ctypes.data, len(off), int(elems))
     return True
+
+
+def gather_f16_copy(base: int, src_off, dst_addrs, elems: int, lib=None) -> bool:
+    """Like :func:`gather_f16_to_f32` but the float16 values are copied as they are (``2 *
+    elems`` bytes per sample); the mapped read of float16 output. False without the library."""
+    import numpy as np
+
+    lib = load() if lib is None else lib
+    if lib is None:
+        return False
+    off = np.ascontiguousarray(src_off, dtype=np.int64)
+    dst = np.ascontiguousarray(dst_addrs, dtype=np.int64)
+    if len(off) != len(dst):
+        raise ValueError("src_off and dst_addrs differ in length")
+    if len(off):
+        lib.cv_gather_copy(base, off.ctypes.data, dst.ctypes.data, len(off), 2 * int(elems))
+    return True
+
+
+def can_copy() -> bool:
+    """Whether :func:`gather_f16_copy` runs here (the library is built)."""
+    return load() is not None
 
 
 def can_gather() -> bool:

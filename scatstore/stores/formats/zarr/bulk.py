@@ -148,11 +148,12 @@ class ZarrBulkReader(BulkReader):
         return self.dtype == np.float16 and self.mode in ("raw", "zstd")
 
     def read_f32(self, idx, dst_addrs, gather) -> int:
-        """Like :meth:`read`, but each sample lands converted to float32 at the address
-        ``dst_addrs[k]`` (``2 * sample_nbytes`` writable bytes the caller owns): from the mapped
-        shard file (uncompressed) or the decoded chunk (zstd) in one pass, no staging copy.
-        ``gather(base, src_offsets, dst_addrs, elems)`` is the converter (the loader's
-        :func:`scatstore.loaders.convert.gather_f16_to_f32`)."""
+        """Like :meth:`read`, but each sample is handed, where it lies (the mapped shard file
+        when uncompressed, the decoded chunk for zstd), to ``gather(base, src_offsets,
+        dst_addrs, elems)`` which writes it to the address ``dst_addrs[k]`` the caller owns:
+        one pass, no staging copy. The loader passes
+        :func:`scatstore.loaders.convert.gather_f16_to_f32` (float32 rows, ``2 *
+        sample_nbytes`` bytes each) or ``gather_f16_copy`` (float16 rows, mapped copy)."""
         slots = self.slots[idx]
         cs = self.chunk_samples
         chunks = slots // cs
