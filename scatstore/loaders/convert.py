@@ -154,39 +154,36 @@ def f16_to_f32(src: torch.Tensor, dst: torch.Tensor, lib=None) -> None:
         _torch_pieces(dst, src, lambda d, s: d.copy_(s))
 
 
-def gather_f16_to_f32(base: int, src_off, dst_addrs, elems: int, lib=None) -> bool:
-    """Convert ``len(src_off)`` float16 samples of ``elems`` values at ``base + src_off[k]`` into
-    the float32 rows at addresses ``dst_addrs[k]`` (int64 arrays); the bulk readers' converting
-    read. Returns False (nothing done) without a vector float16 kernel: the caller then reads
-    the stored dtype and converts afterwards. The caller keeps every address valid."""
+def _gather(fn, base: int, src_off, dst_addrs, size: int) -> None:
     import numpy as np
 
-    lib = load() if lib is None else lib
-    if not f16_kernel(lib):
-        return False
     off = np.ascontiguousarray(src_off, dtype=np.int64)
     dst = np.ascontiguousarray(dst_addrs, dtype=np.int64)
     if len(off) != len(dst):
         raise ValueError("src_off and dst_addrs differ in length")
     if len(off):
-        lib.cv_gather_f16_to_f32(base, off.ctypes.data, dst.ctypes.data, len(off), int(elems))
+        fn(base, off.ctypes.data, dst.ctypes.data, len(off), int(size))
+
+
+def gather_f16_to_f32(base: int, src_off, dst_addrs, elems: int, lib=None) -> bool:
+    """Convert ``len(src_off)`` float16 samples of ``elems`` values at ``base + src_off[k]`` into
+    the float32 rows at addresses ``dst_addrs[k]`` (int64 arrays); the bulk readers' converting
+    read. Returns False (nothing done) without a vector float16 kernel: the caller then reads
+    the stored dtype and converts afterwards. The caller keeps every address valid."""
+    lib = load() if lib is None else lib
+    if not f16_kernel(lib):
+        return False
+    _gather(lib.cv_gather_f16_to_f32, base, src_off, dst_addrs, elems)
     return True
 
 
 def gather_f16_copy(base: int, src_off, dst_addrs, elems: int, lib=None) -> bool:
     """Like :func:`gather_f16_to_f32` but the float16 values are copied as they are (``2 *
     elems`` bytes per sample); the mapped read of float16 output. False without the library."""
-    import numpy as np
-
     lib = load() if lib is None else lib
     if lib is None:
         return False
-    off = np.ascontiguousarray(src_off, dtype=np.int64)
-    dst = np.ascontiguousarray(dst_addrs, dtype=np.int64)
-    if len(off) != len(dst):
-        raise ValueError("src_off and dst_addrs differ in length")
-    if len(off):
-        lib.cv_gather_copy(base, off.ctypes.data, dst.ctypes.data, len(off), 2 * int(elems))
+    _gather(lib.cv_gather_copy, base, src_off, dst_addrs, 2 * int(elems))
     return True
 
 
