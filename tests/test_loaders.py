@@ -558,3 +558,22 @@ def test_float16_out_mapped_copy_equals_dataset_items(stores, name):
     finally:
         convert.select()
     assert all(torch.equal(a, b) for a, b in zip(xs, ys)) and len(xs) == len(ys)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, None])
+def test_wrap_around_duplicate_filled_on_mapped_reads(stores, dtype):
+    """An uneven split pads a rank with its own first sample: the same sample twice in one
+    window, the second copy filled from the first (mapped reads write by address)."""
+    ds = open_dataset(stores["zarr_raw"])
+    assert len(ds) % 2 == 1
+    seen_dup = False
+    for rank in (0, 1):
+        ep = loader(stores["zarr_raw"], 4, shuffle=True, seed=1, drop_last=False, rank=rank,
+                    world_size=2, dtype=dtype)(0)
+        xs, _, idx = _collect(ep)
+        flat = np.concatenate(idx)
+        seen_dup |= len(set(flat.tolist())) < len(flat)
+        for x, ii in zip(xs, idx):
+            ref = np.stack([ds[int(i)][0] for i in ii]).reshape(x.shape)
+            np.testing.assert_array_equal(x.float().numpy(), ref.astype(np.float32))
+    assert seen_dup

@@ -537,6 +537,7 @@ class LoaderEpoch:
         mapped_copy = (direct and xdt == torch.float16 and getattr(o.reader, "converts", False)
                        and _cv.can_copy())
         gather = _cv.gather_f16_to_f32 if fused else _cv.gather_f16_copy
+        row_nbytes = o.sample_nbytes * (2 if fused else 1)  # one output row (mapped reads)
         pool = ThreadPoolExecutor(max_workers=o.num_workers, thread_name_prefix="scatstore-read")
         # conversion helpers beside the assembler (which converts one piece itself); separate
         # from the readers, whose queue holds the next window's reads
@@ -549,7 +550,11 @@ class LoaderEpoch:
             seg = order[a:b]
             u, first, inv = np.unique(seg, return_index=True, return_inverse=True)
             batches = []  # (step, x staging/out tensor, rows)
-            dst = [None] * len(seg)
+            mapped = fused or mapped_copy
+            # per-sample destinations: row addresses (mapped reads: no per-sample Python) or
+            # byte memoryviews (the readers' plain ``read``)
+            addr = np.empty(len(seg), dtype=np.int64) if mapped else None
+            dst = None if mapped else [None] * len(seg)
             for st in range(a // B, -(-b // B)):
                 ba, bb = st * B, min((st + 1) * B, T)
                 n = bb - ba
@@ -562,28 +567,31 @@ class LoaderEpoch:
                     ev = getattr(xt, "_scatstore_event", None)
                     if ev is not None:
                         ev.synchronize()  # the last copy out of this pinned buffer is done
-                flat = xt.numpy().reshape(n, -1).view(np.uint8)
-                for r in range(n):
-                    dst[ba - a + r] = memoryview(flat[r]).cast("B")
+                if mapped:
+                    row = xt[0].numel() * xt.element_size() if n else 0
+                    addr[ba - a: ba - a + n] = xt.data_ptr() + np.arange(n, dtype=np.int64) * row
+                else:
+                    flat = xt.numpy().reshape(n, -1).view(np.uint8)
+                    for r in range(n):
+                        dst[ba - a + r] = memoryview(flat[r]).cast("B")
                 batches.append((st, xt, ba - a, n))
-            udst = [dst[i] for i in first.tolist()]
             qb = np.empty((len(u), 2, *o.spec.qparam_shape), dtype=np.float32) \
                 if o.spec.quantized else None
             nu = len(u)
             n_pieces = max(1, min(2 * o.num_workers, nu // max(1, o.unit_size)))
             cuts = np.linspace(0, nu, n_pieces + 1).astype(int)
-            if fused or mapped_copy:
-                uaddr = np.fromiter((ctypes.addressof(ctypes.c_char.from_buffer(d)) for d in udst),
-                                    dtype=np.int64, count=len(udst))
+            if mapped:
+                uaddr = addr[first]
                 futs = [pool.submit(o.reader.read_f32, u[c0:c1], uaddr[c0:c1], gather)
                         for c0, c1 in zip(cuts[:-1], cuts[1:]) if c1 > c0]
             else:
+                udst = [dst[i] for i in first.tolist()]
                 futs = [pool.submit(o.reader.read, u[c0:c1], udst[c0:c1],
                                     qb[c0:c1] if qb is not None else None)
                         for c0, c1 in zip(cuts[:-1], cuts[1:]) if c1 > c0]
             dup = np.setdiff1d(np.arange(len(seg)), first) if len(first) < len(seg) else None
-            loaded[w] = dict(a=a, inv=inv, first=first, dst=dst, dup=dup, qb=qb, futs=futs,
-                             batches=batches)
+            loaded[w] = dict(a=a, inv=inv, first=first, dst=dst, addr=addr, dup=dup, qb=qb,
+                             futs=futs, batches=batches)
 
         def wait(w):
             d = loaded.pop(w)
@@ -591,7 +599,11 @@ class LoaderEpoch:
                 o._add_bytes(f.result())
             if d["dup"] is not None:  # wrap-around padding: a sample twice in one window
                 for i in d["dup"].tolist():
-                    d["dst"][i][:] = d["dst"][int(d["first"][d["inv"][i]])]
+                    j = int(d["first"][d["inv"][i]])
+                    if d["addr"] is not None:
+                        ctypes.memmove(int(d["addr"][i]), int(d["addr"][j]), row_nbytes)
+                    else:
+                        d["dst"][i][:] = d["dst"][j]
             return d
 
         try:
