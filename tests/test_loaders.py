@@ -107,6 +107,8 @@ def test_batches_equal_dataset_items(stores, name):
 def test_fast_paths_are_used(stores):
     assert loader(stores["zarr_raw"], 4).reader.mode == "raw"
     assert loader(stores["zarr"], 4).reader.mode == "zstd"
+    assert loader(stores["zarr"], 4).reader.converts and loader(stores["zarr_raw"], 4).reader.converts
+    assert not loader(stores["zarr_u8"], 4).reader.converts
     assert loader(stores["h5_raw"], 4).reader._layout(0)[0] == "direct"
     assert loader(stores["h5"], 4).reader._layout(0)[0] == "library"
 
@@ -339,3 +341,239 @@ def test_bench_timing_refuses_a_loader_without_batches():
 
     with pytest.raises(ValueError, match="fewer samples than one batch"):
         bench._timed(lambda epoch: iter(()), seconds=0.1, bytes_fn=lambda: 0)
+
+
+# ------------------------------------------------------------------ conversion kernels
+def _builds():
+    """(name, lib) for the CPU's build and every lower ISA level this CPU can run."""
+    from scatstore import _cbuild
+    from scatstore.loaders import convert
+
+    out = [("auto", convert.load())]
+    for lv in _cbuild.isa_levels()[1:]:
+        out.append((lv, convert.library_for(lv).load()))
+    return [(n, lib) for n, lib in out if lib is not None]
+
+
+def _real_coefficients(stores, name="zarr", n=None):
+    ds = open_dataset(stores[name], raw=True)
+    idx = np.arange(len(ds) if n is None else min(n, len(ds)))
+    return ds.get_batch(idx)
+
+
+def test_f16_kernel_exact_on_every_half_and_on_real_batches(stores):
+    from scatstore.loaders import convert
+
+    builds = _builds()
+    if not builds:
+        pytest.skip("no C compiler: the loader converts with torch")
+    every = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    ref = every.float()
+    x = torch.from_numpy(np.ascontiguousarray(_real_coefficients(stores)["x"]))
+    assert x.dtype == torch.float16
+    # > 4 MB of output (the streaming-store path) with an odd start (unaligned destination)
+    big = x.reshape(-1).repeat(-(-(1_200_000) // x.numel()))[: 1_200_001]
+    for name, lib in builds:
+        out = torch.empty(65536)
+        convert.f16_to_f32(every, out, lib=lib)
+        same = (out.view(torch.int32) == ref.view(torch.int32)) | (out.isnan() & ref.isnan())
+        assert bool(same.all()), name
+        dst = torch.full((big.numel() + 1,), -1.0)
+        convert.f16_to_f32(big, dst[1:], lib=lib)
+        assert torch.equal(dst[1:], big.float()) and dst[0] == -1.0, name
+
+
+@pytest.mark.parametrize("scheme", ["affine", "sqrt"])
+def test_uint8_kernels_bit_identical_to_dequantize_uint8(stores, scheme):
+    from scatstore.loaders import convert
+    from scatstore.transforms.quantize import dequantize_uint8, quantize_uint8
+
+    xf = _real_coefficients(stores)["x"].astype(np.float32)
+    q, qs, qo = quantize_uint8(xf, scheme=scheme)
+    ref = dequantize_uint8(q, qs, qo, scheme=scheme)
+    for name, lib in _builds() + [("torch", None)]:
+        out = torch.empty(q.shape)
+        if lib is None:
+            convert.select(use_torch=True)
+        try:
+            convert.dequantize_into(torch.from_numpy(q), out, torch.from_numpy(qs),
+                                    torch.from_numpy(qo), scheme, lib=lib)
+        finally:
+            convert.select()
+        np.testing.assert_array_equal(out.numpy(), ref, err_msg=name)
+    with pytest.raises(ValueError, match="maps"):
+        convert.dequantize_into(torch.from_numpy(q), torch.empty(q.shape), torch.ones(7),
+                                torch.ones(7))
+
+
+def test_pixel_kernel_equals_torch_normalisation():
+    from skimage import data
+
+    from scatstore.loaders import convert
+    from scatstore.loaders.stream import IMAGENET_MEAN, IMAGENET_STD
+
+    imgs = np.stack([np.ascontiguousarray(im[:128, :128, :3].transpose(2, 0, 1))
+                     for im in (data.astronaut(), data.chelsea(), data.coffee())])
+    x = torch.from_numpy(imgs)
+    ref = x.float().mul_(1.0 / 255.0)
+    ref.sub_(torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)).div_(torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+    for name, lib in _builds():
+        out = torch.empty(x.shape)
+        convert.normalize_pixels_into(x, out, IMAGENET_MEAN, IMAGENET_STD, lib=lib)
+        assert torch.equal(out, ref), name
+        convert.normalize_pixels_into(x, out, lib=lib)
+        assert torch.equal(out, x.float().mul_(1.0 / 255.0)), name
+
+
+def test_kernel_chosen_from_cpu_features(monkeypatch):
+    from scatstore import _cbuild
+    from scatstore.loaders import convert
+
+    info = convert.kernel_info()
+    if not info["available"]:
+        pytest.skip(f"no conversion kernels here: {info['why']}")
+    assert info["isa"] == _cbuild.isa_level()
+    expect = {"x86-64-v4": "avx512f", "x86-64-v3": "f16c-avx2", "aarch64-neon": "neon",
+              "aarch64-sve": "neon"}.get(info["isa"], "generic")
+    assert info["kernel"].startswith(expect)
+    assert info["f16_to_f32"] == info["kernel"] or expect == "generic"
+    monkeypatch.setenv("SCATSTORE_CONVERT", "torch")
+    assert convert.kernel_info()["kernel"] == "torch" and convert.load() is None
+    monkeypatch.delenv("SCATSTORE_CONVERT")
+    if "x86-64-v3" in _cbuild.isa_levels():
+        monkeypatch.setenv("SCATSTORE_ISA", "x86-64-v3")
+        convert._reset_for_tests()
+        try:
+            assert convert.kernel_info()["kernel"] == "f16c-avx2-vcvtph2ps"
+        finally:
+            monkeypatch.delenv("SCATSTORE_ISA")
+            convert._reset_for_tests()
+
+
+@pytest.mark.parametrize("name", ["zarr_raw", "zarr_u8"])
+def test_loader_same_batches_with_torch_conversion(stores, name):
+    from scatstore.loaders import convert
+
+    a = [x for x, _ in loader(stores[name], 5, shuffle=True, seed=3, num_workers=2)]
+    convert.select(use_torch=True)
+    try:
+        b = [x for x, _ in loader(stores[name], 5, shuffle=True, seed=3, num_workers=2)]
+    finally:
+        convert.select()
+    assert len(a) == len(b) > 1
+    for xa, xb in zip(a, b):
+        assert xa.dtype == torch.float32 and torch.equal(xa, xb)
+
+
+def test_pixel_store_batches_normalised(stores, tmp_path):
+    from scatstore.loaders.stream import IMAGENET_MEAN, IMAGENET_STD
+
+    p = _encode(stores["src"], tmp_path / "raw", format="zarr", method="raw")
+    ds = open_dataset(p, raw=True)
+    ld = loader(p, 4, shuffle=False, num_workers=2)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    k = 0
+    for x, y in ld:
+        raw = torch.from_numpy(np.ascontiguousarray(ds.get_batch(np.arange(k, k + len(y)))["x"]))
+        ref = raw.float().mul_(1.0 / 255.0).sub_(mean).div_(std)
+        assert torch.equal(x, ref.reshape(x.shape))
+        k += len(y)
+    assert k == len(ds)
+
+
+@pytest.mark.parametrize("march", ["armv8-a", "armv8.2-a+sve"])
+def test_conversion_kernels_on_aarch64_under_qemu(tmp_path, march):
+    """The NEON variant, cross-built with Debian's aarch64 compiler and run under qemu-user
+    (correctness only), against torch / numpy on the host."""
+    import shutil
+    import subprocess
+
+    cc, qemu = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")
+    if not (cc and qemu):
+        pytest.skip("needs aarch64-linux-gnu-gcc and qemu-aarch64 (apt-get install "
+                    "gcc-aarch64-linux-gnu qemu-user)")
+    here = Path(__file__).parent
+    src_dir = here.parent / "scatstore" / "loaders"
+    exe = tmp_path / "harness"
+    subprocess.run([cc, "-O2", f"-march={march}", "-ffp-contract=off", "-std=gnu99", "-static",
+                    f"-I{src_dir}", str(here / "convert_harness.c"), "-o", str(exe)], check=True)
+    raw = subprocess.run([qemu, str(exe)], capture_output=True, check=True, timeout=300).stdout
+    name = raw[:64].rstrip(b"\0").decode()
+    assert name == "neon-fcvtl"
+    v = np.frombuffer(raw[64:], dtype="<f4")
+    every, v = v[:65536], v[65536:]
+    ref = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
+    assert np.array_equal(every.view(np.uint32)[~np.isnan(ref)], ref.view(np.uint32)[~np.isnan(ref)])
+    assert np.isnan(every[np.isnan(ref)]).all()
+    g, v = v[:3000], v[3000:]
+    halves = (np.arange(6000) * 7 + 1).astype(np.uint16).view(np.float16)
+    gref = np.concatenate([halves[100 * k: 100 * k + 100] for k in range(30)]).astype(np.float32)
+    assert np.array_equal(g, gref, equal_nan=True)
+    q = (np.arange(6 * 784) % 251).astype(np.uint8).reshape(1, 6, 28, 28)
+    a = (np.float32(0.01) * np.arange(1, 7, dtype=np.float32)).reshape(1, 6)
+    b = (np.arange(6, dtype=np.float32) - np.float32(2.5)).reshape(1, 6)
+    from scatstore.transforms.quantize import dequantize_uint8
+
+    aff, sq, nrm = v[:4704], v[4704:9408], v[9408:]
+    np.testing.assert_array_equal(aff, dequantize_uint8(q, a, b, "affine").reshape(-1))
+    np.testing.assert_array_equal(sq, dequantize_uint8(q, a, b, "sqrt").reshape(-1))
+    mean = np.float32(0.1) * np.arange(6, dtype=np.float32)
+    std = np.float32(0.2) + np.float32(0.05) * np.arange(6, dtype=np.float32)
+    t = torch.from_numpy(q).float().mul_(1.0 / 255.0)
+    t.sub_(torch.from_numpy(mean).view(1, 6, 1, 1)).div_(torch.from_numpy(std).view(1, 6, 1, 1))
+    np.testing.assert_array_equal(nrm, t.numpy().reshape(-1))
+
+
+@pytest.mark.parametrize("name", ["zarr_raw", "zarr"])
+def test_truncated_shard_file_is_an_error_not_a_crash(stores, tmp_path, name):
+    """The mapped reads (converting read, zstd chunks) meet a damaged shard with StoreError."""
+    p = tmp_path / name
+    shutil.copytree(stores[name], p)
+    shard = sorted(f for f in (p / "data.zarr" / "x" / "c").rglob("*") if f.is_file())[0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises((StoreError, EOFError)):
+        for _ in loader(p, 4, shuffle=False, num_workers=2):
+            pass
+
+
+@pytest.mark.parametrize("name", ["zarr_raw", "zarr"])
+def test_float16_out_mapped_copy_equals_dataset_items(stores, name):
+    from scatstore.loaders import convert
+
+    ds = open_dataset(stores[name])
+    ld = loader(stores[name], 4, shuffle=True, seed=5, drop_last=False, num_workers=2,
+                buffer_size=9, dtype=None)
+    ep = ld(0)
+    xs, _, idx = _collect(ep)
+    for x, ii in zip(xs, idx):
+        assert x.dtype == torch.float16
+        ref = np.stack([ds[int(i)][0] for i in ii]).reshape(x.shape)
+        np.testing.assert_array_equal(x.numpy(), ref)
+    convert.select(use_torch=True)  # no library: the preadv path
+    try:
+        ys, _, idy = _collect(loader(stores[name], 4, shuffle=True, seed=5, drop_last=False,
+                                     num_workers=2, buffer_size=9, dtype=None)(0))
+    finally:
+        convert.select()
+    assert all(torch.equal(a, b) for a, b in zip(xs, ys)) and len(xs) == len(ys)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, None])
+def test_wrap_around_duplicate_filled_on_mapped_reads(stores, dtype):
+    """An uneven split pads a rank with its own first sample: the same sample twice in one
+    window, the second copy filled from the first (mapped reads write by address)."""
+    ds = open_dataset(stores["zarr_raw"])
+    assert len(ds) % 2 == 1
+    seen_dup = False
+    for rank in (0, 1):
+        ep = loader(stores["zarr_raw"], 4, shuffle=True, seed=1, drop_last=False, rank=rank,
+                    world_size=2, dtype=dtype)(0)
+        xs, _, idx = _collect(ep)
+        flat = np.concatenate(idx)
+        seen_dup |= len(set(flat.tolist())) < len(flat)
+        for x, ii in zip(xs, idx):
+            ref = np.stack([ds[int(i)][0] for i in ii]).reshape(x.shape)
+            np.testing.assert_array_equal(x.float().numpy(), ref.astype(np.float32))
+    assert seen_dup

@@ -49,7 +49,7 @@ def _cpu() -> float:
 
 
 def _timed(make_iter, seconds: float, bytes_fn, warmup_batches: int = 3) -> tuple[float, float, float]:
-    """(samples/s, MB/s, CPU-seconds per 1000 samples) over ~``seconds`` of batches from
+    """(samples/s, MB/s, CPU microseconds per sample) over ~``seconds`` of batches from
     successive ``make_iter(epoch)``, after ``warmup_batches`` batches (buffers allocated and
     paged in: first-touch page faults are a one-off cost, several times the copy itself)."""
     epoch = 0
@@ -85,7 +85,7 @@ def _timed(make_iter, seconds: float, bytes_fn, warmup_batches: int = 3) -> tupl
     import gc
 
     gc.collect()
-    return n / dt, nb / dt / 1e6, (_cpu() - c0) / max(n, 1) * 1000
+    return n / dt, nb / dt / 1e6, (_cpu() - c0) / max(n, 1) * 1e6
 
 
 def _median(runs):
@@ -105,7 +105,7 @@ def measure_loader(path, batch_size: int = 256, num_workers: int = 2, seconds: f
     sps, mbs, cpu = _median(runs)
     return {"what": f"scatstore loader ({ld.spec.format}, {ld.spec.dtype}, "
                     f"{'stored dtype' if dtype is None else str(dtype).replace('torch.', '')} out)",
-            "samples_per_s": sps, "mb_per_s": mbs, "cpu_ms_per_1000": cpu, "runs": runs,
+            "samples_per_s": sps, "mb_per_s": mbs, "cpu_us_per_sample": cpu, "runs": runs,
             "format": ld.spec.format, "count": len(ld.slots)}
 
 
@@ -156,7 +156,7 @@ def measure_plain_wds(path, batch_size: int = 256, num_workers: int = 2, seconds
             for _ in range(repeats)]
     sps, mbs, cpu = _median(runs)
     return {"what": f"plain webdataset ({num_workers} DataLoader workers, float32 out)",
-            "samples_per_s": sps, "mb_per_s": mbs, "cpu_ms_per_1000": cpu, "runs": runs}
+            "samples_per_s": sps, "mb_per_s": mbs, "cpu_us_per_sample": cpu, "runs": runs}
 
 
 def measure_jpeg(src, batch_size: int = 256, num_workers: int = 2, seconds: float = 5.0,
@@ -168,7 +168,7 @@ def measure_jpeg(src, batch_size: int = 256, num_workers: int = 2, seconds: floa
     runs = [_timed(jb, seconds, lambda: jb.bytes_read, warmup_batches=1) for _ in range(repeats)]
     sps, mbs, cpu = _median(runs)
     return {"what": f"JPEG decode+RandomResizedCrop {size} DataLoader ({num_workers} workers)",
-            "samples_per_s": sps, "mb_per_s": mbs, "cpu_ms_per_1000": cpu, "runs": runs}
+            "samples_per_s": sps, "mb_per_s": mbs, "cpu_us_per_sample": cpu, "runs": runs}
 
 
 def format_table(rows: list[dict], jpeg: dict | None, plain: dict | None) -> str:

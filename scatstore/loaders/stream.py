@@ -33,8 +33,13 @@ Work is done by threads, not processes: ``num_workers`` reader threads (file rea
 numpy/torch copies release the GIL) fill the next window while one assembler thread gathers,
 converts and (for CUDA) stages batches in pinned memory, ``prefetch`` batches ahead. On CUDA
 the stored dtype (float16, or uint8 codes with their scales) is copied with ``non_blocking=True``
-and converted / dequantized on the device; on CPU the conversion is done by the assembler into
-recycled output buffers (a buffer is reused only once nothing outside the loader refers to it).
+and converted / dequantized on the device. On the CPU, float16 zarr samples are read *converted*
+(the reader's ``read_f32``: one pass from the mapped shard file or the decoded zstd chunk into
+the float32 rows of the output batch); other conversions (uint8 codes, pixels, float16 from
+webdataset / HDF5) run after the read, in pieces on the assembler and ``num_workers - 1``
+conversion threads, with the C kernels of :mod:`scatstore.loaders.convert` (torch without a
+compiler). Output buffers are recycled (a buffer is reused only once nothing outside the loader
+refers to it).
 
 Optional augmentation, applied per batch on the device with a generator seeded by
 ``(seed, epoch, rank, step)``: ``flip=True`` (coefficient-space horizontal flip of half the
@@ -43,6 +48,7 @@ cells, output ``h - c``; centred when ``shuffle`` is off).
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import queue
 import threading
@@ -54,6 +60,8 @@ from typing import Iterator
 
 import numpy as np
 import torch
+
+from . import convert as _cv
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -112,17 +120,11 @@ class _Pool:
             return t
 
 
-_GRAIN = 32768  # at::internal::GRAIN_SIZE: smaller copies run on the calling thread only
-
-
 def _serial_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
     """``dst.copy_(src)`` (with dtype conversion) in pieces that torch runs without its intra-op
     thread pool: the loader's threads already keep the cores busy, and OpenMP workers spinning
     beside them cost more than they bring (measured: 2-4x slower on 2 cores)."""
-    d, s = dst.reshape(-1), src.reshape(-1)
-    n = d.numel()
-    for a in range(0, n, _GRAIN):
-        d[a:a + _GRAIN].copy_(s[a:a + _GRAIN])
+    _cv._torch_pieces(dst, src, lambda d, s: d.copy_(s))
 
 
 @dataclass
@@ -348,43 +350,75 @@ class StoreLoader:
                 f"{self.world_size}, shuffle={self.shuffle})")
 
     # ------------------------------------------------------------------ batch finishing
-    def _finish(self, x: torch.Tensor, q: torch.Tensor | None, y: torch.Tensor, epoch: int,
-                step: int, out: torch.Tensor | None):
-        """Stored-dtype batch (on CPU, or already on the device) -> model input on the device."""
-        dev = self.device
-        B = x.shape[0]
+    def _convert(self, x: torch.Tensor, q: torch.Tensor | None, out: torch.Tensor | None):
+        """Stored-dtype batch (CPU, or already on the device) -> model values. On the CPU with an
+        output buffer, the conversion kernels of :mod:`scatstore.loaders.convert` write into
+        ``out``; on a GPU (``out`` None) torch converts on the device."""
+        cpu_f32 = out is not None and out.dtype == torch.float32 and x.device.type == "cpu"
         if self.spec.quantized:
             from scatstore.transforms.quantize import dequantize_uint8
 
             qs, qo = q[:, 0], q[:, 1]
-            if out is not None and self.quant_scheme == "affine" and x.device.type == "cpu":
-                o = out.view(x.shape)
-                o.copy_(x)
-                o.mul_(qs[..., None, None]).add_(qo[..., None, None])
-                xf = out
-            else:
-                xf = dequantize_uint8(x, qs, qo, scheme=self.quant_scheme)
-                if self.dtype is not None and self.dtype != torch.float32:
-                    xf = xf.to(self.dtype)
-        elif self.is_pixels:
+            if cpu_f32:
+                _cv.dequantize_into(x, out.view(x.shape), qs, qo, self.quant_scheme)
+                return out
+            xf = dequantize_uint8(x, qs, qo, scheme=self.quant_scheme)
+            if self.dtype is not None and self.dtype != torch.float32:
+                xf = xf.to(self.dtype)
+            if out is not None:
+                _serial_copy(out, xf)
+                return out
+            return xf
+        if self.is_pixels:
+            norm = self.normalize_pixels and x.shape[1] == 3
+            if cpu_f32 and x.dtype == torch.uint8:
+                _cv.normalize_pixels_into(x, out.view(x.shape), IMAGENET_MEAN if norm else None,
+                                          IMAGENET_STD if norm else None)
+                return out
             xf = out if out is not None else torch.empty(x.shape, dtype=self.dtype or torch.float32,
                                                          device=x.device)
             xf = xf.view(x.shape)
             xf.copy_(x)
             xf.mul_(1.0 / 255.0)
-            if self.normalize_pixels and x.shape[1] == 3:
+            if norm:
                 mean = torch.tensor(IMAGENET_MEAN, dtype=xf.dtype, device=xf.device).view(1, 3, 1, 1)
                 std = torch.tensor(IMAGENET_STD, dtype=xf.dtype, device=xf.device).view(1, 3, 1, 1)
                 xf.sub_(mean).div_(std)
+            return xf
+        want = self.dtype or x.dtype
+        if x.dtype == want:
+            return x
+        if out is None:
+            return x.to(want)
+        if cpu_f32 and x.dtype == torch.float16:
+            _cv.f16_to_f32(x.contiguous(), out.view(x.shape))
         else:
-            want = self.dtype or x.dtype
-            if x.dtype == want:
-                xf = x
-            elif out is not None:
-                out.view(x.shape).copy_(x)
-                xf = out
-            else:
-                xf = x.to(want)
+            _serial_copy(out, x)
+        return out
+
+    def _convert_split(self, x: torch.Tensor, q: torch.Tensor | None, out: torch.Tensor,
+                       pool: ThreadPoolExecutor | None) -> torch.Tensor:
+        """:meth:`_convert` of a CPU batch in pieces of whole samples: one piece on this
+        thread, the others on ``pool`` (the kernels release the GIL)."""
+        n = int(x.shape[0])
+        k = 1 if pool is None else min(n, pool._max_workers + 1)
+        if k <= 1:
+            return self._convert(x, q, out)
+        o = out.view(n, -1)
+        cuts = np.linspace(0, n, k + 1).astype(int).tolist()
+        futs = [pool.submit(self._convert, x[c0:c1], q[c0:c1] if q is not None else None, o[c0:c1])
+                for c0, c1 in zip(cuts[1:-1], cuts[2:])]
+        self._convert(x[:cuts[1]], q[:cuts[1]] if q is not None else None, o[:cuts[1]])
+        for f in futs:
+            f.result()
+        return out
+
+    def _finish(self, x: torch.Tensor, q: torch.Tensor | None, y: torch.Tensor, epoch: int,
+                step: int, out: torch.Tensor | None, converted: bool = False):
+        """Stored-dtype batch (on CPU, or already on the device) -> model input on the device
+        (``converted``: ``x`` holds model values already)."""
+        B = x.shape[0]
+        xf = x if converted else self._convert(x, q, out)
         xf = xf.reshape(B, *self.out_shape)
         if self.flip or self.crop_cells:
             g = torch.Generator().manual_seed(_seed(self.seed, epoch, self.rank, step, 0xF11B))
@@ -505,7 +539,23 @@ class LoaderEpoch:
         xdt = {"float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}[o.spec.dtype]
         shape = tuple(o.spec.sample_shape)
         direct = not cuda and not (o.spec.quantized or o.is_pixels) and xdt == self._out_dtype()
+        # converting read: float16 samples land as float32 in the output rows, one pass from the
+        # mapped file / decoded chunk (readers that can: ``converts``; vector kernel built)
+        fused = (not cuda and not direct and xdt == torch.float16
+                 and self._out_dtype() == torch.float32 and getattr(o.reader, "converts", False)
+                 and _cv.can_gather())
+        # float16 kept: the same read through the map with a plain copy (page-cache pages
+        # touched through the map instead of preadv into the rows: several times faster per
+        # thread on the AVX2 machine of issue 11)
+        mapped_copy = (direct and xdt == torch.float16 and getattr(o.reader, "converts", False)
+                       and _cv.can_copy())
+        gather = _cv.gather_f16_to_f32 if fused else _cv.gather_f16_copy
+        row_nbytes = o.sample_nbytes * (2 if fused else 1)  # one output row (mapped reads)
         pool = ThreadPoolExecutor(max_workers=o.num_workers, thread_name_prefix="scatstore-read")
+        # conversion helpers beside the assembler (which converts one piece itself); separate
+        # from the readers, whose queue holds the next window's reads
+        conv = ThreadPoolExecutor(max_workers=o.num_workers - 1, thread_name_prefix="scatstore-conv") \
+            if o.num_workers > 1 and not (direct or fused or cuda) else None
         loaded: dict = {}
 
         def submit(w):
@@ -513,33 +563,48 @@ class LoaderEpoch:
             seg = order[a:b]
             u, first, inv = np.unique(seg, return_index=True, return_inverse=True)
             batches = []  # (step, x staging/out tensor, rows)
-            dst = [None] * len(seg)
+            mapped = fused or mapped_copy
+            # per-sample destinations: row addresses (mapped reads: no per-sample Python) or
+            # byte memoryviews (the readers' plain ``read``)
+            addr = np.empty(len(seg), dtype=np.int64) if mapped else None
+            dst = None if mapped else [None] * len(seg)
             for st in range(a // B, -(-b // B)):
                 ba, bb = st * B, min((st + 1) * B, T)
                 n = bb - ba
                 if direct:
                     xt = self._out_buffer(n).view(n, *shape)
+                elif fused:
+                    xt = self._out_buffer(n).view(n, -1)
                 else:
                     xt = o._pin_pool.get((n, *shape), xdt, pin=pin)
                     ev = getattr(xt, "_scatstore_event", None)
                     if ev is not None:
                         ev.synchronize()  # the last copy out of this pinned buffer is done
-                flat = xt.numpy().reshape(n, -1).view(np.uint8)
-                for r in range(n):
-                    dst[ba - a + r] = memoryview(flat[r]).cast("B")
+                if mapped:
+                    row = xt[0].numel() * xt.element_size() if n else 0
+                    addr[ba - a: ba - a + n] = xt.data_ptr() + np.arange(n, dtype=np.int64) * row
+                else:
+                    flat = xt.numpy().reshape(n, -1).view(np.uint8)
+                    for r in range(n):
+                        dst[ba - a + r] = memoryview(flat[r]).cast("B")
                 batches.append((st, xt, ba - a, n))
-            udst = [dst[i] for i in first.tolist()]
             qb = np.empty((len(u), 2, *o.spec.qparam_shape), dtype=np.float32) \
                 if o.spec.quantized else None
             nu = len(u)
             n_pieces = max(1, min(2 * o.num_workers, nu // max(1, o.unit_size)))
             cuts = np.linspace(0, nu, n_pieces + 1).astype(int)
-            futs = [pool.submit(o.reader.read, u[c0:c1], udst[c0:c1],
-                                qb[c0:c1] if qb is not None else None)
-                    for c0, c1 in zip(cuts[:-1], cuts[1:]) if c1 > c0]
+            if mapped:
+                uaddr = addr[first]
+                futs = [pool.submit(o.reader.read_f32, u[c0:c1], uaddr[c0:c1], gather)
+                        for c0, c1 in zip(cuts[:-1], cuts[1:]) if c1 > c0]
+            else:
+                udst = [dst[i] for i in first.tolist()]
+                futs = [pool.submit(o.reader.read, u[c0:c1], udst[c0:c1],
+                                    qb[c0:c1] if qb is not None else None)
+                        for c0, c1 in zip(cuts[:-1], cuts[1:]) if c1 > c0]
             dup = np.setdiff1d(np.arange(len(seg)), first) if len(first) < len(seg) else None
-            loaded[w] = dict(a=a, inv=inv, first=first, dst=dst, dup=dup, qb=qb, futs=futs,
-                             batches=batches)
+            loaded[w] = dict(a=a, inv=inv, first=first, dst=dst, addr=addr, dup=dup, qb=qb,
+                             futs=futs, batches=batches)
 
         def wait(w):
             d = loaded.pop(w)
@@ -547,7 +612,11 @@ class LoaderEpoch:
                 o._add_bytes(f.result())
             if d["dup"] is not None:  # wrap-around padding: a sample twice in one window
                 for i in d["dup"].tolist():
-                    d["dst"][i][:] = d["dst"][int(d["first"][d["inv"][i]])]
+                    j = int(d["first"][d["inv"][i]])
+                    if d["addr"] is not None:
+                        ctypes.memmove(int(d["addr"][i]), int(d["addr"][j]), row_nbytes)
+                    else:
+                        d["dst"][i][:] = d["dst"][j]
             return d
 
         try:
@@ -573,20 +642,19 @@ class LoaderEpoch:
                         q.put(("stage", xt, qs, y, ev, st))
                         continue
                     # CPU: finish here, off the consumer's thread, into a recycled output buffer
-                    if direct:
-                        xf, yy = o._finish(xt, None, y, self.epoch, st, None)
-                    elif o.spec.quantized or o.is_pixels:
-                        xf, yy = o._finish(xt, qs, y, self.epoch, st, self._out_buffer(n))
+                    if direct or fused:
+                        xf, yy = o._finish(xt, None, y, self.epoch, st, None, converted=fused)
                     else:
-                        out = self._out_buffer(n)
-                        _serial_copy(out, xt)
-                        xf, yy = o._finish(out.view(n, *shape), None, y, self.epoch, st, None)
+                        out = o._convert_split(xt, qs, self._out_buffer(n), conv)
+                        xf, yy = o._finish(out, None, y, self.epoch, st, None, converted=True)
                         del out
                     del xt, qs
                     q.put(("done", xf, yy, st))
                 del d
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+            if conv is not None:
+                conv.shutdown(wait=True, cancel_futures=True)
 
     def _out_dtype(self):
         o = self.owner

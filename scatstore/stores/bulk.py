@@ -13,12 +13,20 @@ opened :class:`scatstore.stores.ScatDataset` and answers
     float32 (qscale, qoffset) for quantized stores, else ``None``. Safe to call from several threads at once on disjoint
     outputs (file reads use ``pread``/``preadv``, which release the GIL and share no position).
 
+Optional, for float16 stores: ``converts`` (True when the reader can) and
+``read_f32(idx, dst_addrs, gather) -> bytes_read``: each sample lands converted to float32 at the
+address ``dst_addrs[k]`` (int64; ``2 * sample_nbytes`` writable bytes the caller keeps alive),
+straight from the mapped file or the decoded chunk, by ``gather(base, src_offsets, dst_addrs,
+elems)`` (the loader passes its C kernel, :func:`scatstore.loaders.convert.gather_f16_to_f32`:
+stores import nothing from loaders). zarr's reader has it (uncompressed and zstd chunks).
+
 Fast paths (no per-sample Python beyond building the I/O vector, no extra copy):
 
 - zarr, uncompressed (``compression="none"``: codecs ``bytes`` + ``crc32c``): the shard index is
   read once per shard file, then each run of consecutive samples of one inner chunk is one
-  ``preadv`` into the destinations. zstd chunks are read whole, decompressed into a per-thread
-  scratch buffer and copied out. Other codec chains fall back to zarr-python.
+  ``preadv`` into the destinations. zstd chunks are decompressed from a read-only map of the
+  shard file into a per-thread scratch buffer and copied out. Other codec chains fall back to
+  zarr-python.
 - webdataset: the member offsets of ``index.npy`` give every byte's place, so a run of consecutive
   samples of a shard is one ``preadv`` whose vector scatters the 512-byte tar headers and ``.npy``
   headers into small check buffers, the array payloads into the destinations (and ``q_out``) and the
@@ -150,6 +158,7 @@ class BulkReader:
     drop them from its batches), and one warning is logged per chunk."""
 
     name = "generic"
+    converts = False  # no converting read (``read_f32``) unless a format's reader has one
 
     def __init__(self, ds, skip_damaged: bool = False):
         self.skip_damaged = bool(skip_damaged)

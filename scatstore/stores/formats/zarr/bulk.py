@@ -1,7 +1,9 @@
 """Bulk reader of zarr stores (the ``scatstore.stores.bulk`` contract; fast paths in its docstring)."""
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
 import os
 import threading
 
@@ -12,6 +14,15 @@ import google_crc32c
 from ...bulk import BulkReader, DamagedChunk, _LRU, _preadv_all, _runs, _scatter, as_dst
 from ...errors import StoreError
 from .writer import GROUP
+
+
+def _unmap(m) -> None:
+    """Drop a cached map: closed when nothing uses it, else freed with its last user (a numpy
+    view or a decoding thread)."""
+    try:
+        m[0].close()
+    except (BufferError, TypeError):
+        pass
 
 
 class ZarrBulkReader(BulkReader):
@@ -32,6 +43,7 @@ class ZarrBulkReader(BulkReader):
         self._zarr = None
         self._zlock = threading.Lock()
         self._scratch = threading.local()
+        self._maps, self._maps_pid = _LRU(64, _unmap), os.getpid()
         if self.mode == "zstd":
             import numcodecs
 
@@ -144,7 +156,40 @@ class ZarrBulkReader(BulkReader):
                 total += int(sel.sum()) * q_out[0].nbytes
         return total
 
-    def _check_crc(self, path, shard: int, within: int, bufs: list, stored: bytes) -> None:
+    # ------------------------------------------------------------------ converting read
+    @property
+    def converts(self) -> bool:
+        """float16 stores whose chunks this reader decodes itself can be read straight into
+        float32 rows (:meth:`read_f32`)."""
+        return self.dtype == np.float16 and self.mode in ("raw", "zstd")
+
+    def read_f32(self, idx, dst_addrs, gather) -> int:
+        """Like :meth:`read`, but each sample is handed, where it lies (the mapped shard file
+        when uncompressed, the decoded chunk for zstd), to ``gather(base, src_offsets,
+        dst_addrs, elems)`` which writes it to the address ``dst_addrs[k]`` the caller owns:
+        one pass, no staging copy. The loader passes
+        :func:`scatstore.loaders.convert.gather_f16_to_f32` (float32 rows, ``2 *
+        sample_nbytes`` bytes each) or ``gather_f16_copy`` (float16 rows, mapped copy)."""
+        slots = self.slots[idx]
+        cs = self.chunk_samples
+        chunks = slots // cs
+        brk = np.flatnonzero(np.diff(chunks) != 0) + 1
+        starts = np.concatenate([[0], brk]).tolist()
+        stops = np.concatenate([brk, [len(slots)]]).tolist()
+        dst_addrs = np.asarray(dst_addrs, dtype=np.int64)
+        elems = self.sample_nbytes // 2
+        total = 0
+        for a, b in zip(starts, stops):
+            try:
+                total += self._read_chunk(int(chunks[a]), slots[a:b], None, gather=gather,
+                                          addrs=dst_addrs[a:b], elems=elems)
+            except DamagedChunk as e:
+                self.damaged_read(idx[a:b], [], str(e))
+                for addr in dst_addrs[a:b].tolist():  # float32 zeros, as the plain read gives
+                    ctypes.memset(addr, 0, elems * 4)
+        return total
+
+    def _check_crc(self, path, shard: int, within: int, bufs: list, stored) -> None:
         crc = 0
         for b in bufs:
             crc = google_crc32c.extend(crc, np.frombuffer(b, dtype=np.uint8))
@@ -152,7 +197,8 @@ class ZarrBulkReader(BulkReader):
             raise DamagedChunk(f"shard {shard:06d} is damaged: {path}: inner chunk {within} fails "
                                "its crc32c check")
 
-    def _read_chunk(self, chunk: int, slots: np.ndarray, out) -> int:
+    def _read_chunk(self, chunk: int, slots: np.ndarray, out, gather=None, addrs=None,
+                    elems=0) -> int:
         cs, ss, nbs = self.chunk_samples, self.spec.shard_size, self.sample_nbytes
         if self.mode == "library":
             lo = chunk * cs
@@ -166,6 +212,10 @@ class ZarrBulkReader(BulkReader):
         path, off, nb = self._shard_index(shard)
         within = chunk - shard * (ss // cs)
         if path == "missing" or off[within] == np.uint64(2 ** 64 - 1):
+            if out is None:  # converting read: float32 zeros (all bits zero)
+                for a in addrs.tolist():
+                    ctypes.memset(a, 0, elems * 4)
+                return 0
             for d in out:  # chunk of fill values (never written)
                 d[:] = bytes(len(d))
             return 0
@@ -179,6 +229,17 @@ class ZarrBulkReader(BulkReader):
                                    f"expected {cs * nbs + crc}")
             if crc and (shard, within) in self._verified:
                 crc = 0  # checked on its first read by this reader (see _verified)
+            if out is None:  # converting read from the mapped file
+                m = self._map(path, with_address=True)
+                if m is not None and base + cs * nbs + self._crc_chunk <= len(m[0]):
+                    if crc:
+                        with memoryview(m[0]) as mv:
+                            self._check_crc(path, shard, within, [mv[base: base + cs * nbs]],
+                                            mv[base + cs * nbs: base + cs * nbs + crc])
+                        self._verified.add((shard, within))
+                    gather(m[1] + base, local * nbs, addrs, elems)
+                    return len(local) * nbs
+                return self._read_f32_staged(chunk, slots, addrs, elems, gather)
             if crc and len(local) == cs:  # the whole chunk, in order: check it in the outputs
                 total = _preadv_all(fd, list(out), base)
                 stored = os.pread(fd, crc, base + cs * nbs)
@@ -197,24 +258,40 @@ class ZarrBulkReader(BulkReader):
             for a, b in _runs(local):
                 total += _preadv_all(fd, out[a:b], base + int(local[a]) * nbs)
             return total
-        # zstd: read the whole compressed chunk, check its crc32c, decompress (GIL released)
+        # zstd: check the compressed chunk's crc32c and decompress it straight from the mapped
+        # shard file (no read copy; GIL released by numcodecs) into a per-thread scratch buffer,
+        # then copy each wanted sample from it to its destination (no gathered intermediate)
         n = int(nb[within])
-        if n < crc or base + n > self._file_size(path):
-            raise DamagedChunk(f"{path}: chunk {within} lies outside the shard file")
-        comp = os.pread(fd, n, base)
-        if len(comp) != n:
-            raise DamagedChunk(f"{path}: short read of chunk {within}")
-        payload = memoryview(comp)[: n - crc]
-        if crc:
-            self._check_crc(path, shard, within, [payload], comp[n - crc:])
+        if n < crc:
+            raise DamagedChunk(f"{path}: chunk {within} is shorter than its checksum")
         buf = getattr(self._scratch, "buf", None)
         if buf is None or buf.nbytes != cs * nbs:
-            buf = self._scratch.buf = np.empty((cs, *self.sample_shape), dtype=self.dtype)
+            buf = self._scratch.buf = np.empty(cs * nbs, dtype=np.uint8)
+        mm = self._map(path)
         try:
-            self._zstd.decode(payload, out=buf.reshape(-1).view(np.uint8))
+            if mm is None or base + n > len(mm):
+                comp = os.pread(fd, n, base)
+                if len(comp) != n:
+                    raise DamagedChunk(f"{path}: short read of chunk {within}")
+                payload = memoryview(comp)[: n - crc]
+                if crc:
+                    self._check_crc(path, shard, within, [payload], comp[n - crc:])
+                self._zstd.decode(payload, out=buf)
+            else:
+                with memoryview(mm) as mv:
+                    payload = mv[base: base + n - crc]
+                    if crc:
+                        self._check_crc(path, shard, within, [payload],
+                                        mv[base + n - crc: base + n])
+                    self._zstd.decode(payload, out=buf)
         except RuntimeError as e:  # a checksum-less store: zstd's own frame check
             raise DamagedChunk(f"{path}: chunk {within}: {e}") from None
-        _scatter(out, buf[local])
+        if out is None:  # converting read from the decoded chunk
+            gather(buf.ctypes.data, local * nbs, addrs, elems)
+            return n
+        src = memoryview(buf)
+        for d, k in zip(out, local.tolist()):
+            d[:] = src[k * nbs:(k + 1) * nbs]
         return n
 
     def _chunk_scratch(self, n: int) -> memoryview:
@@ -223,5 +300,33 @@ class ZarrBulkReader(BulkReader):
             b = self._scratch.chunk = memoryview(bytearray(n))
         return b
 
-    def _file_size(self, path) -> int:
-        return os.fstat(self._fd(path)).st_size
+    def _read_f32_staged(self, chunk, slots, addrs, elems, gather) -> int:
+        """Converting read through a float16 staging buffer (a shard that cannot be mapped)."""
+        tmp = np.empty((len(slots), self.sample_nbytes), dtype=np.uint8)
+        n = self._read_chunk(chunk, slots, as_dst(tmp, len(slots)))
+        gather(tmp.ctypes.data, np.arange(len(slots)) * self.sample_nbytes,
+                                  addrs, elems)
+        return n
+
+    def _map(self, path, with_address: bool = False):
+        """A read-only map of a shard file (shards never change once committed), or None; with
+        ``with_address``, ``(map, address)`` (the address stays valid while the pair lives)."""
+        if os.getpid() != self._maps_pid:  # forked: maps of our own
+            self._maps, self._maps_pid = _LRU(64, _unmap), os.getpid()
+
+        def make():
+            try:
+                with open(path, "rb") as f:
+                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except (OSError, ValueError):  # empty file, or a filesystem without mmap
+                return None
+            view = np.frombuffer(mm, dtype=np.uint8)  # keeps the map alive while cached
+            return (mm, int(view.ctypes.data), view)
+        m = self._maps.get(str(path), make)
+        if m is None:
+            return None
+        return (m[0], m[1]) if with_address else m[0]
+
+    def close(self):
+        super().close()
+        self._maps.clear()
