@@ -185,11 +185,12 @@ def _x_shard(root: Path, shard: int = 0) -> Path:
     return next(p for p in (root / "data.zarr" / "x" / "c" / str(shard)).rglob("*") if p.is_file())
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])  # float16: the converting read
 @pytest.mark.parametrize("compression", ["none", "default"])
-def test_a_flipped_byte_in_a_zarr_chunk_raises_naming_the_shard(store, compression):
+def test_a_flipped_byte_in_a_zarr_chunk_raises_naming_the_shard(store, compression, dtype):
     import scatstore
 
-    root = store("zarr", "float32", compression=compression, chunk_samples=4)
+    root = store("zarr", dtype, compression=compression, chunk_samples=4)
     want = [open_dataset(root)[i][0] for i in range(len(open_dataset(root)))]
     path = _x_shard(root, 2)
     good = _flip_byte(path)
@@ -210,7 +211,8 @@ def test_a_flipped_byte_in_a_zarr_chunk_raises_naming_the_shard(store, compressi
     path.write_bytes(good)  # repaired: every sample again, equal to the map-style reader
     ld = scatstore.loader(root, 4, shuffle=False, num_workers=1, drop_last=False)
     got = np.concatenate([x.numpy() for x, _ in ld(0)])
-    np.testing.assert_array_equal(got.reshape(len(want), -1), np.stack(want).reshape(len(want), -1))
+    np.testing.assert_array_equal(got.reshape(len(want), -1),
+                                  np.stack(want).astype(np.float32).reshape(len(want), -1))
 
 
 def test_train_stops_on_a_damaged_chunk_or_skips_it(store, tmp_path):
