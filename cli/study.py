@@ -41,8 +41,9 @@ def _list_representations(ctx, param, value):
               help="Fit the three cae operating points (C=8/16/32 at 0.098/0.33/0.64 bpp) on SRC.")
 @click.option("--codec-steps", type=int, default=300, show_default=True, help="Steps per codec with --fit-codec.")
 @click.option("--train", "train", default=None,
-              help="Also train the real model on every row: 'auto' (ResNet-18 / ScatResNet-10 / "
-                   "cResNet-39 by input kind) or comma-separated archs, one per input kind.")
+              help="Also train the real model on every row: 'auto' (scatstore train's default "
+                   "per store: resnet18, scatresnet50 for scat1, scatresnet10 for scat2, cresnet51) "
+                   "or comma-separated archs, the first that reads a row's input kind is used.")
 @click.option("--epochs", type=int, default=8, show_default=True, help="Epochs of --train.")
 @click.option("--train-batch-size", type=int, default=32, show_default=True)
 @click.option("--budget", type=float, default=None,

@@ -14,10 +14,6 @@ import click
 
 from .common import DeviceParam, fail
 
-# store method name -> default architecture
-_DEFAULT_ARCH = {"scat1": "scatresnet50", "scat2": "scatresnet10", "cae": "cresnet51", "raw": "resnet18"}
-
-
 def _echo(msg: str) -> None:
     click.echo(f"scatstore train: {msg}", err=True)
 
@@ -76,6 +72,9 @@ def _store_loader(path: str, *, batch_size: int, train: bool, seed: int, num_wor
 @click.option("--schedule", type=click.Choice(["step", "cosine", "constant"]), default="step",
               show_default=True, help="step: ÷10 after 1/3 and 2/3 of the epochs (the seeds' 30/60/90).")
 @click.option("--warmup-epochs", type=int, default=0, show_default=True)
+@click.option("--precise-bn", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Recompute the BatchNorm statistics from the training data at each epoch end "
+                   "(auto: when an epoch has fewer than 200 steps, i.e. small datasets).")
 @click.option("--val", "val", type=click.Path(exists=True, path_type=str), default=None,
               help="Held-out data: a store (or a source folder with --pixels).")
 @click.option("--device", type=DeviceParam(allow_auto=True), default="auto", show_default=True,
@@ -90,7 +89,7 @@ def _store_loader(path: str, *, batch_size: int, train: bool, seed: int, num_wor
 @click.option("--num-classes", type=int, default=None, help="Override the number of classes.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def train_cmd(data, pixels, arch, epochs, batch_size, lr, momentum, weight_decay, schedule,
-              warmup_epochs, val, device, amp, checkpoint_dir, resume, num_workers, seed, image_size,
+              warmup_epochs, precise_bn, val, device, amp, checkpoint_dir, resume, num_workers, seed, image_size,
               num_classes, no_progress):
     """Train ARCH on the store DATA (or on the JPEGs of --pixels SRC), one JSON line per epoch."""
     if (data is None) == (pixels is None):
@@ -104,8 +103,8 @@ def train_cmd(data, pixels, arch, epochs, batch_size, lr, momentum, weight_decay
     import torch
     import torch.distributed as dist
 
-    from scatstore.models import arch_info, build_model, canonical_arch, count_params
-    from scatstore.pipelines.train import resolve_device, setup_distributed, train
+    from scatstore.models import arch_info, build_model, canonical_arch, count_params, default_arch
+    from scatstore.pipelines.train import default_lr, resolve_device, setup_distributed, train
 
     rank, world, _ = setup_distributed(device)
     dev = resolve_device(device)
@@ -151,7 +150,7 @@ def train_cmd(data, pixels, arch, epochs, batch_size, lr, momentum, weight_decay
                 val_f = _store_loader(val, batch_size=batch_size, train=False, seed=seed,
                                       num_workers=num_workers, device=str(dev), rank=rank, world=world)
             method = manifest["method"]["name"]
-            arch = canonical_arch(arch or _DEFAULT_ARCH.get(method, "scatresnet10"))
+            arch = canonical_arch(arch or default_arch(method))
             # what the loader yields: C·K channels of coefficients, 3 of pixels, a codec's latents
             in_channels, input_size = train_f.in_channels, train_f.input_size
             n_classes = num_classes or len(manifest.get("class_names") or [])
@@ -161,7 +160,7 @@ def train_cmd(data, pixels, arch, epochs, batch_size, lr, momentum, weight_decay
 
         model = build_model(arch, in_channels, n_classes, input_size=input_size)
         if lr is None:
-            lr = 0.1 * batch_size * world / 256
+            lr = default_lr(batch_size, world)
         if rank == 0:
             _echo(f"{arch}: {count_params(model):,} parameters, input ({in_channels}, {input_size}, "
                   f"{input_size}), {n_classes} classes, device {dev}, world size {world}, lr {lr:g}")
@@ -172,6 +171,7 @@ def train_cmd(data, pixels, arch, epochs, batch_size, lr, momentum, weight_decay
             train(model, train_f, val_f, epochs=epochs, lr=lr, momentum=momentum,
                   weight_decay=weight_decay, amp=amp, device=dev, checkpoint_dir=checkpoint_dir,
                   resume=resume, schedule=schedule, warmup_epochs=warmup_epochs,
+                  precise_bn={"auto": "auto", "on": True, "off": False}[precise_bn],
                   progress=not no_progress and sys.stderr is not None, meta=meta)
         except ValueError as exc:  # data or settings that cannot train (the engine says which)
             fail(str(exc))

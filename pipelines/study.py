@@ -281,8 +281,6 @@ class _DecodedFolder:
 
 _FAMILIES: dict[str, Any] = {"store": _StoreFamily, "jpeg": _JpegFamily}
 
-# the model each kind of tensor is read by (MACs column; --train auto)
-DEFAULT_ARCH = {"pixels": "resnet18", "scattering": "scatresnet10", "latent": "cresnet39"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -488,14 +486,15 @@ class StudyConfig:
                 raise StudyError(f"{what} {p} is not a directory")
 
 
-def _arch_for(kind: str, train_archs: list[str] | None) -> str:
-    from scatstore.models import arch_info, canonical_arch
+def _arch_for(rep: Representation, train_archs: list[str] | None) -> str:
+    """The first of ``train_archs`` that reads this kind of tensor, else the default model of the
+    store's method (``scatstore train``'s: :func:`scatstore.models.default_arch`)."""
+    from scatstore.models import arch_info, canonical_arch, default_arch
 
     for a in train_archs or []:
-        if a != "auto" and arch_info(a)["input"] == {"pixels": "pixels", "scattering": "scattering",
-                                                     "latent": "latent"}[kind]:
+        if a != "auto" and arch_info(a)["input"] == rep.kind:
             return canonical_arch(a)
-    return DEFAULT_ARCH[kind]
+    return default_arch(rep.options.get("method", "raw"))
 
 
 def _fit_codecs(cfg: StudyConfig, log) -> list[str]:
@@ -570,7 +569,7 @@ def run_study(cfg: StudyConfig, log: Callable[[str], None] | None = None) -> dic
                       cfg.loader_repeats)
         epoch_bytes = _epoch_bytes(fam, train_path, min(cfg.batch_size, count), cfg.num_workers)
         in_ch, in_size = _input_geometry(fam, train_path)
-        arch = _arch_for(rep.kind, cfg.train_archs)
+        arch = _arch_for(rep, cfg.train_archs)
         shape, macs = _model_cost(arch, in_ch, in_size, num_classes)
 
         t0 = time.perf_counter()
