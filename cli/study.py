@@ -48,7 +48,8 @@ def _list_representations(ctx, param, value):
 @click.option("--train-batch-size", type=int, default=32, show_default=True)
 @click.option("--budget", type=float, default=None,
               help="Seconds of --train per representation: training stops after the epoch that crosses it.")
-@click.option("--device", type=DeviceParam(), default="cpu", show_default=True, help="Device of --train.")
+@click.option("--device", type=DeviceParam(), default="cpu", show_default=True,
+              help="Device of the encode jobs' transforms, of --fit-codec and of --train.")
 @click.option("--size", type=int, default=224, show_default=True, help="Stored frame side in pixels.")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Loader batch of the measurements.")
 @click.option("--num-workers", type=int, default=2, show_default=True, help="Loader threads / worker processes.")

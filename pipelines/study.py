@@ -133,12 +133,13 @@ class _StoreFamily:
     """Representations stored by the encode job (scattering, raw pixels, learned codec)."""
 
     @staticmethod
-    def build(rep: Representation, src: Path, out: Path, size: int, progress: bool, log) -> None:
+    def build(rep: Representation, src: Path, out: Path, size: int, progress: bool, log,
+              device: str = "cpu") -> None:
         from scatstore.pipelines.encode import EncodeError, config_from_kwargs, encode
 
         try:
             cfg = config_from_kwargs(src=src, out=out, size=size, shard_size=256,
-                                     progress=progress, **rep.options)
+                                     progress=progress, **{"device": device, **rep.options})
             manifest = encode(cfg, log=log)
         except EncodeError as exc:
             raise StudyError(f"{rep.name}: {exc}") from exc
@@ -176,7 +177,8 @@ class _JpegFamily:
     DONE = "jpeg-study.json"
 
     @classmethod
-    def build(cls, rep: Representation, src: Path, out: Path, size: int, progress: bool, log) -> None:
+    def build(cls, rep: Representation, src: Path, out: Path, size: int, progress: bool, log,
+              device: str = "cpu") -> None:
         from PIL import Image
 
         from scatstore.sources import DecodeError, decode_for_frame, resize_center_crop
@@ -242,10 +244,38 @@ class _JpegFamily:
 
     @staticmethod
     def bench(path: Path, batch_size: int, num_workers: int, seconds: float, repeats: int) -> dict:
+        """The pixel loader's decode + RandomResizedCrop + flip + normalise in ``num_workers``
+        DataLoader processes, in steady state: one long run over the folder repeated (a sampler
+        that cycles), so that a small folder does not time the start of worker processes at
+        every epoch (which :func:`scatstore.loaders.bench.measure_jpeg` does, being per epoch)."""
+        import itertools
+
+        import torch
+
         from scatstore.loaders import bench
+        from scatstore.loaders.pixels import jpeg_batches
 
         bench.warm_files([path])
-        return bench.measure_jpeg(path, batch_size, num_workers, seconds, repeats, size=_jpeg_size(path))
+        jb = jpeg_batches(path, batch_size, size=_jpeg_size(path), train=True, seed=0,
+                          num_workers=num_workers, drop_last=False)
+        n = len(jb.dataset)
+        counter = {"bytes": 0}
+
+        def make(epoch):
+            dl = torch.utils.data.DataLoader(
+                jb.dataset, batch_size=batch_size, sampler=itertools.cycle(range(n)),
+                num_workers=num_workers, prefetch_factor=4 if num_workers else None)
+
+            def gen():
+                for x, y, nbytes in dl:
+                    counter["bytes"] += int(nbytes.sum())
+                    yield x, y
+            return gen()
+
+        runs = [bench._timed(make, seconds, lambda: counter["bytes"], warmup_batches=2)
+                for _ in range(repeats)]
+        sps, mbs, cpu = bench._median(runs)
+        return {"samples_per_s": sps, "mb_per_s": mbs, "cpu_ms_per_1000": cpu, "runs": runs}
 
 
 def _jpeg_size(path: Path) -> int:
@@ -559,9 +589,9 @@ def run_study(cfg: StudyConfig, log: Callable[[str], None] | None = None) -> dic
         train_path = cfg.out / rep.name / "train"
         val_path = cfg.out / rep.name / "val" if cfg.val is not None else None
         t0 = time.perf_counter()
-        fam.build(rep, cfg.src, train_path, cfg.size, cfg.progress, log)
+        fam.build(rep, cfg.src, train_path, cfg.size, cfg.progress, log, cfg.device)
         if val_path is not None:
-            fam.build(rep, cfg.val, val_path, cfg.size, cfg.progress, log)
+            fam.build(rep, cfg.val, val_path, cfg.size, cfg.progress, log, cfg.device)
         build_s = time.perf_counter() - t0
         stored, count = fam.stored_bytes(train_path)
         per_sample = stored / count
