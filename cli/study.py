@@ -32,6 +32,8 @@ def _list_representations(ctx, param, value):
 @click.argument("out", type=click.Path(file_okay=False, path_type=str))
 @click.option("--val", type=click.Path(exists=True, file_okay=False, path_type=str), default=None,
               help="Held-out images (same class folders). Default: a stratified 25 % of SRC.")
+@click.option("--holdout", type=float, default=0.25, show_default=True,
+              help="Without --val: the fraction of each class held out of SRC for scoring.")
 @click.option("--methods", default=None,
               help="Comma-separated representation names or globs (e.g. 'jpeg-*,scat1-J3-*'); "
                    "default: all. `scatstore study --list` names them.")
@@ -60,7 +62,7 @@ def _list_representations(ctx, param, value):
 @click.option("--list", "list_only", is_flag=True, is_eager=True, expose_value=False,
               callback=_list_representations, help="List the representations and exit.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def study_cmd(src, out, val, methods, codecs, fit_codec, codec_steps, train, epochs, train_batch_size,
+def study_cmd(src, out, val, holdout, methods, codecs, fit_codec, codec_steps, train, epochs, train_batch_size,
               budget, device, size, batch_size, num_workers, loader_seconds, loader_repeats,
               recon_images, recon_steps, quiet):
     """Encode SRC into every representation under OUT (reused when present), measure bytes,
@@ -69,7 +71,7 @@ def study_cmd(src, out, val, methods, codecs, fit_codec, codec_steps, train, epo
     from scatstore.pipelines.study import StudyConfig, StudyError, format_markdown, run_study
 
     try:
-        cfg = StudyConfig(src=src, out=out, val=val, methods=_csv(methods), codecs=list(codecs),
+        cfg = StudyConfig(src=src, out=out, val=val, holdout=holdout, methods=_csv(methods), codecs=list(codecs),
                           fit_codec=fit_codec, codec_steps=codec_steps, size=size,
                           batch_size=batch_size, num_workers=num_workers,
                           loader_seconds=loader_seconds, loader_repeats=loader_repeats,
