@@ -88,7 +88,7 @@ def cae_representation(codec_path: str | os.PathLike) -> Representation:
     """The row of a learned codec (one operating point): ``cae-<codec file stem>``."""
     stem = Path(codec_path).stem.replace(".", "-")
     name = stem if stem.startswith("cae") else f"cae-{stem}"
-    return _rep(name, "latent", f"cae {stem}", "cae latents", method="cae",
+    return _rep(name, "latent", name, "cae latents", method="cae",
                 codec=str(Path(codec_path).resolve()))
 
 
@@ -528,8 +528,9 @@ def _arch_for(rep: Representation, train_archs: list[str] | None) -> str:
 
 
 def _fit_codecs(cfg: StudyConfig, log) -> list[str]:
-    """Fit the three operating points of :data:`CAE_OPERATING_POINTS` on SRC (reused when the
-    codec file exists)."""
+    """Fit the operating points of :data:`CAE_OPERATING_POINTS` that ``--methods`` selects
+    (``cae-C8``, ``cae-C16``, ``cae-C32``; all without ``--methods``) on SRC; a codec file
+    already in ``OUT/codecs`` is reused."""
     from scatstore.codecs import fit_codec
     from scatstore.sources import DecodeError, decode_image
 
@@ -537,6 +538,8 @@ def _fit_codecs(cfg: StudyConfig, log) -> list[str]:
     paths, images = [], None
     for channels, bpp in CAE_OPERATING_POINTS:
         path = cfg.out / "codecs" / f"cae-C{channels}.codec"
+        if cfg.methods and not any(fnmatch.fnmatchcase(path.stem, p) for p in cfg.methods):
+            continue
         if not path.exists():
             if images is None:
                 images = []

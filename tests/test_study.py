@@ -138,6 +138,31 @@ def test_study_reuses_its_stores(study):
     assert any(m.startswith("resuming: 1/1 shards") for m in logs), logs  # the store was kept
 
 
+@pytest.mark.slow
+def test_study_trains_and_fits_codecs(tmp_path):
+    """--fit-codec adds the cae operating points --methods selects; --train trains each row's
+    model through its loader and scores it on VAL; --budget stops after the epoch that crosses it."""
+    from scatstore.pipelines.study import StudyConfig, run_study
+    from scatstore.sources.demo_data import make_small_classes
+
+    src, val = make_small_classes(tmp_path / "src", n_train=3, n_val=2, size_range=(72, 96), seed=1)
+    cfg = StudyConfig(src=src, out=tmp_path / "out", val=val, methods=["jpeg-q50", "cae-C8"],
+                      fit_codec=True, codec_steps=3, size=64, batch_size=8, num_workers=1,
+                      loader_seconds=0.1, loader_repeats=1, train_archs=["auto"], epochs=3,
+                      train_batch_size=5, budget_s=1e-3, recon_images=1, recon_steps=2,
+                      progress=False)
+    result = run_study(cfg, log=lambda m: None)
+    rows = {r["name"]: r for r in result["representations"]}
+    assert list(rows) == ["jpeg-q50", "cae-C8"]
+    assert rows["cae-C8"]["model_input_shape"] == [8, 8, 8]  # C=8 latents of a 64² frame
+    for r in rows.values():
+        assert r["train_epochs"] == 1 and 0 <= r["train_top1"] <= 1 and r["train_s"] > 0
+    assert rows["cae-C8"]["model"] == "cresnet51" and rows["jpeg-q50"]["model"] == "resnet18"
+    assert {"cae-C8", "JPEG q50"} <= set(result["reconstruction"][0]["psnr_db"])
+    assert "trained top-1 %" in (cfg.out / "study.md").read_text()
+    assert [p.name for p in (cfg.out / "codecs").iterdir()] == ["cae-C8.codec"]
+
+
 def test_study_cli_errors(tmp_path):
     from click.testing import CliRunner
 
