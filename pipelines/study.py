@@ -485,7 +485,7 @@ class StudyConfig:
     loader_repeats: int = 3
     holdout: float = 0.25
     probe_l2: float = 1e-3
-    train_archs: list[str] | None = None   # None: no training; ["auto"]: DEFAULT_ARCH per kind
+    train_archs: list[str] | None = None   # None: no training; ["auto"]: models.default_arch
     epochs: int = 8
     train_batch_size: int = 32
     budget_s: float | None = None
