@@ -514,6 +514,12 @@ class StudyConfig:
         for p, what in ((self.src, "SRC"), (self.val, "--val")):
             if p is not None and not p.is_dir():
                 raise StudyError(f"{what} {p} is not a directory")
+            # the study writes JPEG folders into OUT: inside a source they would become samples
+            if p is not None and self.out.resolve().is_relative_to(p.resolve()):
+                raise StudyError(f"OUT {self.out} is inside {what} {p}: choose an OUT outside it")
+        if self.val is not None and self.val.resolve() == self.src.resolve():
+            raise StudyError("--val is SRC: the held-out images must be others (or leave --val "
+                             "out for a held-out split of SRC)")
 
 
 def _arch_for(rep: Representation, train_archs: list[str] | None) -> str:
@@ -585,7 +591,7 @@ def run_study(cfg: StudyConfig, log: Callable[[str], None] | None = None) -> dic
     source_per_sample = src_index.total_bytes / len(src_index.items)
     raw_per_sample = 3 * cfg.size * cfg.size
 
-    rows, features = [], {}
+    rows = []
     for i, rep in enumerate(reps, 1):
         fam = _FAMILIES[rep.family]
         log(f"[{i}/{len(reps)}] {rep.name}")
@@ -615,7 +621,6 @@ def run_study(cfg: StudyConfig, log: Callable[[str], None] | None = None) -> dic
             z_tr, y_tr, z_val, y_val = z[tr], y[tr], z[held], y[held]
         probe = fit_and_score(z_tr, y_tr, z_val, y_val, num_classes, l2=cfg.probe_l2)
         probe_s = time.perf_counter() - t0
-        features[rep.name] = z
 
         row = {
             "name": rep.name, "label": rep.label, "group": rep.group, "kind": rep.kind,

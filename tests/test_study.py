@@ -174,6 +174,10 @@ def test_study_cli_errors(tmp_path):
     assert r.exit_code == 2 and "--train needs --val" in r.output
     r = CliRunner().invoke(main, ["study", str(src), str(tmp_path / "out"), "--methods", "nope-*"])
     assert r.exit_code == 2 and "no representation matches nope-*" in r.output
+    r = CliRunner().invoke(main, ["study", str(src), str(src / "study")])
+    assert r.exit_code == 2 and "inside SRC" in r.output
+    r = CliRunner().invoke(main, ["study", str(src), str(tmp_path / "out"), "--val", str(src)])
+    assert r.exit_code == 2 and "--val is SRC" in r.output
     r = CliRunner().invoke(main, ["study", "--list"])
     assert r.exit_code == 0 and "scat1-J3-float16" in r.output and "jpeg-q90" in r.output
 
