@@ -57,7 +57,8 @@ def _list_representations(ctx, param, value):
 @click.option("--num-workers", type=int, default=2, show_default=True, help="Loader threads / worker processes.")
 @click.option("--loader-seconds", type=float, default=1.0, show_default=True, help="Duration of one loader run.")
 @click.option("--loader-repeats", type=int, default=3, show_default=True, help="Loader runs per row (median).")
-@click.option("--recon-images", type=int, default=3, show_default=True, help="Images on the reconstruction sheet (0: none).")
+@click.option("--recon-images", type=int, default=3, show_default=True,
+              help="Images on the reconstruction sheet (0: none).")
 @click.option("--recon-steps", type=int, default=60, show_default=True, help="Gradient steps per scattering inversion.")
 @click.option("--list", "list_only", is_flag=True, is_eager=True, expose_value=False,
               callback=_list_representations, help="List the representations and exit.")
