@@ -22,6 +22,7 @@ _LAZY_COMMANDS = {
     "bench-load": "scatstore.cli.loading:bench_load_cmd",
     "fit-codec": "scatstore.cli.codec:fit_codec_cmd",
     "decode": "scatstore.cli.codec:decode_cmd",
+    "study": "scatstore.cli.study:study_cmd",
 }
 
 

@@ -14,10 +14,6 @@ import click
 
 from .common import DeviceParam, fail
 
-# store method name -> default architecture
-_DEFAULT_ARCH = {"scat1": "scatresnet50", "scat2": "scatresnet10", "cae": "cresnet51", "raw": "resnet18"}
-
-
 def _echo(msg: str) -> None:
     click.echo(f"scatstore train: {msg}", err=True)
 
@@ -153,6 +149,9 @@ def _store_loader(path: str, *, batch_size: int, train: bool, seed: int, num_wor
 @click.option("--schedule", type=click.Choice(["step", "cosine", "constant"]), default="step",
               show_default=True, help="step: ÷10 after 1/3 and 2/3 of the epochs (the seeds' 30/60/90).")
 @click.option("--warmup-epochs", type=int, default=0, show_default=True)
+@click.option("--precise-bn", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Recompute the BatchNorm statistics from the training data at each epoch end "
+                   "(auto: when an epoch has fewer than 200 steps, i.e. small datasets).")
 @click.option("--val", "val", type=click.Path(exists=True, path_type=str), default=None,
               help="Held-out data: a store (or a source folder with --pixels).")
 @click.option("--device", type=DeviceParam(allow_auto=True), default="auto", show_default=True,
@@ -171,8 +170,8 @@ def _store_loader(path: str, *, batch_size: int, train: bool, seed: int, num_wor
                    "instead of stopping with an error.")
 @click.pass_context
 def train_cmd(ctx, data, pixels, arch, epochs, batch_size, lr, momentum, weight_decay, schedule,
-              warmup_epochs, val, device, amp, checkpoint_dir, resume, num_workers, seed, image_size,
-              num_classes, no_progress, skip_damaged):
+              warmup_epochs, precise_bn, val, device, amp, checkpoint_dir, resume, num_workers, seed,
+              image_size, num_classes, no_progress, skip_damaged):
     """Train ARCH on the store DATA (or on the JPEGs of --pixels SRC), one JSON line per epoch."""
     if (data is None) == (pixels is None):
         fail("give either a store DATA or --pixels SRC (not both)")
@@ -189,8 +188,8 @@ def train_cmd(ctx, data, pixels, arch, epochs, batch_size, lr, momentum, weight_
     import torch
     import torch.distributed as dist
 
-    from scatstore.models import arch_info, build_model, canonical_arch, count_params
-    from scatstore.pipelines.train import resolve_device, setup_distributed, train
+    from scatstore.models import arch_info, build_model, canonical_arch, count_params, default_arch
+    from scatstore.pipelines.train import default_lr, resolve_device, setup_distributed, train
     from scatstore.stores import StoreError
 
     rank, world, _ = setup_distributed(device)
@@ -250,14 +249,14 @@ def train_cmd(ctx, data, pixels, arch, epochs, batch_size, lr, momentum, weight_
                                       skip_damaged=skip_damaged)
                 _check_labels(val_manifest, val_f.labels, n_classes, val)
             method = manifest["method"]["name"]
-            arch = canonical_arch(arch or _DEFAULT_ARCH.get(method, "scatresnet10"))
+            arch = canonical_arch(arch or default_arch(method))
             # what the loader yields: C·K channels of coefficients, 3 of pixels, a codec's latents
             in_channels, input_size = train_f.in_channels, train_f.input_size
             data_desc = {"kind": "store", "path": os.path.abspath(data), "method": method}
 
         model = build_model(arch, in_channels, n_classes, input_size=input_size)
         if lr is None:
-            lr = 0.1 * batch_size * world / 256
+            lr = default_lr(batch_size, world)
         if rank == 0:
             _echo(f"{arch}: {count_params(model):,} parameters, input ({in_channels}, {input_size}, "
                   f"{input_size}), {n_classes} classes, device {dev}, world size {world}, lr {lr:g}")
@@ -268,6 +267,7 @@ def train_cmd(ctx, data, pixels, arch, epochs, batch_size, lr, momentum, weight_
             train(model, train_f, val_f, epochs=epochs, lr=lr, momentum=momentum,
                   weight_decay=weight_decay, amp=amp, device=dev, checkpoint_dir=checkpoint_dir,
                   resume=resume, schedule=schedule, warmup_epochs=warmup_epochs,
+                  precise_bn={"auto": "auto", "on": True, "off": False}[precise_bn],
                   progress=not no_progress and sys.stderr is not None, meta=meta)
         except (ValueError, StoreError) as exc:  # data or settings that cannot train
             fail(str(exc))

@@ -19,7 +19,9 @@ Per epoch, rank 0 writes one JSON line to stdout (``log``), keys:
 ``bytes_read``     bytes read by the training data source this epoch, all ranks: the delta of the
                    iterable's (or factory's) ``bytes_read`` counter if it has one, else the sum of the
                    batches' tensor ``nbytes`` as delivered (an estimate: decoded, not on-disk, bytes)
-plus ``lr``, ``val_loss``, ``train_samples``, ``epoch_time_s``, ``world_size``.
+plus ``lr``, ``val_loss``, ``train_samples``, ``epoch_time_s``, ``world_size`` and
+``bn_recalibrated`` (training batches of the precise-BatchNorm pass at the epoch's end; 0: none,
+see :func:`recalibrate_batchnorm`).
 """
 from __future__ import annotations
 
@@ -43,6 +45,10 @@ from scatstore.loaders.pixels import shard_indices
 BatchesFactory = Callable[[int], Iterable]
 
 CHECKPOINT_FORMAT = "scatstore-train-checkpoint/1"
+# precise BatchNorm ("auto"): an epoch of fewer optimizer steps than this ends with a pass that
+# recomputes the BatchNorm statistics (see recalibrate_batchnorm), over at most PRECISE_BN_BATCHES
+PRECISE_BN_MAX_STEPS = 200
+PRECISE_BN_BATCHES = 100
 JSON_KEYS = ("epoch", "train_loss", "train_top1", "val_top1", "val_top5", "samples_per_s",
              "data_wait_frac", "bytes_read")
 
@@ -152,6 +158,55 @@ def lr_at(epoch: int, *, base_lr: float, epochs: int, schedule: str = "step",
     if epoch < warmup_epochs:
         lr *= (epoch + 1) / (warmup_epochs + 1)
     return lr
+
+
+def default_lr(batch_size: int, world_size: int = 1) -> float:
+    """The linear scaling rule of Goyal et al.: ``0.1 × global batch / 256``."""
+    return 0.1 * batch_size * world_size / 256
+
+
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable, *, device: torch.device,
+                          amp: bool = False, max_batches: int = PRECISE_BN_BATCHES) -> int:
+    """Recompute every BatchNorm's running mean and variance from ``batches`` ("precise BN").
+
+    A BatchNorm's running statistics are an exponential average (momentum 0.1) of batch statistics
+    taken while the weights were moving: after a few dozen steps at a high learning rate they
+    describe earlier networks, not the one evaluated (docs/models.md measures the effect on a
+    150-image set: 20 % held-out top-1 in eval mode against 86 % with recomputed statistics).
+    This pass resets them and averages the statistics of up to ``max_batches`` training batches
+    (train mode, no gradients, cumulative average: momentum ``None``) under the final weights.
+    Returns the number of batches used. Parameters and the optimizer are untouched.
+    """
+    bns = [m for m in model.modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns or max_batches < 1:
+        return 0
+    momenta = [m.momentum for m in bns]
+    was_training = model.training
+    n = 0
+    try:
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None
+        model.train()
+        with torch.no_grad(), _autocast(device, amp):
+            it = iter(batches)
+            try:
+                for x, y in it:
+                    x, _ = _to_device(x, y, device)
+                    model(x)
+                    n += 1
+                    if n >= max_batches:
+                        break
+            finally:
+                close = getattr(it, "close", None)
+                if close is not None:
+                    close()
+    finally:
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+        model.train(was_training)
+    return n
 
 
 def _rng_state() -> dict:
@@ -264,7 +319,7 @@ def train(model: nn.Module, train_batches_factory: BatchesFactory,
           resume: bool = False, log: Callable[[dict], None] | None = print_json_line,
           schedule: str = "step", warmup_epochs: int = 0, nesterov: bool = False,
           label_smoothing: float = 0.0, progress: bool = True, meta: dict | None = None,
-          join_uneven: bool = True) -> list[dict]:
+          join_uneven: bool = True, precise_bn: bool | str = "auto") -> list[dict]:
     """Train ``model`` for ``epochs`` epochs with SGD; returns the per-epoch records (whole history,
     including epochs restored from a checkpoint).
 
@@ -276,7 +331,15 @@ def train(model: nn.Module, train_batches_factory: BatchesFactory,
       model, optimizer and scaler state, the epoch, RNG states, the history and ``meta`` — tensors
       and plain containers only, loaded with ``weights_only=True``. ``resume=True`` continues from
       it: with deterministic factories the result equals an uninterrupted run.
+    * Precise BatchNorm: ``precise_bn=True`` ends every epoch with
+      :func:`recalibrate_batchnorm` over the epoch's training batches (the factory called
+      again for the same epoch), before evaluation and the checkpoint; ``"auto"`` (default) does so
+      only for epochs of fewer than ``PRECISE_BN_MAX_STEPS`` optimizer steps (small datasets:
+      an ImageNet epoch has thousands of steps and keeps the usual running averages);
+      ``False`` never. Records say ``bn_recalibrated`` (batches used, 0 when not).
     """
+    if precise_bn not in (True, False, "auto"):
+        raise ValueError(f"precise_bn must be True, False or 'auto', got {precise_bn!r}")
     rank, world, local_rank = setup_distributed(None if device is None else str(device))
     dev = resolve_device(device)
     if dev.type == "cuda":
@@ -395,6 +458,11 @@ def train(model: nn.Module, train_batches_factory: BatchesFactory,
             "train_batches": steps,
             "world_size": world,
         }
+        recal = 0
+        if precise_bn is True or (precise_bn == "auto" and steps < PRECISE_BN_MAX_STEPS):
+            # the statistics of the weights that are evaluated and saved, on this rank's data
+            recal = recalibrate_batchnorm(core, train_batches_factory(epoch), device=dev, amp=amp)
+        record["bn_recalibrated"] = recal
         if world > 1:
             # BatchNorm running statistics drift apart between ranks within an epoch (each rank
             # updates them from its own batches); evaluate and save rank 0's everywhere.
@@ -420,6 +488,7 @@ def train(model: nn.Module, train_batches_factory: BatchesFactory,
                     "meta": meta or {},
                     "config": {"lr": lr, "momentum": momentum, "weight_decay": weight_decay,
                                "schedule": schedule, "warmup_epochs": warmup_epochs, "amp": amp,
+                               "precise_bn": precise_bn,
                                "world_size": world},
                 })
         if world > 1:

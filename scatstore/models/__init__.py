@@ -38,6 +38,16 @@ _ALIASES = {
 }
 
 
+# store method -> the model that reads it by default (`scatstore train`, the study's MACs column)
+DEFAULT_ARCH = {"scat1": "scatresnet50", "scat2": "scatresnet10", "cae": "cresnet51", "raw": "resnet18"}
+
+
+def default_arch(method: str) -> str:
+    """The default architecture for a store of ``method`` (pixels: ``raw``); ScatResNet-10 for
+    an unknown method."""
+    return DEFAULT_ARCH.get(method, "scatresnet10")
+
+
 def canonical_arch(arch: str) -> str:
     a = arch.lower().replace("_", "-")
     a = _ALIASES.get(a, a)
@@ -72,6 +82,7 @@ def build_model(arch: str, in_channels: int | None = None, num_classes: int = 10
 
 __all__ = [
     "build_model", "list_archs", "arch_info", "canonical_arch", "count_macs", "count_params",
+    "default_arch", "DEFAULT_ARCH",
     "ScatResNet10", "ScatResNet50", "ScatWRN", "CResNet", "ResNet",
     "resnet18", "resnet34", "resnet50", "resnet101", "scattering_channels",
 ]

@@ -27,7 +27,8 @@ import numpy as np
 
 from ..sample_data import load_image
 
-__all__ = ["make_imagenet_layout", "make_coco_layout", "make_trap_files", "DEMO_CLASSES",
+__all__ = ["make_imagenet_layout", "make_coco_layout", "make_trap_files", "make_small_classes",
+           "SMALL_CLASSES", "DEMO_CLASSES",
            "COCO_CATEGORIES", "COCO_BACKGROUNDS"]
 
 # (wnid, shipped texture, human-readable name)
@@ -250,3 +251,62 @@ def make_trap_files(dst) -> dict[str, str]:
     put("empty.JPEG", b"", "empty")
     put("text.JPEG", b"<html><body>404 Not Found</body></html>\n" * 4, "not_an_image")
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# a small 5-class classification set (textures, faces, photographs)
+
+SMALL_CLASSES: tuple[tuple[str, str], ...] = (
+    ("brick", "texture"), ("grass", "texture"), ("gravel", "texture"),
+    ("face", "faces"), ("photo", "photos"),
+)
+_SMALL_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "stereo_motorcycle", "camera",
+                 "coins", "clock", "immunohistochemistry", "hubble_deep_field")
+
+
+def make_small_classes(dst, n_train: int = 30, n_val: int = 10, size_range=(96, 200),
+                       seed: int = 0) -> tuple[Path, Path]:
+    """Write a 5-class ImageNet-layout training set and a disjoint validation set.
+
+    ``dst/train/<class>/…JPEG`` (``n_train`` per class) and ``dst/val/<class>/…JPEG``
+    (``n_val`` per class): three textures (random crops, rescales and flips of each texture),
+    faces (the 100 faces of ``skimage.data.lfw_subset``, upscaled: the first 70 people for
+    training, the last 30 for validation) and photographs (random views of ten shipped
+    photographs). Training and validation views are drawn independently. Every
+    image has a random size in ``size_range`` and is stored as JPEG q90. Returns
+    ``(dst/train, dst/val)``.
+    """
+    from ..sample_data import load_faces
+
+    dst = Path(dst)
+    rng = np.random.default_rng(seed)
+    lo, hi = size_range
+    faces = load_faces(100)
+    photos = [_rgb(load_image(n, rgb=False)) for n in _SMALL_PHOTOS]
+    textures = {n: _rgb(load_image(n, rgb=False)) for n, kind in SMALL_CLASSES if kind == "texture"}
+
+    def views(name: str, kind: str, split: str, n: int) -> list[np.ndarray]:
+        out = []
+        for _ in range(n):
+            w = h = int(rng.integers(lo, hi + 1))
+            if kind == "texture":
+                src = textures[name]
+            elif kind == "faces":
+                idx = int(rng.integers(0, 70)) if split == "train" else int(rng.integers(70, 100))
+                src = _rgb(faces[idx])
+            else:
+                src = photos[int(rng.integers(len(photos)))]
+            zoom = (0.8, 1.0) if kind == "faces" else (0.45, 1.0)
+            out.append(_random_view(src, w, h, rng, zoom=zoom))
+        return out
+
+    roots = []
+    for split, n in (("train", n_train), ("val", n_val)):
+        root = dst / split
+        for cname, kind in SMALL_CLASSES:
+            d = root / cname
+            d.mkdir(parents=True, exist_ok=True)
+            for i, img in enumerate(views(cname, kind, split, n)):
+                (d / f"{cname}_{i:03d}.JPEG").write_bytes(_jpeg_bytes(img, 90))
+        roots.append(root)
+    return roots[0], roots[1]
