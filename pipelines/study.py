@@ -275,7 +275,7 @@ class _JpegFamily:
         runs = [bench._timed(make, seconds, lambda: counter["bytes"], warmup_batches=2)
                 for _ in range(repeats)]
         sps, mbs, cpu = bench._median(runs)
-        return {"samples_per_s": sps, "mb_per_s": mbs, "cpu_ms_per_1000": cpu, "runs": runs}
+        return {"samples_per_s": sps, "mb_per_s": mbs, "cpu_us_per_sample": cpu, "runs": runs}
 
 
 def _jpeg_size(path: Path) -> int:
@@ -630,7 +630,7 @@ def run_study(cfg: StudyConfig, log: Callable[[str], None] | None = None) -> dic
             "ratio_vs_source": per_sample / source_per_sample,
             "bytes_read_per_epoch": epoch_bytes,
             "loader_samples_per_s": b["samples_per_s"],
-            "loader_cpu_ms_per_sample": b["cpu_ms_per_1000"],  # CPU s per 1000 samples = ms per sample
+            "loader_cpu_ms_per_sample": b["cpu_us_per_sample"] / 1000.0,
             "model": arch, "model_input_shape": shape, "model_macs": macs,
             "probe_top1": probe.val_top1, "probe_train_top1": probe.train_top1,
             "probe_features": probe.features, "probe_s": probe_s,
