@@ -560,9 +560,9 @@ def test_fit_codec_cli_streams_a_raw_store_and_resumes(tmp_path):
 
 def test_hyperprior_codec_through_encode_and_the_loader(tmp_path, hyper_codec):
     from PIL import Image
+    from scatstore.pipelines.encode import EncodeConfig, encode
 
     import scatstore
-    from scatstore.pipelines.encode import EncodeConfig, encode
 
     src = tmp_path / "src"
     src.mkdir()
