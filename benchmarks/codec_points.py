@@ -139,9 +139,9 @@ def plot(rows: list[dict], curve: list[dict], path: Path, title: str) -> None:
         ax.plot([0.33, 0.64], [a, b], ":", marker=".", lw=1, label=f"{name} (Kodak, published)")
     ax.set_xlabel("bits per pixel (actual bitstreams)")
     ax.set_ylabel("PSNR (dB, RGB)")
-    ax.set_xlim(0, 0.9)
+    ax.set_xlim(0, max(0.9, max(r["bpp"] for r in rows) + 0.05))
     ax.grid(alpha=0.3)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=8)
     ax.legend(fontsize=6, loc="lower right")
     fig.tight_layout()
     fig.savefig(path)
@@ -231,8 +231,9 @@ def main() -> None:
     for n, a, b in ANCHORS:
         print(f"  {n}: {a} / {b} dB")
     if args.png and rows:
-        plot(rows, curve, args.png, f"held-out skimage photos ({len(images)} x 224²); "
-             f"{'steps ' + str(args.steps) if args.steps else ''} {'' if args.minutes is None else str(args.minutes) + ' min'} per point")
+        steps = "; ".join(f"{p} " + "/".join(str(r["steps"]) for r in rows if r["prior"] == p)
+                          for p in dict.fromkeys(r["prior"] for r in rows))
+        plot(rows, curve, args.png, f"held-out skimage photos ({len(images)} x 224²); training steps: {steps}")
         print(f"rate-distortion plot: {args.png}")
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "jpeg_curve": curve}, indent=1))

@@ -560,9 +560,9 @@ def test_fit_codec_cli_streams_a_raw_store_and_resumes(tmp_path):
 
 def test_hyperprior_codec_through_encode_and_the_loader(tmp_path, hyper_codec):
     from PIL import Image
+    from scatstore.pipelines.encode import EncodeConfig, encode
 
     import scatstore
-    from scatstore.pipelines.encode import EncodeConfig, encode
 
     src = tmp_path / "src"
     src.mkdir()
@@ -577,3 +577,16 @@ def test_hyperprior_codec_through_encode_and_the_loader(tmp_path, hyper_codec):
     x, _ = next(iter(scatstore.loader(tmp_path / "s", batch_size=3, shuffle=False)))
     assert torch.equal(x, torch.from_numpy(symbols).float())
     assert ds.manifest["quality"]["rate_actual_over_estimate"] <= 1.25
+
+
+def test_larger_v2_transform_saves_as_format_2_and_round_trips(train_images, eval_images, tmp_path):
+    torch.set_num_threads(1)
+    codec = fit_codec(train_images, channels=3, beta=0.01, steps=3, batch_size=2, size=32, hidden=8,
+                      architecture="cae-gdn-v2", seed=0, progress=False)
+    codec.save(tmp_path / "v2.cae")
+    again = load_codec(tmp_path / "v2.cae")
+    assert again.format_version == 2 and again.config["architecture"] == "cae-gdn-v2"
+    blobs = again.encode(eval_images)
+    assert blobs == codec.encode(eval_images)
+    np.testing.assert_array_equal(again.decode_symbols(blobs), codec.quantize(eval_images)[0])
+    assert again.decode_images(again.decode_symbols(blobs)).shape == eval_images.shape

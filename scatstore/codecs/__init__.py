@@ -1,5 +1,7 @@
 """Learned compression: a compressive autoencoder (Theis et al. 2017 / Torfason et al. 2018)
-with a per-channel factorized prior frozen into integer tables, entropy-coded by constriction.
+with a per-channel factorized prior or a scale hyperprior (Ballé et al. 2018) frozen into
+integer tables (the hyperprior's scale network into an integer network, hyper.py), entropy-coded
+by constriction. docs/codec.md.
 
 Public API::
 

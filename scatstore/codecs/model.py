@@ -1,4 +1,8 @@
-"""The compressive autoencoder: stride-8 encoder, decoder and per-channel factorized density.
+"""The compressive autoencoders: stride-8 encoders, decoders, factorized density, hyperprior.
+
+Version 1 (architecture "cae-sgdn-v1", the default transform; :class:`CAE`) is described here;
+version 2 (the larger "cae-gdn-v2" transform, and the scale hyperprior on either) further down.
+``build_model(config)`` builds what a codec file's config names.
 
 Architecture (``N`` hidden channels, ``C`` latent channels)::
 
@@ -306,11 +310,11 @@ def build_model(config: dict) -> nn.Module:
         return CAE(int(config["channels"]), int(config["hidden"]))
     if arch == "cae-sgdn-v1":  # the v1 transform under a scale hyperprior
         return CAE2(int(config["channels"]), int(config["hidden"]), "hyper",
-                    int(config["hyper_channels"]), int(config["hyper_hidden"]),
+                    int(config.get("hyper_channels", 16)), int(config.get("hyper_hidden", 32)),
                     transform="sgdn3")
     if arch == "cae-gdn-v2":
         return CAE2(int(config["channels"]), int(config["hidden"]), config.get("prior", "factorized"),
-                    int(config["hyper_channels"]), int(config["hyper_hidden"]),
+                    int(config.get("hyper_channels", 16)), int(config.get("hyper_hidden", 32)),
                     latent_gain=float(config.get("latent_gain", 1.0)))
     raise ValueError(f"unknown codec architecture {arch!r}")
 
