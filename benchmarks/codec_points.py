@@ -6,7 +6,7 @@ evaluates them on five OTHER photographs (224x224 centre crops, short side resiz
 first): bpp of the actual bitstreams (headers and side information included), PSNR and MS-SSIM.
 JPEG (PIL, optimize=True, 4:2:0) gets, per image, the highest quality whose file is no larger
 than the CAE bitstream of that image. Prints the published Kodak anchors of the issue beside
-them and writes a rate-distortion plot (needs matplotlib: pip install scatstore[bench]).
+them and writes a rate-distortion plot.
 
     python benchmarks/codec_points.py [--minutes 8 | --steps 1500] [--prior factorized|hyper]
         [--save DIR | --load DIR] [--png docs/codec_rd.png] [--json FILE]
