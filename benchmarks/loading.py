@@ -212,8 +212,11 @@ def encode_defaults() -> dict:
     import dataclasses
 
     from scatstore.pipelines.encode import EncodeConfig
+    from scatstore.pipelines.encode.options import DEFAULTS
 
     f = {x.name: x.default for x in dataclasses.fields(EncodeConfig)}
+    # a field left at None takes the method's default (EncodeConfig.value)
+    f = {k: DEFAULTS.get(k) if v is None else v for k, v in f.items()}
     return {"format": f["format"], "dtype": f["dtype"], "compression": f["compression"],
             "shard_size": f["shard_size"]}
 
