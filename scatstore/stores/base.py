@@ -338,8 +338,9 @@ class StoreWriter:
         remove_tmp_files(self.out)
         self._prepare_layout()
 
-    def _prepare_layout(self) -> None:  # pragma: no cover - overridden
-        pass
+    def _prepare_layout(self) -> None:
+        """Files a format writes once per store before any shard (zarr's group and array
+        metadata); none by default."""
 
     # ---------------------------------------------------------------- shards
     def write_shard(self, shard_index: int, batch: ShardBatch) -> ShardRecord:

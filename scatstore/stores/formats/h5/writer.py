@@ -42,9 +42,6 @@ def h5_chunk_samples(spec: StoreSpec) -> int:
 class H5Writer(StoreWriter):
     layout = LAYOUT
 
-    def _prepare_layout(self) -> None:
-        pass
-
     def h5_path(self, index: int) -> Path:
         return self.out / f"{shard_name(index)}.h5"
 

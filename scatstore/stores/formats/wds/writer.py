@@ -51,9 +51,6 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
 class WdsWriter(StoreWriter):
     layout = LAYOUT
 
-    def _prepare_layout(self) -> None:
-        pass
-
     def tar_path(self, index: int) -> Path:
         return self.out / f"{shard_name(index)}.tar"
 
