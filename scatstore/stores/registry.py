@@ -64,11 +64,11 @@ class StoreFormat:
         ``compressions`` maps each name it takes to its level range ``(lo, hi)`` or ``None``
         (takes no level). Raises ``ValueError`` with a one-line reason."""
         name, colon, level = str(text).partition(":")
-        known = sorted({n for f in _all_formats() for n in f.compressions})
-        if name not in known:
-            raise ValueError(f"unknown compression {text!r}; choose from "
-                             + ", ".join(_describe(n) for n in known))
-        if name not in self.compressions:
+        if name not in self.compressions:  # only then are the other formats loaded
+            known = sorted({n for f in _all_formats() for n in f.compressions})
+            if name not in known:
+                raise ValueError(f"unknown compression {text!r}; choose from "
+                                 + ", ".join(_describe(n) for n in known))
             raise ValueError(f"{text!r} does not apply to format {self.name}: "
                              f"{self.compression_advice}")
         levels = self.compressions[name]
