@@ -12,8 +12,8 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# CPU build of torch first so that no multi-GB CUDA build is pulled in.
-	$(PY) -m pip install -q -c constraints.txt torch
+	# torch 2.14.1 with torchvision 0.29.1: the pair whose compiled ops (NMS, RoI align) load
+	# together; the wheels are CUDA builds and run on CPU-only machines too.
 	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
