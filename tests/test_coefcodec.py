@@ -420,3 +420,30 @@ def test_tc_options_are_checked(tc_src, tmp_path):
     _encode_tc(tc_src, out, quality=40)
     with pytest.raises(EncodeError, match="different job"):
         _encode_tc(tc_src, out, quality=60)
+
+
+def test_decode_kernel_agrees_with_numpy_and_the_avx2_build(coeffs, codec50):
+    from scatstore import _cbuild
+    from scatstore.transforms import coefcodec
+
+    blobs = codec50.encode(coeffs[0]) * 2
+    info = coefcodec.kernel_info()
+    if _cbuild.find_compiler() is not None and not _cbuild.native_disabled():
+        assert info["available"], info
+    fast = codec50.decode(blobs, threads=2)
+    fast_log = codec50.decode(blobs, domain="log")
+    try:
+        coefcodec.select_kernel(use_numpy=True)
+        assert coefcodec.kernel_info()["kernel"] == "numpy"
+        ref = codec50.decode(blobs)
+        ref_log = codec50.decode(blobs, domain="log")
+        others = []
+        if "x86-64-v3" in _cbuild.isa_levels() and _cbuild.isa_level() != "x86-64-v3":
+            coefcodec.select_kernel("x86-64-v3")
+            others.append(codec50.decode(blobs))
+    finally:
+        coefcodec.select_kernel()
+    np.testing.assert_allclose(fast_log, ref_log, rtol=0, atol=2e-5)
+    np.testing.assert_allclose(fast, ref, rtol=2e-5, atol=1e-7)
+    for o in others:
+        np.testing.assert_allclose(o, ref, rtol=2e-5, atol=1e-7)
