@@ -239,8 +239,9 @@ def test_damaged_or_foreign_blobs_are_refused(coeffs, codec50):
 
 
 def test_bytes_identical_on_the_avx2_paths(coeffs, codec50, tmp_path):
-    """Encoding in a process restricted to x86-64-v3 SIMD (numpy) and the Haswell (AVX2)
-    OpenBLAS kernels, with 2 BLAS threads, gives the same bytes as this process."""
+    """Encoding in a process restricted to x86-64-v3 SIMD (numpy), the Haswell (AVX2)
+    OpenBLAS kernels and the x86-64-v3 build of the C encoder, with 2 BLAS threads, gives the
+    same bytes as this process; so does the numpy-only path (SCATSTORE_NATIVE=0)."""
     import os
     import subprocess
     import sys
@@ -253,11 +254,16 @@ def test_bytes_identical_on_the_avx2_paths(coeffs, codec50, tmp_path):
         "from scatstore.transforms.coefcodec import CoefficientCodec\n"
         f"c = CoefficientCodec.from_json(json.load(open({str(tmp_path / 'rec.json')!r})))\n"
         f"sys.stdout.write(b''.join(c.encode(np.load({str(tmp_path / 'x.npy')!r}))).hex())\n")
-    env = dict(os.environ, NPY_DISABLE_CPU_FEATURES="X86_V4 AVX512_ICL AVX512_SPR",
-               OPENBLAS_CORETYPE="Haswell", OMP_NUM_THREADS="2", OPENBLAS_NUM_THREADS="2")
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                         check=True, timeout=120)
-    assert bytes.fromhex(out.stdout) == b"".join(codec50.encode(test))
+    from scatstore import _cbuild
+
+    v3 = "x86-64-v3" in _cbuild.isa_levels()
+    for extra in ({"SCATSTORE_ISA": "x86-64-v3"} if v3 else {}, {"SCATSTORE_NATIVE": "0"}):
+        env = dict(os.environ, NPY_DISABLE_CPU_FEATURES="X86_V4 AVX512_ICL AVX512_SPR",
+                   OPENBLAS_CORETYPE="Haswell", OMP_NUM_THREADS="2", OPENBLAS_NUM_THREADS="2",
+                   **extra)
+        out = subprocess.run([sys.executable, "-W", "ignore", "-c", script], env=env,
+                             capture_output=True, text=True, check=True, timeout=120)
+        assert bytes.fromhex(out.stdout) == b"".join(codec50.encode(test)), extra
 
 
 # ------------------------------------------------------------------ stores (encode --dtype tc)
@@ -447,3 +453,27 @@ def test_decode_kernel_agrees_with_numpy_and_the_avx2_build(coeffs, codec50):
     np.testing.assert_allclose(fast, ref, rtol=2e-5, atol=1e-7)
     for o in others:
         np.testing.assert_allclose(o, ref, rtol=2e-5, atol=1e-7)
+
+
+def test_encode_kernel_gives_the_numpy_codes_and_bytes(coeffs, codec50):
+    from scatstore.transforms import coefcodec
+
+    test = coeffs[0]
+    hostile = test[:3].copy()
+    hostile[0] *= -1                      # clamped to 0
+    hostile[1] = 1e30                     # 16-bit codes, clamped codes
+    hostile[2, :, :3] = 0.0
+    batch = np.concatenate([test, hostile]).astype(np.float32)
+    fast = codec50.encode(batch)
+    u_fast, m_fast = codec50._zigzag_codes(batch)
+    try:
+        coefcodec.select_kernel(use_numpy=True)
+        slow = codec50.encode(batch)
+        u_slow, m_slow = codec50._zigzag_codes(batch)
+    finally:
+        coefcodec.select_kernel()
+    assert np.array_equal(u_fast.astype(np.int64), u_slow.astype(np.int64))
+    assert np.array_equal(m_fast, m_slow) and m_fast.max() > 255
+    assert fast == slow
+    # float64 input is rounded to float32 first on both paths
+    assert codec50.encode(batch.astype(np.float64)) == fast

@@ -182,3 +182,111 @@ void tc_reconstruct_u8(const uint8_t *u, int64_t n, int64_t D, int64_t N, const 
         }
     }
 }
+
+/* ------------------------------------------------------------------ the encoder (exact)
+ *
+ * tc_quantize: n samples of float32 coefficients x (n x D x N) -> zigzag codes (uint16, n x D x N)
+ * and each sample's largest code, by exactly the integer recipe of coefcodec.py (numpy gives
+ * the same codes, tested):
+ *
+ *   v = max(x, 0) + eps (float32), b = bits of v,
+ *   Y = ((b >> 23) - 127) * 2**12 + T[(b >> 10) & 8191] - M[k]             (int32, exact)
+ *   Z = sum_k A[d][k] * Y[k]       integer-valued doubles below 2**46: exact in any order
+ *   q = clamp(floor((2Z + s) / (2s)), -32767, 32767)   one correctly rounded division
+ *   u = (q << 1) ^ (q >> 31)
+ */
+#define TD_VL (TC_VB / 8)
+#define TD_TN (TD_VL * TC_NV)
+typedef double vd __attribute__((vector_size(TC_VB)));
+
+static inline vd vdsplat(double a)
+{
+    const vd zero = {0};
+    return zero + a;
+}
+
+static inline __attribute__((always_inline)) void qtile(
+    int R, const double *Yd, const double *A, const double *s, int64_t D, int64_t Np,
+    int64_t d0, int64_t c0, int64_t N, uint16_t *u, int32_t *umax)
+{
+    vd acc[TC_ROWS][TC_NV];
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < TC_NV; v++) acc[r][v] = vdsplat(0.0);
+    for (int64_t k = 0; k < D; k++) {
+        const double *row = Yd + k * Np + c0;
+        vd y[TC_NV];
+        for (int v = 0; v < TC_NV; v++) memcpy(&y[v], row + v * TD_VL, sizeof(vd));
+        for (int r = 0; r < R; r++) {
+            vd a = vdsplat(A[(d0 + r) * D + k]);
+            for (int v = 0; v < TC_NV; v++) acc[r][v] += a * y[v];
+        }
+    }
+    int64_t w = N - c0 < TD_TN ? N - c0 : TD_TN;
+    for (int r = 0; r < R; r++) {
+        double z[TD_TN];
+        for (int v = 0; v < TC_NV; v++) memcpy(z + v * TD_VL, &acc[r][v], sizeof(vd));
+        const double sd = s[d0 + r], s2 = sd * 2.0;
+        uint16_t *ur = u + (d0 + r) * N + c0;
+        int32_t m = *umax;
+        for (int64_t j = 0; j < w; j++) {
+            double t = __builtin_floor((z[j] * 2.0 + sd) / s2);
+            t = t < -32767.0 ? -32767.0 : (t > 32767.0 ? 32767.0 : t);
+            int32_t q = (int32_t)t;
+            int32_t zz = (int32_t)(((uint32_t)q << 1) ^ (uint32_t)(q >> 31));
+            ur[j] = (uint16_t)zz;
+            m = zz > m ? zz : m;
+        }
+        *umax = m;
+    }
+}
+
+int64_t tc_quantize_tile_columns(void) { return TD_TN; }
+
+/* Yd: scratch of D * Np doubles, Np = ceil(N / TD_TN) * TD_TN */
+void tc_quantize(const float *x, int64_t n, int64_t D, int64_t N, float eps,
+                 const int32_t *table, const int32_t *M, const double *A, const double *s,
+                 double *Yd, uint16_t *u, int32_t *umax)
+{
+    const int64_t nt = (N + TD_TN - 1) / TD_TN, Np = nt * TD_TN;
+    for (int64_t i = 0; i < n; i++) {
+        const float *xs = x + i * D * N;
+        for (int64_t k = 0; k < D; k++) {
+            const float *xk = xs + k * N;
+            double *yk = Yd + k * Np;
+            const int32_t mk = M[k];
+            for (int64_t j = 0; j < N; j++) {
+                float v = xk[j] > 0.0f ? xk[j] : 0.0f;
+                v += eps;
+                int32_t b;
+                memcpy(&b, &v, sizeof b);
+                int32_t Y = (((b >> 23) - 127) << 12) + table[(b >> 10) & 8191];
+                yk[j] = (double)(Y - mk);
+            }
+            for (int64_t j = N; j < Np; j++) yk[j] = 0.0;
+        }
+        uint16_t *us = u + i * D * N;
+        int32_t m = 0;
+        int64_t d0 = 0;
+        for (; d0 + TC_ROWS <= D; d0 += TC_ROWS)
+            for (int64_t t = 0; t < nt; t++)
+                qtile(TC_ROWS, Yd, A, s, D, Np, d0, t * TD_TN, N, us, &m);
+        const int rest = (int)(D - d0);
+        for (int64_t t = 0; t < nt && rest; t++) {
+            switch (rest) {
+            case 1: qtile(1, Yd, A, s, D, Np, d0, t * TD_TN, N, us, &m); break;
+            case 2: qtile(2, Yd, A, s, D, Np, d0, t * TD_TN, N, us, &m); break;
+#if TC_ROWS > 3
+            case 3: qtile(3, Yd, A, s, D, Np, d0, t * TD_TN, N, us, &m); break;
+#endif
+#if TC_ROWS > 4
+            case 4: qtile(4, Yd, A, s, D, Np, d0, t * TD_TN, N, us, &m); break;
+#endif
+#if TC_ROWS > 5
+            case 5: qtile(5, Yd, A, s, D, Np, d0, t * TD_TN, N, us, &m); break;
+#endif
+            default: break;
+            }
+        }
+        umax[i] = m;
+    }
+}

@@ -83,8 +83,11 @@ def kernel_library(level: str | None = None):
         _KERNEL_SOURCE, name=f"scattc-{level or 'auto'}",
         flags=lambda: ["-O3", "-fno-math-errno", "-std=gnu99", *_cbuild.march_flags(level)],
         signatures={"tc_kernel": ([], ctypes.c_char_p), "tc_tile_columns": ([], i64),
+                    "tc_quantize_tile_columns": ([], i64),
                     "tc_reconstruct_u8": [vp, i64, i64, i64, vp, vp, ctypes.c_float,
-                                          ctypes.c_int, vp, vp, vp]},
+                                          ctypes.c_int, vp, vp, vp],
+                    "tc_quantize": [vp, i64, i64, i64, ctypes.c_float, vp, vp, vp, vp, vp, vp,
+                                    vp]},
         what="coefficient-codec reconstruction kernel", fallback="numpy reconstruction")
 
 
@@ -273,9 +276,9 @@ class CoefficientCodec:
         self.transform = transform
         self.fingerprint = zlib.crc32(json.dumps(self._core_record(), sort_keys=True).encode())
         # float64 integer-valued operands of the exact projection
-        self._a64 = self.matrix.astype(np.float64)
-        self._m32 = self.mean.astype(np.int32)
-        self._s64 = self.steps.astype(np.float64)
+        self._a64 = np.ascontiguousarray(self.matrix, dtype=np.float64)
+        self._m32 = np.ascontiguousarray(self.mean, dtype=np.int32)
+        self._s64 = np.ascontiguousarray(self.steps, dtype=np.float64)
         # decoder constants (float64 once, float32 / torch copies made on use)
         self.dec_matrix = self.matrix.astype(np.float64) / (1 << MATRIX_BITS)      # A (D x D)
         self.dec_steps = self.steps.astype(np.float64) / (1 << (LOG_BITS + MATRIX_BITS))
@@ -417,18 +420,38 @@ class CoefficientCodec:
         np.clip(Z, -Q_LIMIT, Q_LIMIT, out=Z)
         return Z.astype(np.int32).reshape(B, D, H, W)
 
+    def _zigzag_codes(self, x) -> tuple[np.ndarray, np.ndarray]:
+        """Zigzag codes ``(B, D*H*W)`` and each sample's largest code. The C kernel when built
+        (one pass: fixed-point log, exact float64 product, quantization, zigzag), else numpy
+        (:meth:`quantize`): the same integers either way (tested)."""
+        x = self._check_batch(x)
+        B = x.shape[0]
+        C, K, H, W = self.shape
+        D, N = C * K, H * W
+        lib = _kernel()
+        if lib is None or B == 0:
+            u = _zigzag(self.quantize(x).reshape(B, -1))
+            return u, (u.max(axis=1) if B else np.zeros(0, np.int32))
+        x32 = np.ascontiguousarray(x, dtype=np.float32).reshape(B, D * N)
+        u = np.empty((B, D * N), dtype=np.uint16)
+        umax = np.empty(B, dtype=np.int32)
+        tn = int(lib.tc_quantize_tile_columns())
+        Yd = _scratch("Yd", D * (-(-N // tn)) * tn, np.float64)
+        lib.tc_quantize(x32.ctypes.data, B, D, N, float(np.float32(self.eps)),
+                        _LOG2_TABLE.ctypes.data, self._m32.ctypes.data, self._a64.ctypes.data,
+                        self._s64.ctypes.data, Yd.ctypes.data, u.ctypes.data, umax.ctypes.data)
+        return u, umax
+
     def encode(self, x) -> list[bytes]:
         """Encode a batch ``(B, C, K, H, W)`` (or one sample ``(C, K, H, W)``) to bytes."""
         from numcodecs import blosc
 
-        q = self.quantize(x)
         C, K, H, W = self.shape
         D = C * K
-        u = _zigzag(q.reshape(q.shape[0], -1))
-        wide = u.max(axis=1) > 255
+        u, umax = self._zigzag_codes(x)
         out = []
         for i in range(u.shape[0]):
-            width = 2 if wide[i] else 1
+            width = 2 if umax[i] > 255 else 1
             raw = np.ascontiguousarray(u[i], dtype="<u2" if width == 2 else np.uint8)
             payload = blosc.compress(raw, BLOSC_CNAME.encode(), BLOSC_CLEVEL, BLOSC_SHUFFLE, 0)
             blob = HEADER.pack(MAGIC, FORMAT_VERSION, width, D, H, W, self.fingerprint) + payload
