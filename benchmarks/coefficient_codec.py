@@ -13,12 +13,13 @@ Tables:
   2. lossless-stage options on the PCA codes (quality 50): order-0 entropy, zstd levels, blosc
      bit-shuffle + zstd / lz4, left / planar spatial prediction of the top components.
   3. speed: transform vs codec encode per image (one thread); decode samples/s for the entropy
-     stage and the reconstruction, 1 and 2 threads, vs float16 + zstd.
+     stage and the full decode, 1 and 2 threads, vs float16 + zstd; one row per kernel (the C
+     kernels for the CPU's ISA level and for x86-64-v3, numpy), rounds interleaved.
   4. linear probe (5 classes: brick, grass, gravel textures with disjoint train / val regions,
      lfw faces / non-faces with disjoint train / val images): logistic regression on 2x2-pooled
      log coefficients, trained and tested on each representation.
 
-    python benchmarks/coefficient_codec.py [--quick] [--no-probe]
+    python benchmarks/coefficient_codec.py [--quick] [--no-probe] [--speed-only]
 
 About 3 minutes on 2 idle cores (the probe's scattering is most of it).
 """
@@ -220,19 +221,35 @@ def _median_time(fn, rounds=5):
     return float(np.median(ts))
 
 
-def table_speed(frames, quick=False):
+KERNELS = (("C, CPU's ISA", {}), ("C, x86-64-v3", {"level": "x86-64-v3"}),
+           ("numpy", {"use_numpy": True}))
 
-    print("\n## speed, quality 50 (medians of 5 rounds; samples/s unless marked)\n")
-    print("| J | transform ms / image | float16+zstd-3 encode ms | tc encode ms | tc encode / "
-          "transform | float16+zstd decode, 1 thread | tc entropy stage (codes), 1 / 2 threads | "
-          "tc reconstruct float32, 1 / 2 threads | tc full decode float32, 1 / 2 threads | "
-          "tc full decode, log domain, 1 thread |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+def table_speed(frames, quick=False, rounds=5):
+    """Encode and decode speed of every kernel choice, rounds interleaved (each round times every
+    variant once, so a change of load hits them alike); medians over rounds."""
+    from scatstore import _cbuild
+    from scatstore.transforms import coefcodec
+
+    kernels = [(n, k) for n, k in KERNELS
+               if k.get("level") is None or k["level"] in _cbuild.isa_levels()]
+    print(f"\n## speed, quality 50 (medians of {rounds} interleaved rounds; samples/s unless "
+          "marked)\n")
+    print("| J | kernel | transform ms / image | float16+zstd-3 encode ms | tc encode ms | "
+          "tc encode / transform | float16+zstd decode, 1 thread | tc entropy stage (codes), "
+          "1 / 2 threads | tc full decode float32, 1 / 2 threads | tc full decode, log domain, "
+          "1 thread |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for J in (3, 4):
-        _speed_row(J, frames, quick)
+        rows = _speed_rows(J, frames, quick, rounds, kernels, coefcodec)
+        for name, r in rows.items():
+            print(f"| {J} | {name} ({r['kernel']}) | {r['tr'] * 1e3:.2f} | {r['f16e'] * 1e3:.2f} | "
+                  f"{r['en'] * 1e3:.2f} | {r['en'] / r['tr'] * 100:.1f} % | {r['f16']:,.0f} | "
+                  f"{r[('codes', 1)]:,.0f} / {r[('codes', 2)]:,.0f} | "
+                  f"{r[('full', 1)]:,.0f} / {r[('full', 2)]:,.0f} | {r['log']:,.0f} |")
 
 
-def _speed_row(J: int, frames: np.ndarray, quick: bool) -> None:
+def _speed_rows(J, frames, quick, rounds, kernels, coefcodec) -> dict:
     from numcodecs import Zstd
 
     z = Zstd(level=3)
@@ -240,32 +257,52 @@ def _speed_row(J: int, frames: np.ndarray, quick: bool) -> None:
     S = scatstore.Scattering2D(J=J, shape=(224, 224), L=8, max_order=1)
     x = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255
     c = S(x).numpy()
-    t_tr = _median_time(lambda: S(x), 3) / len(frames)
     codec = CoefficientCodec.fit(c, quality=50)
-    t_en = _median_time(lambda: codec.encode(c)) / len(frames)
-    t_f16 = _median_time(lambda: [z.encode(np.ascontiguousarray(a.astype(np.float16)))
-                                  for a in c]) / len(frames)
     reps = 8 if quick else 27
     blobs = codec.encode(c) * reps  # 19 * 27 = 513 samples
     n = len(blobs)
-    codes = codec.decode_codes(blobs)
     f16 = [z.encode(np.ascontiguousarray(a.astype(np.float16))) for a in c] * reps
 
     def f16_decode():
         out = np.empty((n, *c.shape[1:]), np.float32)
         for i, b in enumerate(f16):
             out[i] = np.frombuffer(z.decode(b), np.float16).reshape(c.shape[1:])
-    r = {"f16": n / _median_time(f16_decode)}
-    for th in (1, 2):
-        r[("codes", th)] = n / _median_time(functools.partial(codec.decode_codes, blobs, threads=th))
-        r[("recon", th)] = n / _median_time(functools.partial(codec.reconstruct, codes, threads=th))
-        r[("full", th)] = n / _median_time(functools.partial(codec.decode, blobs, threads=th))
-    r["log"] = n / _median_time(lambda: codec.decode(blobs, domain="log"))
-    print(f"| {J} | {t_tr * 1e3:.2f} | {t_f16 * 1e3:.2f} | {t_en * 1e3:.2f} | "
-          f"{t_en / t_tr * 100:.1f} % | {r['f16']:,.0f} | "
-          f"{r[('codes', 1)]:,.0f} / {r[('codes', 2)]:,.0f} | {r[('recon', 1)]:,.0f} / "
-          f"{r[('recon', 2)]:,.0f} | {r[('full', 1)]:,.0f} / {r[('full', 2)]:,.0f} | "
-          f"{r['log']:,.0f} |")
+
+    def timed(fn):
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
+
+    common = {"tr": (lambda: S(x), len(frames)),
+              "f16e": (lambda: [z.encode(np.ascontiguousarray(a.astype(np.float16))) for a in c],
+                       len(frames)),
+              "f16": (f16_decode, -n)}
+    per_kernel = {"en": (lambda: codec.encode(c), len(frames)),
+                  ("codes", 1): (functools.partial(codec.decode_codes, blobs, threads=1), -n),
+                  ("codes", 2): (functools.partial(codec.decode_codes, blobs, threads=2), -n),
+                  ("full", 1): (functools.partial(codec.decode, blobs, threads=1), -n),
+                  ("full", 2): (functools.partial(codec.decode, blobs, threads=2), -n),
+                  "log": (lambda: codec.decode(blobs, domain="log"), -n)}
+    times: dict = {}
+    for _ in range(rounds):
+        for key, (fn, _) in common.items():
+            times.setdefault(key, []).append(timed(fn))
+        for name, kw in kernels:
+            coefcodec.select_kernel(**kw)
+            for key, (fn, _) in per_kernel.items():
+                times.setdefault((name, key), []).append(timed(fn))
+        coefcodec.select_kernel()
+    rows = {}
+    for name, kw in kernels:
+        coefcodec.select_kernel(**kw)
+        info = coefcodec.kernel_info()
+        coefcodec.select_kernel()
+        r = {"kernel": info["kernel"] if info["available"] else f"numpy: {info['reason'][:40]}"}
+        for key, (_, k) in {**common, **per_kernel}.items():
+            t = float(np.median(times[key] if key in common else times[(name, key)]))
+            r[key] = t / k if k > 0 else -k / t  # seconds per image, or samples per second
+        rows[name] = r
+    return rows
 
 
 # ------------------------------------------------------------------ probe
@@ -356,6 +393,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer decode repetitions")
     ap.add_argument("--no-probe", action="store_true", help="skip the linear probe")
+    ap.add_argument("--speed-only", action="store_true", help="only the speed table")
     args = ap.parse_args()
     torch.set_num_threads(1)
     tool = Path("/work/shared/tools/machine.sh")
@@ -364,13 +402,15 @@ def main():
     print("load average (1, 5, 15 min):", " ".join(Path("/proc/loadavg").read_text().split()[:3]))
     _, frames, crops, crop_owner = shipped_frames()
     jpg = np.array([jpeg_size(f) for f in frames])
-    for J in (3, 4):
-        fc, cc = scat(frames, J), scat(crops, J)
-        table_options(J, fc, cc, crop_owner, jpg)
-        table_lossless(J, fc, cc, crop_owner, jpg)
+    if not args.speed_only:
+        for J in (3, 4):
+            fc, cc = scat(frames, J), scat(crops, J)
+            table_options(J, fc, cc, crop_owner, jpg)
+            table_lossless(J, fc, cc, crop_owner, jpg)
     table_speed(frames, args.quick)
-    if not args.no_probe:
+    if not (args.no_probe or args.speed_only):
         table_probe()
+    print("\nuptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
 
 
 if __name__ == "__main__":

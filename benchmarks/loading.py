@@ -8,7 +8,9 @@ Builds, under ``--workdir`` (kept between runs, so the second run skips the buil
 - scat1 J=3 float16 coefficients of those images at 224² (3×25×28×28, 117.6 kB/sample), tiled to
   ``--samples`` samples, written through the store writers: ``scatstore encode``'s defaults
   (read from ``EncodeConfig``: zarr, float16, the store's default compression = zstd-3),
-  zarr uncompressed, zarr uint8 (none and zstd), and with ``--all`` webdataset and HDF5.
+  zarr uncompressed, zarr uint8 (none and zstd), zarr transform-coded (``tc`` quality 50, the
+  codec fitted on the distinct images; decoded by the C kernel of the CPU's ISA, its
+  x86-64-v3 build and numpy), and with ``--all`` webdataset and HDF5.
 
 Prints the machine header (``tools/machine.sh`` when it is there, ``uptime``), the conversion
 kernel chosen for this CPU, a table of the conversion kernels alone (one thread, one batch of
@@ -71,8 +73,14 @@ def build_store(out: Path, fmt: str, x: np.ndarray, y: np.ndarray, n: int, *, co
     if (out / "manifest.json").exists():
         return out
     quant = dtype == "uint8"
-    spec = StoreSpec(format=fmt, n_slots=n, shard_size=shard_size, sample_shape=tuple(x.shape[1:]),
-                     dtype=dtype, quantized=quant, compression=compression)
+    codec = None
+    if dtype.startswith("tc"):  # "tc-q50": transform-coded, fitted once on the distinct images
+        from scatstore.transforms.coefcodec import CoefficientCodec
+
+        codec = CoefficientCodec.fit(x[:128].astype(np.float32), quality=float(dtype[4:]))
+    spec = StoreSpec(format=fmt, n_slots=n, shard_size=shard_size,
+                     sample_shape=None if codec else tuple(x.shape[1:]),
+                     dtype="bytes" if codec else dtype, quantized=quant, compression=compression)
     w = writer_for(out, spec)
     w.prepare()
     recs = []
@@ -86,12 +94,13 @@ def build_store(out: Path, fmt: str, x: np.ndarray, y: np.ndarray, n: int, *, co
         if quant:
             q, qs, qo = quantize_uint8(xs.astype(np.float32))
             xs, kw = q, {"qscale": qs, "qoffset": qo}
+        xs = codec.encode(xs.astype(np.float32)) if codec else np.ascontiguousarray(xs)
         recs.append(w.write_shard(s, ShardBatch(slots=slots, keys=[f"s{i:07d}" for i in slots],
-                                                x=np.ascontiguousarray(xs), y=y[src],
-                                                meta=[{} for _ in slots], **kw)))
+                                                x=xs, y=y[src], meta=[{} for _ in slots], **kw)))
+    extra = {"coefficient_codec": codec.to_json()} if codec else {}
     w.finalize({"method": {"name": "scat1", "params": {"J": 3, "L": 8, "max_order": 1}},
                 "class_names": list(class_names),
-                "preprocess": {"size": 224, "augment": 0}}, recs)
+                "preprocess": {"size": 224, "augment": 0}, **extra}, recs)
     return out
 
 
@@ -243,12 +252,15 @@ def main(argv=None) -> int:
     from scatstore.loaders import convert as cv
     from scatstore.loaders.stream import loader
     from scatstore.sources.demo_data import DEMO_CLASSES
+    from scatstore.transforms import coefcodec
 
     torch.set_num_threads(a.num_workers)
     print(machine_header())
     ki = cv.kernel_info()
     print(f"conversion kernel: {ki['kernel']} (float16: {ki['f16_to_f32']}; uint8: {ki['uint8']}); "
           f"why: {ki['why']}")
+    tk = coefcodec.kernel_info()
+    print(f"coefficient-codec kernel: {tk['kernel']} ({tk['isa']}; {tk['reason']})")
     defaults = encode_defaults()
     print(f"scatstore encode defaults: {defaults}")
     work = Path(a.workdir)
@@ -263,6 +275,7 @@ def main(argv=None) -> int:
         "zarr-none": ("zarr", "none", "float16"),
         "zarr-uint8-none": ("zarr", "none", "uint8"),
         "zarr-uint8-zstd": ("zarr", "default", "uint8"),
+        "zarr-tc-q50": ("zarr", "default", "tc-q50"),
     }
     if a.all:
         stores.update({"wds": ("wds", "default", "float16"), "h5-none": ("h5", "none", "float16"),
@@ -285,7 +298,12 @@ def main(argv=None) -> int:
             ("zarr none, float32 out, x86-64-v3 kernel", "zarr-none", torch.float32, "x86-64-v3"),
             ("zarr none, float32 out, torch conversion", "zarr-none", torch.float32, "torch"),
             ("zarr uint8 none, dequantized float32", "zarr-uint8-none", torch.float32, None),
-            ("zarr uint8 zstd-3, dequantized float32", "zarr-uint8-zstd", torch.float32, None)]
+            ("zarr uint8 zstd-3, dequantized float32", "zarr-uint8-zstd", torch.float32, None),
+            ("zarr tc q50, decoded float32", "zarr-tc-q50", torch.float32, None),
+            ("zarr tc q50, decoded float32, x86-64-v3 kernel", "zarr-tc-q50", torch.float32,
+             "tc:x86-64-v3"),
+            ("zarr tc q50, decoded float32, numpy decode", "zarr-tc-q50", torch.float32,
+             "tc:numpy")]
     if a.all:
         rows += [("webdataset, float32 out", "wds", torch.float32, None),
                  ("HDF5 none, float32 out", "h5-none", torch.float32, None),
@@ -293,7 +311,7 @@ def main(argv=None) -> int:
     from scatstore import _cbuild
 
     if "x86-64-v3" not in _cbuild.isa_levels():
-        rows = [r for r in rows if r[3] != "x86-64-v3"]
+        rows = [r for r in rows if r[3] not in ("x86-64-v3", "tc:x86-64-v3")]
     only = set(filter(None, a.only.split(",")))
     if only:
         rows = [r for r in rows if r[0] in only or r[1] in only]
@@ -317,6 +335,10 @@ def main(argv=None) -> int:
             ld = loaders[name]
             if build == "torch":
                 cv.select(use_torch=True)
+            elif build == "tc:numpy":
+                coefcodec.select_kernel(use_numpy=True)
+            elif build is not None and build.startswith("tc:"):
+                coefcodec.select_kernel(build[3:])
             elif build is not None:
                 cv.select(build)
             try:
@@ -325,6 +347,7 @@ def main(argv=None) -> int:
                                               warmup_batches=warm))
             finally:
                 cv.select()
+                coefcodec.select_kernel()
         if jb is not None:
             own_runs.append(bench._timed(jb, a.seconds, lambda: jb.bytes_read, warmup_batches=1))
         if tv_py:
