@@ -19,7 +19,7 @@ Tables:
      lfw faces / non-faces with disjoint train / val images): logistic regression on 2x2-pooled
      log coefficients, trained and tested on each representation.
 
-    python benchmarks/coefficient_codec.py [--quick] [--no-probe] [--speed-only]
+    python benchmarks/coefficient_codec.py [--quick] [--no-probe] [--speed-only] [--encode-job]
 
 About 3 minutes on 2 idle cores (the probe's scattering is most of it).
 """
@@ -389,11 +389,53 @@ def table_probe():
             print(f"| {J} | {name} | {nbytes:,.0f} | {acc * 100:.1f} % | {(acc - base) * 100:+.1f} |")
 
 
+def table_encode_job(n_images: int = 240, rounds: int = 3, J: int = 3) -> None:
+    """``scatstore encode`` in-process, float16 store vs ``--dtype tc --quality 50``, rounds
+    interleaved: the end-to-end rate (the tc job also fits its codec on 128 images first) and
+    the steady rate (first shard task start to last task end: the per-image cost)."""
+    import shutil
+    import tempfile
+
+    from scatstore.pipelines.encode import EncodeConfig, encode
+    from scatstore.sources.demo_data import DEMO_CLASSES, make_imagenet_layout
+
+    work = Path(tempfile.mkdtemp(prefix="tc-encode-"))
+    try:
+        src = make_imagenet_layout(work / "src", n_per_class=-(-n_images // len(DEMO_CLASSES)),
+                                   size_range=(375, 500), seed=0)
+        jobs = {"float16 (default)": {"dtype": "float16"},
+                "tc quality 50": {"dtype": "tc", "quality": 50}}
+        res: dict = {k: [] for k in jobs}
+        for r in range(rounds):
+            for name, kw in jobs.items():
+                out = work / f"out-{r}-{len(res[name])}-{kw['dtype']}"
+                st: dict = {}
+                t0 = time.perf_counter()
+                m = encode(EncodeConfig(src=src, out=out, method="scat1", J=J, shard_size=60,
+                                        progress=False, **kw), log=lambda msg: None, stats=st)
+                wall = time.perf_counter() - t0
+                res[name].append((m["count"] / wall, st["images"] / st["steady_s"],
+                                  m["bytes_stored"] / m["count"]))
+                shutil.rmtree(out)
+        print(f"\n## encode job, scat1 J={J}, 224², zarr, shard 60, {n_images} JPEGs 375-500 px, "
+              f"in-process; medians of {rounds} interleaved rounds\n")
+        print("| store | end-to-end img/s | steady img/s | steady vs float16 | stored B / sample |")
+        print("|---|---:|---:|---:|---:|")
+        base = float(np.median([v[1] for v in res["float16 (default)"]]))
+        for name, v in res.items():
+            e2e, steady, b = (float(np.median([x[i] for x in v])) for i in range(3))
+            print(f"| {name} | {e2e:.1f} | {steady:.1f} | {steady / base:.3f} | {b:,.0f} |")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer decode repetitions")
     ap.add_argument("--no-probe", action="store_true", help="skip the linear probe")
     ap.add_argument("--speed-only", action="store_true", help="only the speed table")
+    ap.add_argument("--encode-job", action="store_true",
+                    help="also time `scatstore encode` float16 vs tc (in-process, 240 images)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     tool = Path("/work/shared/tools/machine.sh")
@@ -408,6 +450,8 @@ def main():
             table_options(J, fc, cc, crop_owner, jpg)
             table_lossless(J, fc, cc, crop_owner, jpg)
     table_speed(frames, args.quick)
+    if args.encode_job:
+        table_encode_job()
     if not (args.no_probe or args.speed_only):
         table_probe()
     print("\nuptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
