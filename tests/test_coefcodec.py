@@ -477,3 +477,28 @@ def test_encode_kernel_gives_the_numpy_codes_and_bytes(coeffs, codec50):
     assert fast == slow
     # float64 input is rounded to float32 first on both paths
     assert codec50.encode(batch.astype(np.float64)) == fast
+
+
+def test_tc_store_damage_is_a_store_error(tc_src, tmp_path):
+    from scatstore.loaders.stream import loader
+    from scatstore.stores import StoreError, open_dataset
+
+    out = tmp_path / "out"
+    _encode_tc(tc_src, out)
+    f = out / "data.zarr" / "bits" / "000001" / "c" / "0"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 3] ^= 0x40
+    f.write_bytes(bytes(data))
+    ds = open_dataset(out)
+    assert ds[0][0].shape == (3, 17, 16, 16)  # other shards read
+    with pytest.raises(StoreError, match="crc32c"):
+        ds[int(ds.shard_indices(1)[0])]
+    with pytest.raises(StoreError):
+        for _ in loader(out, 4, shuffle=False, num_workers=2)(0):
+            pass
+    # an edited codec record is refused when the store opens
+    m = json.loads((out / "manifest.json").read_text())
+    m["coefficient_codec"]["steps"][0] += 1
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(StoreError, match="coefficient_codec"):
+        open_dataset(out)

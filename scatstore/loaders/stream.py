@@ -681,8 +681,9 @@ class LoaderEpoch:
     # ------------------------------------------------------------------ transform-coded
     def _iter_tc(self):
         """``dtype tc`` stores: each window's blobs are read in slot order (one read per shard
-        span), then every batch is decoded by the codec on ``num_workers`` threads (blosc and
-        the reconstruction kernels run without the GIL), one batch ahead on a helper thread.
+        span) on a reader thread, the next window while this one is decoded; every batch is
+        decoded by the codec on ``num_workers`` threads (blosc and the reconstruction kernel
+        run without the GIL), one batch ahead on a helper thread.
         On CUDA only the entropy stage runs on the CPU: the int8 codes go to the device and
         are reconstructed there."""
         o = self.owner
@@ -712,17 +713,22 @@ class LoaderEpoch:
                 x = x.to(want)
             return x.reshape(hi - lo, *o.out_shape)
 
-        def steps():
-            w_of = None
-            for step in range(self.start_step, plan.n_batches):
-                w = int(np.searchsorted(wins, step * B, side="right") - 1)
-                if w != w_of:
-                    w_of, (a, blobs) = w, window_blobs(w)
-                yield step, a, blobs
+        n_w = len(wins) - 1
+        with ThreadPoolExecutor(1, thread_name_prefix="scatstore-tc-read") as rd, \
+                ThreadPoolExecutor(1, thread_name_prefix="scatstore-tc") as ex:
+            reads: dict = {}
 
-        with ThreadPoolExecutor(1, thread_name_prefix="scatstore-tc") as ex:
+            def window(w):  # this window's blobs; the next one is read meanwhile
+                for k in [k for k in reads if k < w]:
+                    del reads[k]
+                for k in (w, w + 1):
+                    if k < n_w and k not in reads:
+                        reads[k] = rd.submit(window_blobs, k)
+                return reads[w].result()
+
             pending = None
-            for step, a, blobs in steps():
+            for step in range(self.start_step, plan.n_batches):
+                a, blobs = window(int(np.searchsorted(wins, step * B, side="right") - 1))
                 fut = ex.submit(batch, step, a, blobs)
                 if pending is not None:
                     yield self._tc_finish(*pending)
