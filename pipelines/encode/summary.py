@@ -18,7 +18,10 @@ def summary_lines(cfg, manifest: dict, rate: float, n_skipped: int, n_declared: 
 
     r = report(cfg.out, manifest=manifest)
     speed = f", {rate:.0f} img/s" if rate else ""
-    ratio = f" ({r['bytes_ratio']:.3f}× the raw pixel bytes)" if r["bytes_ratio"] else ""
+    ratio = f" ({r['bytes_ratio']:.3f}× the raw pixel bytes" if r["bytes_ratio"] else ""
+    if ratio and r["ratio_vs_jpeg_q90"]:
+        ratio += f", {r['ratio_vs_jpeg_q90']:.2f}× a q90 JPEG of the frame"
+    ratio += ")" if ratio else ""
     lines = [f"encoded {r['count']:,} samples ({r['rejected']} rejected, {n_skipped} skipped) "
              f"into {r['n_shards']} {r['format']} shards: {human_bytes(r['bytes_stored'])}, "
              f"{human_bytes(r['bytes_per_sample'])}/sample{ratio}{speed} → {cfg.out}"]

@@ -24,29 +24,35 @@
 #include <stdint.h>
 #include <string.h>
 
+/* TC_ROWS x TC_NV accumulators + TC_NV loads + 1 broadcast fit the register file:
+ * 6 x 4 + 5 = 29 of 32 zmm / NEON q registers, 3 x 3 + 4 = 13 of 16 ymm */
 #if defined(__AVX512F__)
 #define TC_VB 64
 #define TC_ROWS 6
+#define TC_NV 4
 #define TC_KERNEL "avx512f"
 #elif defined(__AVX2__)
 #define TC_VB 32
 #define TC_ROWS 3
+#define TC_NV 3
 #define TC_KERNEL "avx2"
 #elif defined(__aarch64__)
 #define TC_VB 16
 #define TC_ROWS 6
+#define TC_NV 4
 #define TC_KERNEL "neon"
 #else
 #define TC_VB 16
 #define TC_ROWS 2
+#define TC_NV 2
 #define TC_KERNEL "generic-vec4"
 #endif
 
 #define TC_VL (TC_VB / 4)     /* floats per vector */
-#define TC_NV 4               /* vectors per tile row */
 #define TC_TN (TC_VL * TC_NV) /* columns per tile */
 
 typedef float vf __attribute__((vector_size(TC_VB)));
+typedef float vfu __attribute__((vector_size(TC_VB), aligned(4))); /* unaligned loads */
 typedef int32_t vi __attribute__((vector_size(TC_VB)));
 
 const char *tc_kernel(void) { return TC_KERNEL; }
@@ -54,16 +60,12 @@ int64_t tc_tile_columns(void) { return TC_TN; }
 
 static inline vf vsplat(float a)
 {
-    const vf zero = {0};
-    return zero + a; /* a scalar operand is broadcast (one vbroadcastss) */
+    vf v = {a};
+    const vi lane0 = {0};
+    return __builtin_shuffle(v, lane0); /* lane 0 everywhere: one vbroadcastss */
 }
 
-static inline vf vload(const float *p)
-{
-    vf v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
+static inline vf vload(const float *p) { return *(const vfu *)p; }
 
 static inline void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
 
@@ -112,9 +114,12 @@ static inline __attribute__((always_inline)) void tile(
         if (!live[k * nt + t]) continue;
         const float *row = qf + k * Np + c0;
         vf q[TC_NV];
+        _Pragma("GCC unroll 8")
         for (int v = 0; v < TC_NV; v++) q[v] = vload(row + v * TC_VL);
+        _Pragma("GCC unroll 8")
         for (int r = 0; r < R; r++) {
             vf a = vsplat(At[(d0 + r) * D + k]);
+            _Pragma("GCC unroll 8")
             for (int v = 0; v < TC_NV; v++) acc[r][v] += a * q[v];
         }
     }
@@ -198,12 +203,42 @@ void tc_reconstruct_u8(const uint8_t *u, int64_t n, int64_t D, int64_t N, const 
 #define TD_VL (TC_VB / 8)
 #define TD_TN (TD_VL * TC_NV)
 typedef double vd __attribute__((vector_size(TC_VB)));
+typedef double vdu __attribute__((vector_size(TC_VB), aligned(8)));
+typedef int64_t vl __attribute__((vector_size(TC_VB)));
+typedef int32_t vh __attribute__((vector_size(TC_VB / 2))); /* one int32 per double lane */
 
 static inline vd vdsplat(double a)
 {
-    const vd zero = {0};
+    vd v = {a};
+    const vl lane0 = {0};
+    return __builtin_shuffle(v, lane0);
+}
+
+static inline vh vhsplat(int32_t a)
+{
+    const vh zero = {0};
     return zero + a;
 }
+
+static inline vh vhmax(vh a, vh b)
+{
+    vh m = a > b;
+    return (m & a) | (~m & b);
+}
+
+static inline vd vdmax(vd a, vd b)
+{
+    vl m = a > b;
+    return (vd)((m & (vl)a) | (~m & (vl)b));
+}
+
+static inline vd vdmin(vd a, vd b)
+{
+    vl m = a < b;
+    return (vd)((m & (vl)a) | (~m & (vl)b));
+}
+
+
 
 static inline __attribute__((always_inline)) void qtile(
     int R, const double *Yd, const double *A, const double *s, int64_t D, int64_t Np,
@@ -215,27 +250,40 @@ static inline __attribute__((always_inline)) void qtile(
     for (int64_t k = 0; k < D; k++) {
         const double *row = Yd + k * Np + c0;
         vd y[TC_NV];
-        for (int v = 0; v < TC_NV; v++) memcpy(&y[v], row + v * TD_VL, sizeof(vd));
+        _Pragma("GCC unroll 8")
+        for (int v = 0; v < TC_NV; v++) y[v] = *(const vdu *)(row + v * TD_VL);
+        _Pragma("GCC unroll 8")
         for (int r = 0; r < R; r++) {
             vd a = vdsplat(A[(d0 + r) * D + k]);
+            _Pragma("GCC unroll 8")
             for (int v = 0; v < TC_NV; v++) acc[r][v] += a * y[v];
         }
     }
     int64_t w = N - c0 < TD_TN ? N - c0 : TD_TN;
+    /* floor(t) for |t| < 2**51, exactly: r = t rounded to nearest by the 1.5 * 2**52 trick
+     * (exact in round-to-nearest), minus 1 where r > t. Then the clamp and the zigzag, all in
+     * vectors; only the uint16 stores of the last partial tile are a scalar loop. */
+    const vd magic = vdsplat(6755399441055744.0), one = vdsplat(1.0), two = vdsplat(2.0);
+    const vd qlo = vdsplat(-32767.0), qhi = vdsplat(32767.0);
     for (int r = 0; r < R; r++) {
-        double z[TD_TN];
-        for (int v = 0; v < TC_NV; v++) memcpy(z + v * TD_VL, &acc[r][v], sizeof(vd));
-        const double sd = s[d0 + r], s2 = sd * 2.0;
+        const vd sd = vdsplat(s[d0 + r]), s2 = vdsplat(s[d0 + r] * 2.0);
         uint16_t *ur = u + (d0 + r) * N + c0;
-        int32_t m = *umax;
-        for (int64_t j = 0; j < w; j++) {
-            double t = __builtin_floor((z[j] * 2.0 + sd) / s2);
-            t = t < -32767.0 ? -32767.0 : (t > 32767.0 ? 32767.0 : t);
-            int32_t q = (int32_t)t;
-            int32_t zz = (int32_t)(((uint32_t)q << 1) ^ (uint32_t)(q >> 31));
-            ur[j] = (uint16_t)zz;
-            m = zz > m ? zz : m;
+        vh mx = vhsplat(0);
+        int32_t zz[TD_TN];
+        for (int v = 0; v < TC_NV; v++) {
+            vd t = (acc[r][v] * two + sd) / s2;
+            vd rn = (t + magic) - magic;
+            vl gt = rn > t;                          /* -1 where rounding went up */
+            vd f = rn - (vd)((vl)one & gt);          /* floor(t) */
+            f = vdmin(vdmax(f, qlo), qhi);
+            vh q = __builtin_convertvector(f, vh);   /* exact: |f| <= 32767 */
+            vh z = (q << 1) ^ (q >> 31);
+            mx = vhmax(mx, z);
+            memcpy(zz + v * TD_VL, &z, sizeof z);
         }
+        for (int j = 0; j < w; j++) ur[j] = (uint16_t)zz[j];
+        int32_t m = *umax;
+        for (int j = 0; j < TD_VL; j++) m = mx[j] > m ? (int32_t)mx[j] : m;
         *umax = m;
     }
 }
