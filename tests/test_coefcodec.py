@@ -355,6 +355,8 @@ def test_tc_store_reads_back_with_numpy_and_matches_loader(tc_src, f32_store, tm
     plain = [_independent_decode(b, rec) for b in _plain_blobs(out, fmt, m)]
     ours = np.stack([ds[i][0] for i in range(len(ds))])
     assert ours.dtype == np.float32 and ours.shape == (12, 3, 17, 16, 16)
+    streamed = [x for s in range(ds.n_shards) for x, _, _ in ds.iter_shard(s)]
+    np.testing.assert_array_equal(np.stack(streamed), ours)  # wds streams its tars
     np.testing.assert_allclose(ours, np.stack(plain), rtol=2e-5, atol=1e-7)
     # within the documented error against the float32 store of the same images
     exact = np.stack([ref[i][0] for i in range(len(ref))])

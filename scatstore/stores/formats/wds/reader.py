@@ -74,6 +74,8 @@ class WdsDataset(ScatDataset):
                 meta["hw"] = j["hw"]
             if spec.dtype == "bytes":
                 x = s["bits"]
+                if self.coef_codec is not None and not self.raw:  # tc: decoded, as ds[i] is
+                    x = self.decode_tc([x])[0]
             elif spec.quantized:
                 q = s["q.npy"]
                 x = s["x.npy"]
