@@ -69,18 +69,16 @@ static inline vf vload(const float *p) { return *(const vfu *)p; }
 
 static inline void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
 
-/* lane-wise max / min with masks (C has no vector ?:; the casts reinterpret the bits) */
-static inline vf vmax(vf a, vf b)
-{
-    vi m = a > b;
-    return (vf)((m & (vi)a) | (~m & (vi)b));
-}
-
-static inline vf vmin(vf a, vf b)
-{
-    vi m = a < b;
-    return (vf)((m & (vi)a) | (~m & (vi)b));
-}
+/* lane-wise max / min of vector type VT with masks of the same-width integer vector MT (C has
+ * no vector ?:; the casts reinterpret the bits) */
+#define TC_SELECT(name, VT, MT, op)                                                           \
+    static inline VT name(VT a, VT b)                                                         \
+    {                                                                                         \
+        MT m = a op b;                                                                        \
+        return (VT)((m & (MT)a) | (~m & (MT)b));                                              \
+    }
+TC_SELECT(vmax, vf, vi, >)
+TC_SELECT(vmin, vf, vi, <)
 
 static inline vf vexp2(vf y)
 {
@@ -220,23 +218,10 @@ static inline vh vhsplat(int32_t a)
     return zero + a;
 }
 
-static inline vh vhmax(vh a, vh b)
-{
-    vh m = a > b;
-    return (m & a) | (~m & b);
-}
+TC_SELECT(vhmax, vh, vh, >)
 
-static inline vd vdmax(vd a, vd b)
-{
-    vl m = a > b;
-    return (vd)((m & (vl)a) | (~m & (vl)b));
-}
-
-static inline vd vdmin(vd a, vd b)
-{
-    vl m = a < b;
-    return (vd)((m & (vl)a) | (~m & (vl)b));
-}
+TC_SELECT(vdmax, vd, vl, >)
+TC_SELECT(vdmin, vd, vl, <)
 
 
 
