@@ -17,7 +17,7 @@ from .verify import VerifyReport, verify
 
 def writer_for(out, spec: StoreSpec) -> StoreWriter:
     """The writer of ``spec.format`` for the store at ``out`` (picklable; rebuilt cheaply)."""
-    return get_format(spec.format).writer(Path(out), spec)
+    return get_format(spec.format).writer(out, spec)  # a path or URL (stores.fs.as_path)
 
 
 __all__ = [
