@@ -120,6 +120,12 @@ class _Pool:
             return t
 
 
+def pd_unique(a: np.ndarray) -> np.ndarray:
+    """The distinct values of ``a`` in order of first appearance (fetch order)."""
+    _, first = np.unique(a, return_index=True)
+    return a[np.sort(first)]
+
+
 def _serial_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
     """``dst.copy_(src)`` (with dtype conversion) in pieces that torch runs without its intra-op
     thread pool: the loader's threads already keep the cores busy, and OpenMP workers spinning
@@ -146,8 +152,10 @@ class StoreLoader:
                  start_step: int = 0, buffer_size: int | None = None, prefetch: int = 2,
                  variants: str = "draw", flip: bool = False, flip_align: str = "interp",
                  crop_cells: int = 0, normalize_pixels: bool = True, codec=None,
-                 skip_damaged: bool = False):
+                 skip_damaged: bool = False, cache_dir=None, cache_bytes: int | None = None,
+                 fetch_threads: int = 8, fetch_ahead: int = 2):
         from scatstore.stores import open_dataset
+        from scatstore.stores.fs import as_path
 
         from .readers import make_reader
 
@@ -155,8 +163,10 @@ class StoreLoader:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if variants not in ("draw", "all"):
             raise ValueError("variants must be 'draw' (one per image per epoch) or 'all'")
-        self.path = Path(path)
-        self.dataset = open_dataset(self.path, raw=True)
+        self.path = as_path(path)  # a local Path, or a RemotePath (s3://…, https://…)
+        self.dataset = open_dataset(self.path, raw=True, cache_dir=cache_dir,
+                                    cache_bytes=cache_bytes, fetch_threads=fetch_threads)
+        self.fetch_ahead = max(0, int(fetch_ahead))
         self.manifest = self.dataset.manifest
         self.spec = self.dataset.spec
         self.reader = make_reader(self.dataset, skip_damaged=skip_damaged)
@@ -557,6 +567,27 @@ class LoaderEpoch:
         conv = ThreadPoolExecutor(max_workers=o.num_workers - 1, thread_name_prefix="scatstore-conv") \
             if o.num_workers > 1 and not (direct or fused or cuda) else None
         loaded: dict = {}
+        cache = o.dataset.cache
+        shard_of = o.dataset._shard_of
+
+        def fetching(w, u):
+            """The read function of window ``w`` (dataset indices ``u``): local stores read at
+            once; a remote one first has the shards of each piece in its cache, with the next
+            ``fetch_ahead`` windows' shards fetched in the background meanwhile."""
+            if cache is None:
+                return lambda fn, *a: fn(*a)
+            mine = np.unique(shard_of[u])
+            later = [shard_of[order[int(wins[v]):int(wins[v + 1])]]
+                     for v in range(w + 1, min(n_w, w + 1 + o.fetch_ahead))]
+            ahead = pd_unique(np.concatenate(later)) if later else np.zeros(0, np.int64)
+            cache.prefetch(mine.tolist())
+            cache.prefetch(ahead.tolist())
+            protect = set(mine.tolist()) | set(ahead.tolist())
+
+            def run(fn, uu, *a):
+                cache.ensure(np.unique(shard_of[uu]).tolist(), protect=protect)
+                return fn(uu, *a)
+            return run
 
         def submit(w):
             a, b = max(int(wins[w]), p0), int(wins[w + 1])
@@ -593,13 +624,14 @@ class LoaderEpoch:
             nu = len(u)
             n_pieces = max(1, min(2 * o.num_workers, nu // max(1, o.unit_size)))
             cuts = np.linspace(0, nu, n_pieces + 1).astype(int)
+            run = fetching(w, u)
             if mapped:
                 uaddr = addr[first]
-                futs = [pool.submit(o.reader.read_f32, u[c0:c1], uaddr[c0:c1], gather)
+                futs = [pool.submit(run, o.reader.read_f32, u[c0:c1], uaddr[c0:c1], gather)
                         for c0, c1 in zip(cuts[:-1], cuts[1:]) if c1 > c0]
             else:
                 udst = [dst[i] for i in first.tolist()]
-                futs = [pool.submit(o.reader.read, u[c0:c1], udst[c0:c1],
+                futs = [pool.submit(run, o.reader.read, u[c0:c1], udst[c0:c1],
                                     qb[c0:c1] if qb is not None else None)
                         for c0, c1 in zip(cuts[:-1], cuts[1:]) if c1 > c0]
             dup = np.setdiff1d(np.arange(len(seg)), first) if len(first) < len(seg) else None
@@ -672,8 +704,13 @@ class LoaderEpoch:
     def _iter_bytes(self):
         o = self.owner
         codec = o._codec
+        cache = o.dataset.cache
         for step in range(self.start_step, self.plan.n_batches):
             idx = self.batch_indices(step)
+            if cache is not None:  # the shards of the next batches, in the background
+                nxt = self.plan.order[(step + 1) * o.batch_size:
+                                      (step + 1 + 4 * max(1, o.fetch_ahead)) * o.batch_size]
+                cache.prefetch(pd_unique(o.dataset._shard_of[nxt]).tolist())
             b = o.dataset.get_batch(idx)
             blobs = b["x"]
             o._add_bytes(sum(len(x) for x in blobs))
@@ -700,7 +737,10 @@ def loader(path, batch_size: int, shuffle: bool = True, seed: int = 0,
     ``flip_align``, ``crop_cells``, ``normalize_pixels``, ``codec`` (a loaded codec for ``cae``
     stores), ``skip_damaged`` (a chunk failing its crc32c check is counted, logged and its
     samples left out of their batches, instead of raising ``StoreError``; the count is
-    ``loader.reader.damaged``).
+    ``loader.reader.damaged``). A URL (``s3://…``, ``https://…``) is streamed through a local
+    cache: ``cache_dir`` (default ``$SCATSTORE_CACHE_DIR`` or ``~/.cache/scatstore``),
+    ``cache_bytes`` (size limit of cached shard files; default none), ``fetch_threads``
+    (concurrent downloads, 8), ``fetch_ahead`` (windows whose shards are fetched ahead, 2).
     """
     return StoreLoader(path, batch_size, shuffle=shuffle, seed=seed, num_workers=num_workers,
                        drop_last=drop_last, device=device, **kw)
