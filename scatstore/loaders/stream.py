@@ -62,6 +62,7 @@ import numpy as np
 import torch
 
 from . import convert as _cv
+from . import partition
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -188,6 +189,7 @@ class StoreLoader:
             raise ValueError(f"bad rank {rank} / world_size {world_size}")
         self.rank, self.world_size = int(rank), int(world_size)
         self.epoch, self.start_step = int(epoch), int(start_step)
+        self._segments: dict = {}  # epoch -> done [world_size, batch_size, steps, buffer_size]
         self.prefetch = max(1, int(prefetch))
         self.variants = variants
         self.flip, self.flip_align, self.crop_cells = bool(flip), flip_align, int(crop_cells)
@@ -279,42 +281,19 @@ class StoreLoader:
         return starts.astype(np.int64) + pick
 
     def plan(self, epoch: int) -> EpochPlan:
+        """This rank's plan of ``epoch`` (:mod:`scatstore.loaders.partition`); for the epoch of
+        a checkpoint taken with another world size or batch size, the plan of its remainder."""
         sel = self.selected(epoch)
-        B, W, r = self.batch_size, self.world_size, self.rank
-        if self.shuffle and len(sel):
-            units = self.slots[sel] // self.unit_size
-            first = np.concatenate([[True], np.diff(units) != 0])
-            uid = np.cumsum(first) - 1
-            n_units = int(uid[-1]) + 1
-            rng = np.random.default_rng([self.seed, epoch, 0x5EED])
-            rank_of = np.empty(n_units, dtype=np.int64)
-            rank_of[rng.permutation(n_units)] = np.arange(n_units)
-            order = sel[np.argsort(rank_of[uid], kind="stable")]
-        else:
-            order = sel
-        N = len(order)
-        mine = order[r * N // W:(r + 1) * N // W]
-        if self.drop_last:
-            T = (N // W) // B * B
-            mine = mine[:T]
-        else:
-            T = -(-N // W) if W > 1 else N
-            if len(mine) < T:
-                pool = mine if len(mine) else order
-                mine = np.resize(pool, T) if len(pool) else mine
-                if len(mine) < T:  # empty store
-                    T = len(mine)
-        n_batches = T // B if self.drop_last else -(-T // B)
-        wsize = max(1, self.buffer_size // B) * B  # windows of whole batches
-        wins = np.arange(0, T, wsize, dtype=np.int64)
-        if self.shuffle:
-            mine = mine.copy()
-            for w, a in enumerate(wins.tolist()):
-                b = min(a + wsize, T)
-                rng = np.random.default_rng([self.seed, epoch, r, w, 0xB0F])
-                mine[a:b] = mine[a:b][rng.permutation(b - a)]
-        return EpochPlan(order=mine, windows=np.concatenate([wins, [T]]).astype(np.int64),
-                         n_batches=int(n_batches))
+        order = partition.global_order(sel, self.slots, self.unit_size, self.seed, epoch,
+                                       self.shuffle)
+        segments = self._segments.get(int(epoch), [])
+        if segments:
+            order = partition.remaining(order, segments, self.drop_last, self.seed, epoch,
+                                        self.shuffle)
+        p = partition.rank_plan(order, self.rank, self.world_size, self.batch_size,
+                                self.drop_last, self.buffer_size, self.seed, epoch, self.shuffle,
+                                segment=len(segments))
+        return EpochPlan(order=p.order, windows=p.windows, n_batches=p.n_batches)
 
     # ------------------------------------------------------------------ public API
     def __call__(self, epoch: int, start_step: int = 0) -> "LoaderEpoch":
@@ -335,15 +314,34 @@ class StoreLoader:
 
     def state_dict(self) -> dict:
         """Where plain iteration stands: resume with :meth:`load_state_dict` (the next epoch /
-        step is produced without reading the batches before it)."""
+        step is produced without reading the batches before it). ``segments``: the earlier
+        parts of this epoch run with other world or batch sizes (the resume rule,
+        :mod:`scatstore.loaders.partition`)."""
         return {"epoch": self.epoch, "step": self._step, "seed": self.seed,
-                "world_size": self.world_size, "batch_size": self.batch_size}
+                "world_size": self.world_size, "batch_size": self.batch_size,
+                "buffer_size": self.buffer_size, "shuffle": self.shuffle,
+                "drop_last": self.drop_last,
+                "segments": [list(s) for s in self._segments.get(self.epoch, [])]}
 
     def load_state_dict(self, state: dict) -> None:
-        for k in ("seed", "world_size", "batch_size"):
+        """Resume where ``state`` stands. The same world size, batch size and buffer: at its
+        step. Others (more or fewer ranks, another batch size): the samples consumed so far in
+        that epoch are left out and the rest of the epoch is re-split over this loader's ranks
+        (no sample seen twice or skipped). Seed and shuffle must match."""
+        for k in ("seed", "shuffle", "drop_last"):
             if k in state and state[k] != getattr(self, k):
                 raise ValueError(f"state_dict has {k}={state[k]}, the loader {getattr(self, k)}")
-        self.epoch, self.start_step = int(state["epoch"]), int(state["step"])
+        epoch, step = int(state["epoch"]), int(state["step"])
+        segments = partition.check_segments(state.get("segments"))
+        here = [int(state.get("world_size", self.world_size)),
+                int(state.get("batch_size", self.batch_size)),
+                step, int(state.get("buffer_size", self.buffer_size))]
+        if here[0] != self.world_size or here[1] != self.batch_size or here[3] != self.buffer_size:
+            if step:
+                segments.append(here)
+            step = 0
+        self._segments = {epoch: segments} if segments else {}
+        self.epoch, self.start_step = epoch, step
         self._step = self.start_step
 
     def _add_bytes(self, n: int) -> None:
