@@ -83,8 +83,21 @@ def cancel_run(out: Path | str, run: str) -> None:
     path.touch()
 
 
+_CANCEL_SEEN: dict = {}
+CANCEL_POLL_S = 1.0  # an object store is asked at most this often (a request costs ~10-50 ms)
+
+
 def is_cancelled(out: Path | str, run: str) -> bool:
-    return cancel_path(out, run).exists()
+    path = cancel_path(out, run)
+    if not isinstance(path, RemotePath):
+        return path.exists()
+    now = time.monotonic()
+    last = _CANCEL_SEEN.get(str(path))
+    if last is not None and (last[1] or now - last[0] < CANCEL_POLL_S):
+        return last[1]
+    found = path.exists()
+    _CANCEL_SEEN[str(path)] = (now, found)
+    return found
 
 
 def clear_cancel(out: Path | str, run: str) -> None:

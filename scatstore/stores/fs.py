@@ -242,7 +242,9 @@ class RemotePath:
             return None
 
     def exists(self) -> bool:
-        return self.is_file() or self.is_dir()
+        """An object, or a prefix holding objects (one request: s3fs's ``info`` lists a prefix
+        that is not an object)."""
+        return self._info() is not None
 
     def is_file(self) -> bool:
         info = self._info()
