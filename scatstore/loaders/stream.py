@@ -570,13 +570,15 @@ class LoaderEpoch:
 
         def fetching(w, u):
             """The read function of window ``w`` (dataset indices ``u``): local stores read at
-            once; a remote one first has the shards of each piece in its cache, with the next
-            ``fetch_ahead`` windows' shards fetched in the background meanwhile."""
+            once; a remote one first has the shards of each piece in its cache, while the
+            shards of later windows are fetched in the background (all of the epoch's with an
+            unlimited cache, else ``fetch_ahead`` windows), in the order they are needed."""
             if cache is None:
                 return lambda fn, *a: fn(*a)
             mine = np.unique(shard_of[u])
-            later = [shard_of[order[int(wins[v]):int(wins[v + 1])]]
-                     for v in range(w + 1, min(n_w, w + 1 + o.fetch_ahead))]
+            last = n_w if cache.cache_bytes is None else min(n_w, w + 1 + o.fetch_ahead)
+            later = [np.unique(shard_of[order[int(wins[v]):int(wins[v + 1])]])
+                     for v in range(w + 1, last)]
             ahead = pd_unique(np.concatenate(later)) if later else np.zeros(0, np.int64)
             cache.prefetch(mine.tolist())
             cache.prefetch(ahead.tolist())
@@ -622,6 +624,8 @@ class LoaderEpoch:
             nu = len(u)
             n_pieces = max(1, min(2 * o.num_workers, nu // max(1, o.unit_size)))
             cuts = np.linspace(0, nu, n_pieces + 1).astype(int)
+            if cache is not None:  # remote: pieces within one shard, read as each one arrives
+                cuts = np.union1d(cuts, np.flatnonzero(np.diff(shard_of[u])) + 1)
             run = fetching(w, u)
             if mapped:
                 uaddr = addr[first]
@@ -703,6 +707,9 @@ class LoaderEpoch:
         o = self.owner
         codec = o._codec
         cache = o.dataset.cache
+        if cache is not None and cache.cache_bytes is None:  # all of the epoch's, in need order
+            cache.prefetch(pd_unique(o.dataset._shard_of[
+                self.plan.order[self.start_step * o.batch_size:]]).tolist())
         for step in range(self.start_step, self.plan.n_batches):
             idx = self.batch_indices(step)
             if cache is not None:  # the shards of the next batches, in the background

@@ -34,6 +34,7 @@ from .fs import RemotePath, call
 from .safepath import safe_relpath
 
 EVICT_MIN_AGE_S = 30.0
+PART_BYTES = 8 << 20   # a larger object is fetched as concurrent ranged GETs of this size
 MANIFEST = "manifest.json"
 
 
@@ -68,6 +69,7 @@ class ShardCache:
 
     def _init_runtime(self):
         self._pool: ThreadPoolExecutor | None = None
+        self._parts: ThreadPoolExecutor | None = None
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._inflight: dict[str, Future] = {}
@@ -77,7 +79,7 @@ class ShardCache:
 
     def __getstate__(self):
         d = {k: v for k, v in self.__dict__.items()
-             if k not in ("_pool", "_lock", "_inflight", "_lru", "_protect", "_pid")}
+             if k not in ("_pool", "_parts", "_lock", "_inflight", "_lru", "_protect", "_pid")}
         return d
 
     def __setstate__(self, d):
@@ -147,7 +149,7 @@ class ShardCache:
             return f
         with self._lock:
             if os.getpid() != self._pid:  # forked: our own threads and in-flight set
-                self._pool, self._inflight, self._pid = None, {}, os.getpid()
+                self._pool, self._parts, self._inflight, self._pid = None, None, {}, os.getpid()
             f = self._inflight.get(rel)
             if f is not None:
                 return f
@@ -171,7 +173,7 @@ class ShardCache:
                     src = self.remote / rel
                     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}-{threading.get_ident()}")
                     try:
-                        call(src.fs.get_file, f"read {src}", src.fs_path, str(tmp))
+                        self._download(src, tmp, size)
                         got = tmp.stat().st_size
                         if got != size:
                             raise StoreError(f"cannot read {src}: {got} bytes, the manifest says "
@@ -187,6 +189,32 @@ class ShardCache:
         finally:
             with self._lock:
                 self._inflight.pop(rel, None)
+
+    def _download(self, src: RemotePath, tmp: Path, size: int) -> None:
+        """``src`` into the local file ``tmp``: small objects in one GET, larger ones as ranged
+        GETs of ``PART_BYTES`` fetched concurrently and written at their offsets (memory: the
+        parts in flight). Parts are queued first-come first-served, so the objects asked for
+        first complete first (the loader reads a shard while the next ones arrive)."""
+        if size <= 2 * PART_BYTES:
+            call(src.fs.get_file, f"read {src}", src.fs_path, str(tmp))
+            return
+        with self._lock:
+            if self._parts is None:
+                self._parts = ThreadPoolExecutor(self.threads, thread_name_prefix="scatstore-part")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            def part(a: int):
+                b = min(a + PART_BYTES, size)
+                data = src.read_range(a, b)
+                if len(data) != b - a:
+                    raise StoreError(f"cannot read {src}: short read at {a} ({len(data)} of "
+                                     f"{b - a} bytes; the object changed?)")
+                os.pwrite(fd, data, a)
+            futs = [self._parts.submit(part, a) for a in range(0, size, PART_BYTES)]
+            for f in futs:
+                f.result()
+        finally:
+            os.close(fd)
 
     def _evict(self) -> None:
         total, entries = 0, []
@@ -228,9 +256,11 @@ class ShardCache:
         return (self.remote / rel).read_range(start, end)
 
     def close(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is not None and os.getpid() == self._pid:
-            pool.shutdown(wait=True, cancel_futures=True)
+        for name in ("_pool", "_parts"):
+            pool = getattr(self, name)
+            setattr(self, name, None)
+            if pool is not None and os.getpid() == self._pid:
+                pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _size_is(path: Path, size: int) -> bool:
