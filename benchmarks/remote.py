@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default="/tmp/scatstore-bench-remote")
     ap.add_argument("--samples", type=int, default=2048)
-    ap.add_argument("--images", type=int, default=96, help="source images of the encode rows")
+    ap.add_argument("--images", type=int, default=192, help="source images of the encode rows")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch", type=int, default=128)
     args = ap.parse_args(argv)
@@ -127,14 +127,14 @@ def main(argv=None) -> int:
     d = encode_defaults()
     src = build_jpegs(work / "jpeg", args.images)
     x, y = coefficients(src, work / "coef.npz")
-    local = build_store(work / "scat1", d["format"], x, y, args.samples,
+    local = build_store(work / f"scat1-{args.samples}", d["format"], x, y, args.samples,
                         compression=d["compression"], dtype=d["dtype"] or "float16",
                         shard_size=d["shard_size"])
     build_store(as_path("s3://bench/scat1"), d["format"], x, y, args.samples,
                 compression=d["compression"], dtype=d["dtype"] or "float16",
                 shard_size=d["shard_size"])
     codec = fit_tiny_codec(work / "tiny.cae")
-    cae_local = work / "cae"
+    cae_local = work / f"cae-{args.images}"
     cae = dict(src=src, method="cae", codec=str(codec), shard_size=64, augment=8, progress=False)
     if not (cae_local / "manifest.json").exists():
         shutil.rmtree(cae_local, ignore_errors=True)
