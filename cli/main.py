@@ -63,9 +63,13 @@ def main() -> None:
               show_default=True, help="Store format.")
 @click.option("--shard-size", type=int, default=512, show_default=True, help="Samples per shard.")
 @click.option("--size", type=int, default=224, show_default=True, help="Stored image side in pixels.")
-@click.option("--dtype", type=click.Choice(["float16", "float32", "uint8"]), default=None,
-              help="Coefficient storage type (uint8: per-channel quantization)  [default: float16; "
+@click.option("--dtype", type=click.Choice(["float16", "float32", "uint8", "tc"]), default=None,
+              help="Coefficient storage type (uint8: per-channel quantization; tc: transform-coded, "
+                   "smaller than the JPEG, docs/coefficient_codec.md)  [default: float16; "
                    "scat1/scat2 only]")
+@click.option("--quality", type=float, default=None,
+              help="Quality of --dtype tc, 0..100: each +10 halves the quantization step (50: "
+                   "~2.5 %% relative error)  [default: 50]")
 @click.option("--compression", default="default", show_default=True,
               help="Store compression: default (zarr zstd:3, h5 gzip:1, wds none), none, zstd[:1-22] "
                    "(zarr), gzip[:0-9] (zarr, h5), lzf (h5). 'none' streams fastest (docs/loading.md).")
@@ -84,7 +88,7 @@ def main() -> None:
               help="Device of the transform (cpu, cuda, cuda:1).")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Images per transform call.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def encode_cmd(src, out, method, J, L, codec, fmt, shard_size, size, dtype, compression, layout, split, augment,
+def encode_cmd(src, out, method, J, L, codec, fmt, shard_size, size, dtype, quality, compression, layout, split, augment,
                seed, workers, scheduler, device, batch_size, quiet):
     """Encode the images under SRC into a sharded store at OUT (re-run to resume)."""
     from scatstore.pipelines.encode import (EncodeConfig, EncodeError, JobTerminated, OptionError,
@@ -92,7 +96,7 @@ def encode_cmd(src, out, method, J, L, codec, fmt, shard_size, size, dtype, comp
 
     try:
         cfg = EncodeConfig(src=src, out=out, method=method, J=J, L=L, codec=codec, format=fmt,
-                           shard_size=shard_size, size=size, dtype=dtype,
+                           shard_size=shard_size, size=size, dtype=dtype, quality=quality,
                            compression=compression, layout=layout, split=split,
                            augment=augment, seed=seed, workers=workers, scheduler=scheduler,
                            device=device, batch_size=batch_size, progress=not quiet)

@@ -6,7 +6,13 @@ All ratios are *stored / reference* (below 1 means smaller than the reference):
   (3·S²). For scat1 this is (1 + L·J)/4^J: 0.39 at J=3, L=8. ``None`` for bitstreams.
 - ``bytes_ratio``: bytes on disk / raw uint8 pixel bytes (3·S² per sample).
 - ``source_bytes_ratio``: bytes on disk / bytes of the source files of the stored samples.
+- ``ratio_vs_jpeg_q90``: bytes on disk per sample / bytes of a quality-90 JPEG of the stored
+  frame (the manifest's ``reference_jpeg``: PIL/libjpeg, measured at encode time on the first
+  samples of every shard), the file a user would otherwise keep for that frame.
 - ``bits_per_pixel``: bytes on disk × 8 / (samples · S²), the learned-compression convention.
+
+Transform-coded stores (``--dtype tc``) report ``dtype: "tc"``, the decoded ``sample_shape`` and a
+``coefficient_codec`` summary (quality, transform, step, version).
 
 ``bytes_stored`` counts every file of the store (data, indexes, manifest, rejected.jsonl); the
 resume markers in ``.scatstore/`` are bookkeeping and are left out. ``payload_bytes`` is the samples'
@@ -24,8 +30,9 @@ from pathlib import Path
 REPORT_KEYS = (
     "path", "format", "method", "params", "dtype", "sample_shape", "size", "count", "rejected",
     "n_shards", "bytes_stored", "bytes_per_sample", "payload_bytes", "overhead_bytes",
-    "raw_bytes", "source_bytes", "coefficient_ratio", "bytes_ratio", "source_bytes_ratio",
-    "bits_per_pixel", "payload_bits_per_pixel", "quality",
+    "raw_bytes", "source_bytes", "jpeg_q90_bytes_per_sample", "coefficient_ratio", "bytes_ratio",
+    "source_bytes_ratio", "ratio_vs_jpeg_q90", "bits_per_pixel", "payload_bits_per_pixel",
+    "quality", "coefficient_codec",
 )
 
 
@@ -67,6 +74,11 @@ def report(out: str | os.PathLike, manifest: dict | None = None) -> dict:
     pixels = 3 * size * size if size else None
     raw_bytes = count * pixels if pixels else None
     shape = m.get("sample_shape")
+    tc = m.get("coefficient_codec")
+    if tc:
+        shape = list(tc.get("shape") or []) or None
+    jpeg = (m.get("reference_jpeg") or {}).get("bytes_per_sample")
+    per_sample = bytes_stored / count if count else 0.0
     coefficient_ratio = (math.prod(shape) / pixels) if (shape and pixels) else None
     source_bytes = int(m.get("source", {}).get("accepted_bytes", 0)) or None
     n_px = count * size * size if size else 0
@@ -75,26 +87,38 @@ def report(out: str | os.PathLike, manifest: dict | None = None) -> dict:
         "format": store.get("format"),
         "method": m["method"]["name"],
         "params": m["method"].get("params", {}),
-        "dtype": m.get("dtype"),
+        "dtype": "tc" if tc else m.get("dtype"),
         "sample_shape": shape,
         "size": size,
         "count": count,
         "rejected": int(m.get("rejected", 0)),
         "n_shards": int(store.get("n_shards", len(shards))),
         "bytes_stored": bytes_stored,
-        "bytes_per_sample": bytes_stored / count if count else 0.0,
+        "bytes_per_sample": per_sample,
         "payload_bytes": payload,
         "overhead_bytes": bytes_stored - payload,
         "raw_bytes": raw_bytes,
         "source_bytes": source_bytes,
+        "jpeg_q90_bytes_per_sample": jpeg,
         "coefficient_ratio": coefficient_ratio,
         "bytes_ratio": bytes_stored / raw_bytes if raw_bytes else None,
         "source_bytes_ratio": bytes_stored / source_bytes if source_bytes else None,
+        "ratio_vs_jpeg_q90": per_sample / jpeg if jpeg and count else None,
         "bits_per_pixel": 8 * bytes_stored / n_px if n_px else None,
         "payload_bits_per_pixel": 8 * payload / n_px if n_px else None,
         "quality": m.get("quality"),
+        "coefficient_codec": _codec_summary(tc) if tc else None,
     }
     return r
+
+
+def _codec_summary(rec: dict) -> dict:
+    from scatstore.transforms.coefcodec import LOG_BITS, MATRIX_BITS
+
+    steps = rec.get("steps") or [0]
+    return {"codec": rec.get("codec"), "version": rec.get("version"), "quality": rec.get("quality"),
+            "transform": rec.get("transform"), "eps": rec.get("eps"),
+            "step": float(steps[0]) / 2 ** (LOG_BITS + MATRIX_BITS)}
 
 
 def _fmt(v) -> str:
@@ -119,8 +143,15 @@ def format_report(r: dict) -> str:
         ("coefficients vs raw pixels", _ratio(r["coefficient_ratio"])),
         ("bytes vs raw uint8 pixels", _ratio(r["bytes_ratio"])),
         ("bytes vs source files", _ratio(r["source_bytes_ratio"])),
+        ("bytes vs q90 JPEG of the frame", _ratio(r["ratio_vs_jpeg_q90"]) + (
+            f"  (JPEG {_fmt(r['jpeg_q90_bytes_per_sample'])} per sample)"
+            if r["jpeg_q90_bytes_per_sample"] else "")),
         ("bits per pixel", _fmt(r["bits_per_pixel"])),
     ]
+    if r.get("coefficient_codec"):
+        c = r["coefficient_codec"]
+        rows.insert(2, ("coefficient codec", f"{c['codec']} v{c['version']}, quality {c['quality']}, "
+                                             f"{c['transform']}, step {c['step']:.4g} (log2)"))
     q = r.get("quality") or {}
     for k, v in q.items():
         rows.append((k.replace("_", " "), _fmt(v)))

@@ -76,6 +76,12 @@ REPRESENTATIONS: dict[str, Representation] = {r.name: r for r in (
     _rep("scat1-J2-uint8", "scattering", "scat1 J=2 uint8", "scat1 uint8", method="scat1", J=2, dtype="uint8"),
     _rep("scat1-J3-uint8", "scattering", "scat1 J=3 uint8", "scat1 uint8", method="scat1", J=3, dtype="uint8"),
     _rep("scat1-J4-uint8", "scattering", "scat1 J=4 uint8", "scat1 uint8", method="scat1", J=4, dtype="uint8"),
+    _rep("scat1-J3-tc-q40", "scattering", "scat1 J=3 tc q40", "scat1 tc", method="scat1", J=3, dtype="tc", quality=40),
+    _rep("scat1-J3-tc-q50", "scattering", "scat1 J=3 tc q50", "scat1 tc", method="scat1", J=3, dtype="tc", quality=50),
+    _rep("scat1-J3-tc-q60", "scattering", "scat1 J=3 tc q60", "scat1 tc", method="scat1", J=3, dtype="tc", quality=60),
+    _rep("scat1-J4-tc-q40", "scattering", "scat1 J=4 tc q40", "scat1 tc", method="scat1", J=4, dtype="tc", quality=40),
+    _rep("scat1-J4-tc-q50", "scattering", "scat1 J=4 tc q50", "scat1 tc", method="scat1", J=4, dtype="tc", quality=50),
+    _rep("scat1-J4-tc-q60", "scattering", "scat1 J=4 tc q60", "scat1 tc", method="scat1", J=4, dtype="tc", quality=60),
     _rep("scat2-J3-float16", "scattering", "scat2 J=3 float16", "scat2 float16", method="scat2", J=3, dtype="float16"),
 )}
 
@@ -339,6 +345,8 @@ ROW_KEYS = {
     "bytes_per_sample": "bytes on disk / samples (every file of the store)",
     "ratio_vs_raw": "bytes_per_sample / raw uint8 pixels of the stored frame (3·size²)",
     "ratio_vs_source": "bytes_per_sample / mean size of the source files",
+    "ratio_vs_jpeg_q90": "bytes_per_sample / that of the jpeg-q90 row (the q90 JPEG of the same "
+                         "frames), else of the store's reference_jpeg; null when neither exists",
     "bytes_read_per_epoch": "bytes the training loader reads in one epoch (its own counter)",
     "loader_samples_per_s": "training loader throughput, from the page cache, median of repeats",
     "loader_cpu_ms_per_sample": "CPU time (all threads and workers) per sample loaded",
@@ -646,6 +654,7 @@ def run_study(cfg: StudyConfig, log: Callable[[str], None] | None = None) -> dic
             f"probe top-1 {probe.val_top1:.3f} ({probe_s:.1f} s)"
             + (f", trained top-1 {row['train_top1']:.3f}" if row["train_top1"] is not None else ""))
         rows.append(row)
+    _jpeg_ratios(rows)
 
     result = {
         "format": STUDY_FORMAT,
@@ -696,6 +705,19 @@ def run_study(cfg: StudyConfig, log: Callable[[str], None] | None = None) -> dic
     return result
 
 
+def _jpeg_ratios(rows: list[dict]) -> None:
+    """``ratio_vs_jpeg_q90`` of every row: against the study's own q90 JPEGs of the same frames
+    when that row ran, else against the q90 JPEG the encode job measured (``reference_jpeg``)."""
+    from scatstore.pipelines.report import report
+
+    q90 = next((r["bytes_per_sample"] for r in rows if r["name"] == "jpeg-q90"), None)
+    for r in rows:
+        ref = q90
+        if ref is None and r["family"] == "store":
+            ref = report(r["path"])["jpeg_q90_bytes_per_sample"]
+        r["ratio_vs_jpeg_q90"] = r["bytes_per_sample"] / ref if ref else None
+
+
 def codecs_of(reps: list[Representation]) -> dict[str, str]:
     return {r.name: r.options["codec"] for r in reps if r.options.get("method") == "cae"}
 
@@ -732,7 +754,7 @@ def format_markdown(result: dict) -> str:
     """``study.md``: the title line and one table row per representation."""
     d, m = result["dataset"], result["machine"]
     trained = any(r["train_top1"] is not None for r in result["representations"])
-    head = ["representation", "kB / sample", "× raw", "× source", "MB read / epoch",
+    head = ["representation", "kB / sample", "× raw", "× source", "× q90 JPEG", "MB read / epoch",
             "loader samples/s", "CPU ms / sample", "model", "input", "GMACs", "probe top-1 %"]
     if trained:
         head.append("trained top-1 %")
@@ -746,7 +768,9 @@ def format_markdown(result: dict) -> str:
              "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|"]
     for r in result["representations"]:
         cells = [r["label"], _kb(r["bytes_per_sample"]), f"{r['ratio_vs_raw']:.3f}",
-                 f"{r['ratio_vs_source']:.2f}", f"{r['bytes_read_per_epoch'] / 1e6:,.2f}",
+                 f"{r['ratio_vs_source']:.2f}",
+                 "—" if r.get("ratio_vs_jpeg_q90") is None else f"{r['ratio_vs_jpeg_q90']:.2f}",
+                 f"{r['bytes_read_per_epoch'] / 1e6:,.2f}",
                  f"{r['loader_samples_per_s']:,.0f}", f"{r['loader_cpu_ms_per_sample']:.3f}",
                  r["model"], "×".join(str(v) for v in r["model_input_shape"]),
                  f"{r['model_macs'] / 1e9:.2f}", _pct(r["probe_top1"])]

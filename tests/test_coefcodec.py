@@ -258,3 +258,192 @@ def test_bytes_identical_on_the_avx2_paths(coeffs, codec50, tmp_path):
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                          check=True, timeout=120)
     assert bytes.fromhex(out.stdout) == b"".join(codec50.encode(test))
+
+
+# ------------------------------------------------------------------ stores (encode --dtype tc)
+
+STORE_SIZE = 64  # small frames keep the encode jobs fast; J=2 gives (3, 17, 16, 16) samples
+
+
+@pytest.fixture(scope="module")
+def tc_src(tmp_path_factory):
+    from scatstore.sources.demo_data import make_imagenet_layout
+
+    return make_imagenet_layout(tmp_path_factory.mktemp("tcsrc") / "imagenet", n_per_class=4, seed=0)
+
+
+def _encode_tc(src, out, **kw):
+    from scatstore.pipelines.encode import EncodeConfig, encode
+
+    kw = {"method": "scat1", "J": 2, "size": STORE_SIZE, "shard_size": 5, "dtype": "tc",
+          "quality": 50, "progress": False, **kw}
+    return encode(EncodeConfig(src=src, out=out, **kw), log=lambda m: None)
+
+
+def _digest(out):
+    import hashlib
+
+    return {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(out.rglob("*")) if p.is_file()
+            and not p.relative_to(out).as_posix().startswith(".scatstore/lock")}
+
+
+def _plain_blobs(out, fmt, m):
+    """Every stored blob, read with the format's plain library (no scatstore code)."""
+    if fmt == "zarr":
+        import zarr
+
+        g = zarr.open_group(str(out / "data.zarr"), mode="r")
+        valid, off = np.asarray(g["valid"][:]), np.asarray(g["bits_offsets"][:])
+        S = m["store"]["shard_size"]
+        blobs = []
+        for slot in np.flatnonzero(valid):
+            s, base = slot // S, off[(slot // S) * S]
+            bits = np.asarray(g[f"bits/{s:06d}"][:])
+            blobs.append(bits[off[slot] - base:off[slot + 1] - base].tobytes())
+        return blobs
+    if fmt == "wds":
+        import tarfile
+
+        blobs = []
+        for tar in sorted(out.glob("shard-*.tar")):
+            with tarfile.open(tar) as tf:
+                blobs += [tf.extractfile(mm).read() for mm in tf.getmembers() if mm.name.endswith(".bits")]
+        return blobs
+    import h5py
+
+    blobs = []
+    for f5 in sorted(out.glob("shard-*.h5")):
+        with h5py.File(f5, "r") as f:
+            bits, off = f["bits"][:], f["bits_offsets"][:]
+            blobs += [bits[a:b].tobytes() for a, b in zip(off[:-1], off[1:])]
+    return blobs
+
+
+@pytest.fixture(scope="module")
+def f32_store(tc_src, tmp_path_factory):
+    from scatstore.pipelines.encode import EncodeConfig, encode
+
+    out = tmp_path_factory.mktemp("f32") / "out"
+    encode(EncodeConfig(src=tc_src, out=out, method="scat1", J=2, size=STORE_SIZE, shard_size=5,
+                        dtype="float32", progress=False), log=lambda m: None)
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "wds", "h5"])
+def test_tc_store_reads_back_with_numpy_and_matches_loader(tc_src, f32_store, tmp_path, fmt):
+    from scatstore.loaders.stream import loader
+    from scatstore.pipelines.report import report
+    from scatstore.stores import open_dataset, verify
+
+    out = tmp_path / "out"
+    m = _encode_tc(tc_src, out, format=fmt)
+    assert m["dtype"] == "bytes" and m["coefficient_codec"]["codec"] == "scatstore-tc"
+    assert m["job"]["params"]["coefficient_codec"]["quality"] == 50.0
+    assert verify(out).ok
+    rec = json.loads((out / "manifest.json").read_text())["coefficient_codec"]
+    ds = open_dataset(out)
+    assert ds.decoded_shape == (3, 17, 16, 16) and len(ds) == 12
+    ref = open_dataset(f32_store)
+    # numpy + the plain library + the documented formulas == open_dataset
+    plain = [_independent_decode(b, rec) for b in _plain_blobs(out, fmt, m)]
+    ours = np.stack([ds[i][0] for i in range(len(ds))])
+    assert ours.dtype == np.float32 and ours.shape == (12, 3, 17, 16, 16)
+    np.testing.assert_allclose(ours, np.stack(plain), rtol=2e-5, atol=1e-7)
+    # within the documented error against the float32 store of the same images
+    exact = np.stack([ref[i][0] for i in range(len(ref))])
+    codec = CoefficientCodec.from_json(rec)
+    y_err = np.log2(ours.astype(np.float64) + codec.eps) - np.log2(exact.astype(np.float64) + codec.eps)
+    per_pos = np.sqrt((y_err.reshape(12, -1, 16 * 16) ** 2).sum(axis=1))
+    assert per_pos.max() <= codec.error_bound()
+    rel = np.linalg.norm(ours - exact) / np.linalg.norm(exact)
+    assert rel < 0.05, rel
+    # the loader (threads, shuffled windows, batch decode) gives the map-style reader's samples
+    L = loader(out, 5, shuffle=True, seed=3, num_workers=2, drop_last=False)
+    seen = {}
+    for xb, yb in L(0):
+        assert xb.shape[1:] == (51, 16, 16) and xb.dtype == torch.float32
+        for row, lab in zip(xb.numpy(), yb.tolist()):
+            seen[len(seen)] = (row, lab)
+    order = L(0).plan.order
+    assert len(seen) == len(order)
+    for k, i in enumerate(order.tolist()):
+        np.testing.assert_array_equal(seen[k][0], ours[i].reshape(51, 16, 16))
+        assert seen[k][1] == ds.labels[i]
+    # report: bytes per sample against the sources and against the q90 JPEG of the frame
+    r = report(out)
+    assert r["dtype"] == "tc" and r["coefficient_codec"]["quality"] == 50.0
+    # every file counts, the manifest (with the codec record) included
+    assert r["bytes_per_sample"] == pytest.approx(r["bytes_stored"] / 12)
+    assert r["bytes_stored"] > m["bytes_stored"] + len(json.dumps(rec))
+    assert r["jpeg_q90_bytes_per_sample"] > 0
+    assert r["ratio_vs_jpeg_q90"] == pytest.approx(r["bytes_per_sample"] / r["jpeg_q90_bytes_per_sample"])
+
+
+def test_tc_bytes_identical_across_runs_workers_and_resume(tc_src, tmp_path, monkeypatch):
+    from scatstore.pipelines.encode import tcfit
+    from scatstore.stores import read_manifest
+
+    a = tmp_path / "a"
+    _encode_tc(tc_src, a)
+    b = tmp_path / "b"
+    _encode_tc(tc_src, b, workers=2)
+    da, db = _digest(a), _digest(b)
+    assert da == db and any(k.startswith("data.zarr/bits/") for k in da)
+    # resume: a lost shard is redone with the recorded codec, never refitted
+    (a / "_store" / "shard-000001.json").unlink()
+    for p in (a / "data.zarr" / "bits" / "000001").rglob("c/*"):
+        p.unlink()
+
+    def no_refit(*args, **kw):
+        raise AssertionError("a resumed job refitted its codec")
+    monkeypatch.setattr(tcfit, "fit_codec", no_refit)
+    _encode_tc(tc_src, a)
+    assert _digest(a) == da
+    assert read_manifest(a)["coefficient_codec"] == json.loads(
+        (a / ".scatstore" / "coefficient_codec.json").read_text())
+
+
+def test_tc_options_are_checked(tc_src, tmp_path):
+    from scatstore.pipelines.encode import EncodeConfig, OptionError
+
+    with pytest.raises(OptionError, match="quality"):
+        EncodeConfig(src=tc_src, out=tmp_path / "o", dtype="float16", quality=50)
+    with pytest.raises(OptionError, match="quality"):
+        EncodeConfig(src=tc_src, out=tmp_path / "o", dtype="tc", quality=150)
+    with pytest.raises(OptionError, match="dtype"):
+        EncodeConfig(src=tc_src, out=tmp_path / "o", method="raw", dtype="tc")
+    # a different quality is a different job: refused in the same OUT
+    from scatstore.pipelines.encode import EncodeError
+
+    out = tmp_path / "q"
+    _encode_tc(tc_src, out, quality=40)
+    with pytest.raises(EncodeError, match="different job"):
+        _encode_tc(tc_src, out, quality=60)
+
+
+def test_decode_kernel_agrees_with_numpy_and_the_avx2_build(coeffs, codec50):
+    from scatstore import _cbuild
+    from scatstore.transforms import coefcodec
+
+    blobs = codec50.encode(coeffs[0]) * 2
+    info = coefcodec.kernel_info()
+    if _cbuild.find_compiler() is not None and not _cbuild.native_disabled():
+        assert info["available"], info
+    fast = codec50.decode(blobs, threads=2)
+    fast_log = codec50.decode(blobs, domain="log")
+    try:
+        coefcodec.select_kernel(use_numpy=True)
+        assert coefcodec.kernel_info()["kernel"] == "numpy"
+        ref = codec50.decode(blobs)
+        ref_log = codec50.decode(blobs, domain="log")
+        others = []
+        if "x86-64-v3" in _cbuild.isa_levels() and _cbuild.isa_level() != "x86-64-v3":
+            coefcodec.select_kernel("x86-64-v3")
+            others.append(codec50.decode(blobs))
+    finally:
+        coefcodec.select_kernel()
+    np.testing.assert_allclose(fast_log, ref_log, rtol=0, atol=2e-5)
+    np.testing.assert_allclose(fast, ref, rtol=2e-5, atol=1e-7)
+    for o in others:
+        np.testing.assert_allclose(o, ref, rtol=2e-5, atol=1e-7)

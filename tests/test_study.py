@@ -80,6 +80,16 @@ def test_study_values_are_sane(study):
         b = [rows[f"scat1-J{J}-{dt}"]["bytes_per_sample"] for J in (2, 3, 4)]
         assert b[0] > b[1] > b[2]
     assert rows["scat2-J3-float16"]["bytes_per_sample"] > rows["scat1-J3-float16"]["bytes_per_sample"]
+    # transform-coded rows: fewer bytes at lower quality, the float16 rows' model input (at 30
+    # images the codec record in the manifest, 45-77 kB, is a large share of every sample)
+    for J in (3, 4):
+        tc = [rows[f"scat1-J{J}-tc-q{q}"] for q in (40, 50, 60)]
+        assert tc[0]["bytes_per_sample"] < tc[1]["bytes_per_sample"] < tc[2]["bytes_per_sample"]
+        assert tc[1]["model_input_shape"] == rows[f"scat1-J{J}-float16"]["model_input_shape"]
+    assert rows["scat1-J3-tc-q60"]["bytes_per_sample"] < rows["scat1-J3-float16"]["bytes_per_sample"]
+    for r in rows.values():
+        assert r["ratio_vs_jpeg_q90"] == pytest.approx(
+            r["bytes_per_sample"] / rows["jpeg-q90"]["bytes_per_sample"])
     assert rows["jpeg-q90"]["bytes_per_sample"] < rows["raw"]["bytes_per_sample"]
     # model inputs and their cost follow J: (3·(1+8J), 64/2^J, 64/2^J), fewer MACs as J grows
     for J in (2, 3, 4):
@@ -186,7 +196,8 @@ def test_registry_one_line_per_representation():
     from scatstore.pipelines.study import REPRESENTATIONS, Representation, select
 
     assert {r.kind for r in REPRESENTATIONS.values()} == {"pixels", "scattering"}
-    assert [r.name for r in select(["scat1-J3-*"])] == ["scat1-J3-float16", "scat1-J3-uint8"]
+    assert [r.name for r in select(["scat1-J3-*"])] == [
+        "scat1-J3-float16", "scat1-J3-uint8", "scat1-J3-tc-q40", "scat1-J3-tc-q50", "scat1-J3-tc-q60"]
     with pytest.raises(ValueError):
         Representation("x", "voxels", "x", "x")
 

@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Callable
 
-from . import executors, jobdir, manifest as manifest_mod, signals
+from . import executors, jobdir, manifest as manifest_mod, signals, tcfit
 from .options import EncodeConfig, EncodeError, OptionError, config_warnings
 from .shards import make_tasks
 from .summary import summary_lines
@@ -59,7 +59,8 @@ def _spec(cfg: EncodeConfig, index, method):
     dtype = manifest_mod.stored_dtype(cfg, method)
     try:
         return StoreSpec(format=cfg.format, n_slots=len(index.items) * cfg.variants,
-                         shard_size=cfg.shard_size, sample_shape=method.sample_shape(cfg.size),
+                         shard_size=cfg.shard_size,
+                         sample_shape=None if dtype == "bytes" else method.sample_shape(cfg.size),
                          dtype=dtype,
                          quantized=dtype == "uint8" and method.output_kind == "coefficients",
                          has_hw=index.layout == "coco", compression=cfg.compression)
@@ -112,8 +113,10 @@ def encode(cfg: EncodeConfig, log: Callable[[str], None] | None = None,
         run = uuid.uuid4().hex[:12]
         frame = FrameSpec(size=cfg.size, keep_aspect=index.layout == "coco", augment=cfg.augment,
                           seed=cfg.seed)
+        codec = tcfit.codec_for_job(cfg, index, method, spec, frame, log) \
+            if cfg.dtype == "tc" else None
         tasks = make_tasks(cfg, method, index, spec, todo, executors.torch_threads_per_task(cfg),
-                           run, frame, cfg.value("dtype"))
+                           run, frame, cfg.value("dtype"), codec)
 
         started, wall_started = time.perf_counter(), time.time()
         done_slots = sum(len(m["record"]["slots"]) + len(m["rejected"]) for m in done.values())
@@ -148,7 +151,7 @@ def encode(cfg: EncodeConfig, log: Callable[[str], None] | None = None,
             jobdir.clear_cancel(cfg.out, run)
         elapsed = time.perf_counter() - started
 
-        manifest_mod.commit(cfg, index, method, spec, params, results, writer)
+        manifest_mod.commit(cfg, index, method, spec, params, results, writer, codec)
         manifest = read_manifest(cfg.out)
         encoded_now = sum(len(r["record"]["slots"]) for i, r in results.items() if i not in done)
         rate = encoded_now / elapsed if elapsed > 0 and encoded_now else 0.0

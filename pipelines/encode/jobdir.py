@@ -9,6 +9,8 @@
   (``_store/shard-NNNNNN.json``, ``StoreWriter.write_shard``): a shard is done when that record
   loads, its files hash to it (``check_shard``) and its notes are readable. Job directories of
   earlier versions kept a copy of the record in the notes: it is ignored, they resume as they are.
+- ``coefficient_codec.json``: the fitted coefficient codec of a ``dtype tc`` job, written once
+  before any shard (a resumed job reuses it, never refits: ``tcfit``).
 - ``cancel/RUN``: created when the run ``RUN`` is interrupted; shard tasks look for it between
   batches (a file in OUT is what every worker of the job sees: threads, worker processes, the
   workers of a remote dask cluster sharing OUT).
@@ -40,6 +42,7 @@ LOCK_OBJECT = "lock.json"
 CANCEL_DIR = "cancel"
 # an object-store lock not refreshed for this long is stale (its holder died without deleting it)
 LOCK_TTL_S = float(os.environ.get("SCATSTORE_LOCK_TTL", "60"))
+CODEC_FILE = "coefficient_codec.json"
 
 
 def fingerprint(params: dict) -> str:
@@ -70,6 +73,26 @@ def read_notes(out: Path | str, index: int) -> dict | None:
         return {"rejected": notes["rejected"], "quality": notes.get("quality") or {}}
     except (OSError, ValueError, AttributeError):
         return None
+
+
+def codec_record_path(out: Path | str) -> Path:
+    return as_path(out) / JOB_DIR / CODEC_FILE
+
+
+def write_codec_record(out: Path | str, record: dict) -> None:
+    _write_text(codec_record_path(out), json.dumps(record, sort_keys=True))
+
+
+def read_codec_record(out: Path | str) -> dict | None:
+    """The job's coefficient-codec record, or None when none was written yet; an unreadable
+    one is an error (refitting could change the bytes of committed shards)."""
+    p = codec_record_path(out)
+    if not p.exists():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError) as exc:
+        raise EncodeError(f"{p} is unreadable ({exc}); delete OUT to start over") from None
 
 
 def cancel_path(out: Path | str, run: str) -> Path:

@@ -11,6 +11,7 @@ import json
 import os
 from pathlib import Path
 
+from . import tcfit
 from .jobdir import fingerprint
 
 REJECTED_FILE = "rejected.jsonl"
@@ -18,14 +19,16 @@ SKIPPED_FILE = "skipped.jsonl"
 
 
 def stored_dtype(cfg, method) -> str:
-    return {"pixels": "uint8", "bytes": "bytes"}.get(method.output_kind, cfg.value("dtype"))
+    """The store's dtype: transform-coded coefficients (``tc``) are variable-length bytes."""
+    dtype = {"pixels": "uint8", "bytes": "bytes"}.get(method.output_kind, cfg.value("dtype"))
+    return "bytes" if dtype == "tc" else dtype
 
 
 def job_params(cfg, method, source_fingerprint: str) -> dict:
     """The parameters that define a job: a resume must match all of them."""
     from scatstore.stores import MANIFEST_VERSION
 
-    return {
+    params = {
         "manifest_version": MANIFEST_VERSION,
         "method": {"name": method.name, "params": method.params},
         "format": cfg.format, "shard_size": cfg.shard_size, "size": cfg.size,
@@ -33,15 +36,21 @@ def job_params(cfg, method, source_fingerprint: str) -> dict:
         "split": cfg.split, "augment": cfg.augment, "seed": cfg.seed,
         "source_fingerprint": source_fingerprint,
     }
+    if cfg.dtype == "tc":  # only then: the parameters of other jobs (and their resume) unchanged
+        params["coefficient_codec"] = {"dtype": "tc", "quality": float(cfg.value("quality")),
+                                       **tcfit.FIT_PARAMS}
+    return params
 
 
 def _jsonl(rows) -> bytes:
     return "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode("utf-8")
 
 
-def commit(cfg, index, method, spec, params, results: dict, writer) -> dict:
+def commit(cfg, index, method, spec, params, results: dict, writer, spec_codec=None) -> dict:
     """Write rejected.jsonl, skipped.jsonl and (by the store) the manifest; returns the
-    manifest as given to the store."""
+    manifest as given to the store. ``spec_codec``: the store's fitted
+    :class:`~scatstore.transforms.coefcodec.CoefficientCodec` (``dtype tc``), recorded as the
+    manifest's ``coefficient_codec``."""
     from scatstore.stores import ShardRecord
     from scatstore.stores.base import atomic_write_bytes
 
@@ -83,11 +92,28 @@ def commit(cfg, index, method, spec, params, results: dict, writer) -> dict:
         },
         "job": {"fingerprint": fingerprint(params), "params": params},
     }
-    quality = quality_summary([results[s].get("quality") or {} for s in sorted(results)])
+    if spec_codec is not None:
+        manifest["coefficient_codec"] = spec_codec.to_json()
+    per_shard = [results[s].get("quality") or {} for s in sorted(results)]
+    jpeg = reference_jpeg(per_shard)
+    if jpeg:
+        manifest["reference_jpeg"] = jpeg
+    quality = quality_summary(per_shard)
     if quality:
         manifest["quality"] = quality
     writer.finalize(manifest, records)
     return manifest
+
+
+def reference_jpeg(per_shard: list[dict]) -> dict:
+    """The mean size of a quality-90 JPEG of the stored frames, over the measured subset (the
+    first samples of every shard, ``shards.frame_jpeg_sums``); {} when none was measured."""
+    n = sum(q.get("jpeg_q90_n", 0.0) for q in per_shard)
+    if not n:
+        return {}
+    total = sum(q.get("jpeg_q90_bytes_sum", 0.0) for q in per_shard)
+    return {"quality": 90, "encoder": "PIL/libjpeg, 4:2:0", "measured_samples": int(n),
+            "bytes_per_sample": total / n}
 
 
 def quality_summary(per_shard: list[dict]) -> dict:

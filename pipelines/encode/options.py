@@ -11,9 +11,9 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-DTYPES = ("float16", "float32", "uint8")
+DTYPES = ("float16", "float32", "uint8", "tc")  # tc: transform-coded (docs/coefficient_codec.md)
 LAYOUTS = ("auto", "imagenet", "coco", "folder")
-DEFAULTS = {"J": 3, "L": 8, "dtype": "float16"}  # what None means for these fields
+DEFAULTS = {"J": 3, "L": 8, "dtype": "float16", "quality": 50}  # what None means for these fields
 
 
 
@@ -34,7 +34,9 @@ class OptionError(EncodeError):
 class EncodeConfig:
     """Everything that defines an encode job (``job_params`` picks the part that must match on
     resume). ``J``, ``L`` and ``dtype`` left at ``None`` take the method's default (3, 8,
-    float16); set for a method that does not use them, they are refused."""
+    float16); set for a method that does not use them, they are refused. ``quality`` (0..100,
+    default 50) is the knob of ``dtype="tc"`` (the transform coder of scattering coefficients,
+    docs/coefficient_codec.md) and is refused with any other dtype."""
 
     src: Path
     out: Path
@@ -46,6 +48,7 @@ class EncodeConfig:
     shard_size: int = 512
     size: int = 224
     dtype: str | None = None
+    quality: float | None = None
     compression: str = "default"
     layout: str = "auto"
     split: str | None = None
@@ -122,6 +125,13 @@ def check_config(cfg: EncodeConfig) -> None:
             stored = "uint8 pixels" if cfg.method == "raw" else "bitstreams"
             raise OptionError("dtype", f"does not apply to method {cfg.method} (it stores "
                               f"{stored})")
+    if cfg.quality is not None:
+        q = cfg.quality
+        if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 <= q <= 100:
+            raise OptionError("quality", f"must be a number in 0..100, got {q!r}")
+        if cfg.dtype != "tc":
+            raise OptionError("quality", "is the knob of dtype tc (transform-coded "
+                              "coefficients): set dtype tc or leave quality unset")
     check_compression(cfg.compression, cfg.format)
     if cfg.scheduler is not None and (not isinstance(cfg.scheduler, str) or not cfg.scheduler):
         raise OptionError("scheduler", f"must be 'local' or a scheduler address, got "

@@ -44,6 +44,7 @@ class ShardTask:
     batch_size: int
     torch_threads: int = 0
     run: str = ""  # this run's token: names its cancel file
+    codec: Any = None  # dtype "tc": the store's CoefficientCodec (pickles as its record)
 
 
 @dataclass
@@ -57,8 +58,30 @@ class ShardResult:
     quality: dict = field(default_factory=dict)
 
 
+JPEG_QUALITY = 90  # the reference JPEG of `scatstore report` (a quality-90 file of the frame)
+# frames per shard (its first ones) whose q90 JPEG is measured: ~1 ms each (PIL, 224²), so
+# about 1 % of a 512-sample shard's transform time
+JPEG_PER_SHARD = 32
+
+
+def frame_jpeg_sums(images: np.ndarray) -> dict[str, float]:
+    """Bytes of a quality-90 JPEG (PIL / libjpeg, 4:2:0) of each stored frame, summed: the
+    reference the report compares every store with (``reference_jpeg`` in the manifest)."""
+    import io
+
+    from PIL import Image
+
+    total = 0
+    for img in images:
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(img.transpose(1, 2, 0))).save(
+            buf, format="JPEG", quality=JPEG_QUALITY)
+        total += buf.tell()
+    return {"jpeg_q90_bytes_sum": float(total), "jpeg_q90_n": float(len(images))}
+
+
 def make_tasks(cfg, method, index, spec, todo, torch_threads: int, run: str, frame,
-               dtype: str) -> list[ShardTask]:
+               dtype: str, codec=None) -> list[ShardTask]:
     variants = cfg.variants
     tasks = []
     for s in todo:
@@ -68,7 +91,7 @@ def make_tasks(cfg, method, index, spec, todo, torch_threads: int, run: str, fra
             index=s, out=str(cfg.out), src_root=str(index.root), spec=spec.to_dict(), method=method,
             slots=slots, items=[index.items[i // variants] for i in slots],
             variants=[i % variants for i in slots], frame=frame, dtype=dtype,
-            batch_size=cfg.batch_size, torch_threads=torch_threads, run=run))
+            batch_size=cfg.batch_size, torch_threads=torch_threads, run=run, codec=codec))
     return tasks
 
 
@@ -91,6 +114,8 @@ def encode_batch(task: ShardTask, method, images: np.ndarray) -> tuple[Any, dict
         return list(encoded), {}, encoded
     if kind == "pixels":
         return np.ascontiguousarray(encoded, dtype=np.uint8), {}, encoded
+    if task.dtype == "tc":  # one transform-coded blob per sample (float32 coefficients in)
+        return task.codec.encode(encoded), {}, encoded
     if task.dtype == "uint8":
         from scatstore.transforms.quantize import quantize_uint8
 
@@ -174,6 +199,8 @@ class ShardEncoder:
         take = MEASURE_PER_SHARD - offset
         if take > 0:
             quality = self.method.measure(images[:take], encoded[:take])
+        if JPEG_PER_SHARD - offset > 0:
+            quality = {**(quality or {}), **frame_jpeg_sums(images[:JPEG_PER_SHARD - offset])}
         with self.lock:
             if isinstance(x, np.ndarray) and self.x_buf is None:
                 self.x_buf = np.empty((len(self.task.slots), *x.shape[1:]), dtype=x.dtype)

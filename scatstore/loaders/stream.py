@@ -212,7 +212,14 @@ class StoreLoader:
                              f"{self.method!r}")
         shape = self.spec.sample_shape
         self.sample_nbytes = self.spec.sample_nbytes or 0
-        if self.is_bytes:
+        self.coef_codec = self.dataset.coef_codec  # dtype tc: decoded by _iter_tc
+        if self.coef_codec is not None:
+            C, K, h, w = self.coef_codec.shape
+            self.out_shape = (C * K, h, w)
+            # shuffle windows in stored bytes: ~128 MB of blobs, not of 4 kB placeholders
+            per = self.manifest["store"].get("payload_bytes", 0) // max(1, len(self.dataset))
+            self.sample_nbytes = max(int(per), 1)
+        elif self.is_bytes:
             self._codec = codec
             self._init_codec()
             self.out_shape = tuple(self._codec.latent_shape(
@@ -469,6 +476,9 @@ class LoaderEpoch:
         o = self.owner
         if len(self) <= 0:
             return
+        if o.coef_codec is not None:
+            yield from self._iter_tc()
+            return
         if o.is_bytes:
             yield from self._iter_bytes()
             return
@@ -702,20 +712,93 @@ class LoaderEpoch:
                          {"float16": torch.float16, "float32": torch.float32}[o.spec.dtype])
         return o._out_pool.get((n, *o.out_shape), dt)
 
+    # ------------------------------------------------------------------ transform-coded
+    def _iter_tc(self):
+        """``dtype tc`` stores: each window's blobs are read in slot order (one read per shard
+        span), then every batch is decoded by the codec on ``num_workers`` threads (blosc and
+        the reconstruction kernels run without the GIL), one batch ahead on a helper thread.
+        On CUDA only the entropy stage runs on the CPU: the int8 codes go to the device and
+        are reconstructed there."""
+        o = self.owner
+        codec, B, plan = o.coef_codec, o.batch_size, self.plan
+        order, wins = plan.order, plan.windows
+        T = len(order)
+        cuda = o.device.type == "cuda"
+        want = o.dtype or torch.float32
+        out_dt = "float16" if want == torch.float16 else "float32"
+
+        def window_blobs(w):
+            a, b = int(wins[w]), int(wins[w + 1])
+            self._prefetch_from(a)  # remote: this window's shards and the next ones
+            u, inv = np.unique(order[a:b], return_inverse=True)
+            blobs = o.dataset.get_batch(u)["x"]
+            o._add_bytes(sum(len(x) for x in blobs))
+            return a, [blobs[i] for i in inv.tolist()]
+
+        def batch(step, a, blobs):
+            lo, hi = step * B - a, min((step + 1) * B, T) - a
+            if cuda:
+                q = codec.decode_codes(blobs[lo:hi], threads=o.num_workers)
+                x = codec.reconstruct(q, dtype=out_dt, device=o.device)
+            else:
+                x = torch.from_numpy(codec.decode(blobs[lo:hi], dtype=out_dt,
+                                                  threads=o.num_workers))
+            if x.dtype != want:
+                x = x.to(want)
+            return x.reshape(hi - lo, *o.out_shape)
+
+        def steps():
+            w_of = None
+            for step in range(self.start_step, plan.n_batches):
+                w = int(np.searchsorted(wins, step * B, side="right") - 1)
+                if w != w_of:
+                    w_of, (a, blobs) = w, window_blobs(w)
+                yield step, a, blobs
+
+        with ThreadPoolExecutor(1, thread_name_prefix="scatstore-tc") as ex:
+            pending = None
+            for step, a, blobs in steps():
+                fut = ex.submit(batch, step, a, blobs)
+                if pending is not None:
+                    yield self._tc_finish(*pending)
+                pending = (step, fut)
+            if pending is not None:
+                yield self._tc_finish(*pending)
+
+    def _tc_finish(self, step, fut):
+        o = self.owner
+        from scatstore.stores.errors import StoreError
+        from scatstore.transforms.coefcodec import CorruptCoefficientsError
+
+        try:
+            x = fut.result()
+        except CorruptCoefficientsError as e:
+            raise StoreError(f"{o.path}: {e}") from None
+        idx = self.batch_indices(step)
+        y = torch.from_numpy(o.labels[idx]).to(o.device)
+        xf, yy = o._finish(x, None, y, self.epoch, step, None, converted=True)
+        if self.track:
+            o._step = step + 1
+        return xf, yy
+
+    def _prefetch_from(self, pos: int) -> None:
+        """A remote store: fetch in the background the shards of this rank's samples from
+        position ``pos`` on, in the order they are needed: all of them with an unlimited cache,
+        else the next ``fetch_ahead`` buffers' worth."""
+        o = self.owner
+        cache = o.dataset.cache
+        if cache is None:
+            return
+        end = None if cache.cache_bytes is None else pos + max(1, o.fetch_ahead) * o.buffer_size
+        cache.prefetch(pd_unique(o.dataset._shard_of[self.plan.order[pos:end]]).tolist())
+
     # ------------------------------------------------------------------ bitstreams
     def _iter_bytes(self):
         o = self.owner
         codec = o._codec
-        cache = o.dataset.cache
-        if cache is not None and cache.cache_bytes is None:  # all of the epoch's, in need order
-            cache.prefetch(pd_unique(o.dataset._shard_of[
-                self.plan.order[self.start_step * o.batch_size:]]).tolist())
         for step in range(self.start_step, self.plan.n_batches):
             idx = self.batch_indices(step)
-            if cache is not None:  # the shards of the next batches, in the background
-                nxt = self.plan.order[(step + 1) * o.batch_size:
-                                      (step + 1 + 4 * max(1, o.fetch_ahead)) * o.batch_size]
-                cache.prefetch(pd_unique(o.dataset._shard_of[nxt]).tolist())
+            self._prefetch_from((step + 1) * o.batch_size)
             b = o.dataset.get_batch(idx)
             blobs = b["x"]
             o._add_bytes(sum(len(x) for x in blobs))

@@ -4,8 +4,10 @@ Index ``i`` runs over the stored samples (``len(ds) == manifest["count"]``) in s
 slots (rejected sources) are skipped. ``ds[i]`` returns ``(x, label, meta)``:
 
 - ``x``: float32 ``np.ndarray`` of ``sample_shape``: float16/float32 samples converted, quantized
-  ones dequantized; raw uint8 pixels are returned as uint8 (there is nothing to decode); bitstream
-  (``bytes``) samples as ``bytes``. With ``raw=True`` the stored array (uint8 codes, float16) is
+  ones dequantized, transform-coded ones (``dtype tc``: bytes samples with a
+  ``coefficient_codec`` in the manifest) decoded to ``(C, K, h, w)``; raw uint8 pixels are
+  returned as uint8 (there is nothing to decode); other bitstream (``bytes``) samples as
+  ``bytes``. With ``raw=True`` the stored array (uint8 codes, float16, the tc blob) is
   returned and ``meta`` carries ``qscale``/``qoffset``.
 - ``label``: int (-1 when unlabeled).
 - ``meta``: the sample's stored meta dict plus ``key``, ``slot`` and (COCO canvases) ``hw``.
@@ -53,6 +55,16 @@ class ScatDataset:
         self.raw = raw
         q = self.manifest.get("quantization") or {}
         self.quant_scheme = q.get("scheme", self.spec.quant_scheme)
+        self.coef_codec = None  # dtype tc: the store's CoefficientCodec
+        if self.manifest.get("coefficient_codec") is not None:
+            from scatstore.transforms.coefcodec import CoefficientCodec
+
+            try:
+                self.coef_codec = CoefficientCodec.from_json(self.manifest["coefficient_codec"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise StoreError(f"{self.root}: bad coefficient_codec in the manifest: {e}") from None
+            if self.spec.dtype != "bytes":
+                raise StoreError(f"{self.root}: a coefficient_codec with dtype {self.spec.dtype}")
         self._pid = None
         self._h: dict = {}
         self._lock = threading.Lock()
@@ -165,7 +177,9 @@ class ScatDataset:
         if hw is not None:
             meta["hw"] = [int(v) for v in hw[0]]
         x = x[0]
-        if self.spec.dtype != "bytes":
+        if self.coef_codec is not None and not raw:
+            x = self.decode_tc([x])[0]
+        elif self.spec.dtype != "bytes":
             if raw:
                 if qs is not None:
                     meta["qscale"], meta["qoffset"] = qs[0], qo[0]
@@ -175,9 +189,25 @@ class ScatDataset:
                 x = x.astype(np.float32)
         return x, int(self.labels[i]), meta
 
+    @property
+    def decoded_shape(self) -> tuple | None:
+        """Shape of one decoded sample: ``sample_shape``, or the codec's for ``dtype tc``."""
+        return tuple(self.coef_codec.shape) if self.coef_codec is not None else self.spec.sample_shape
+
+    def decode_tc(self, blobs, threads: int = 1, dtype: str = "float32") -> np.ndarray:
+        """Transform-coded blobs -> float coefficients ``(B, C, K, h, w)``; a damaged blob is a
+        ``StoreError`` naming the store."""
+        from scatstore.transforms.coefcodec import CorruptCoefficientsError
+
+        try:
+            return self.coef_codec.decode(blobs, dtype=dtype, threads=threads)
+        except CorruptCoefficientsError as e:
+            raise StoreError(f"{self.root}: {e}") from None
+
     def get_batch(self, indices, dequantize: bool = False) -> dict:
         """Stacked stored arrays: ``x`` (B, ...) (a list of bytes for bitstreams), ``y`` int64,
-        ``slot`` int64, ``key`` list, and ``qscale``/``qoffset``/``hw`` when the store has them."""
+        ``slot`` int64, ``key`` list, and ``qscale``/``qoffset``/``hw`` when the store has them.
+        ``dequantize``: quantized codes dequantized, transform-coded blobs decoded (float32)."""
         idx = np.asarray([self._index(i) for i in np.asarray(indices).reshape(-1)], dtype=np.int64)
         self._need(idx)
         with self._read_errors(f"{len(idx)} samples", idx[0] if len(idx) else None):
@@ -188,6 +218,8 @@ class ScatDataset:
             out["qscale"], out["qoffset"] = qs, qo
             if dequantize:
                 out["x"] = self.dequantize(x, qs, qo)
+        if dequantize and self.coef_codec is not None:
+            out["x"] = self.decode_tc(x)
         if hw is not None:
             out["hw"] = hw
         return out

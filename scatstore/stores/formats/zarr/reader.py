@@ -99,25 +99,36 @@ class ZarrDataset(ScatDataset):
         slots = self.slots[idx]
         spec = self.spec
         if spec.dtype == "bytes":
-            h = self._group()
-            xs = []
-            for s in slots:
-                sh = int(s) // spec.shard_size
-                arr = h["bits"].get(sh)
-                if arr is None:
-                    arr = h["bits"][sh] = h["group"][f"bits/{sh:06d}"]
-                base = self._bits_off[sh * spec.shard_size]
-                a, b = self._bits_off[s] - base, self._bits_off[s + 1] - base
-                if not 0 <= a <= b <= arr.shape[0]:
-                    raise StoreError(f"shard {sh}: bits_offsets [{a}, {b}) lie outside its "
-                                     f"{arr.shape[0]} bytes of bitstreams")
-                xs.append(bytes(np.asarray(arr[a:b])) if b > a else b"")
-            x = xs
+            x = self._read_bits(slots)
         else:
             x = self._rows("x", slots)
         q = (self._rows("qscale", slots), self._rows("qoffset", slots)) if spec.quantized else (None, None)
         hw = self._rows("hw", slots) if spec.has_hw else None
         return x, q[0], q[1], hw
+
+    def _read_bits(self, slots: np.ndarray) -> list:
+        """Bitstreams of ``slots``: one zarr read per shard of the byte span its samples cover
+        (a sorted batch of one shard, the loader's windows, reads its chunks once)."""
+        spec = self.spec
+        h = self._group()
+        xs: list = [b""] * len(slots)
+        shards = slots // spec.shard_size
+        for sh in np.unique(shards).tolist():
+            arr = h["bits"].get(sh)
+            if arr is None:
+                arr = h["bits"][sh] = h["group"][f"bits/{sh:06d}"]
+            pos = np.flatnonzero(shards == sh)
+            base = self._bits_off[sh * spec.shard_size]
+            a = self._bits_off[slots[pos]] - base
+            b = self._bits_off[slots[pos] + 1] - base
+            if (a < 0).any() or (b < a).any() or (b > arr.shape[0]).any():
+                raise StoreError(f"shard {sh}: bits_offsets lie outside its {arr.shape[0]} bytes "
+                                 "of bitstreams")
+            lo, hi = int(a.min()), int(b.max())
+            span = np.asarray(arr[lo:hi]) if hi > lo else np.zeros(0, np.uint8)
+            for k, i0, i1 in zip(pos.tolist(), (a - lo).tolist(), (b - lo).tolist()):
+                xs[k] = span[i0:i1].tobytes()
+        return xs
 
     def _meta(self, i: int) -> dict:
         s = int(self.slots[i])
