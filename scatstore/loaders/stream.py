@@ -8,7 +8,9 @@ contract); plain iteration runs ``loader.epoch`` and then advances it.
 
 How an epoch is planned (a pure function of ``seed``, ``epoch``, ``rank``, ``world_size`` and the
 store, computed before any data is read, so that a run can resume at any step without reading
-the batches it skips):
+the batches it skips; the pure functions are in :mod:`scatstore.loaders.partition`, steps 1-2
+give the world-independent global order, 3-4 split it, and a checkpoint taken with another world
+or batch size resumes on the rest of the epoch: ``load_state_dict``, docs/loading.md):
 
 1. **Variants.** An augmented store (``encode --augment K``) holds K variants per source image in
    consecutive slots. Each epoch keeps one variant per source, drawn from a hash of
@@ -28,6 +30,9 @@ the batches it skips):
    default); with ``shuffle`` each window is permuted (``rng(seed, epoch, rank, window)``). A
    window is read with bulk reads (``scatstore.loaders.readers``) into a reusable buffer, and
    batches are gathered from it with one ``index_select``.
+
+A URL (``s3://``, ``gs://``, ``https://``) is read through a local cache of its shard objects,
+fetched ahead of the plan in background threads (:mod:`scatstore.stores.cache`).
 
 Work is done by threads, not processes: ``num_workers`` reader threads (file reads, zstd and
 numpy/torch copies release the GIL) fill the next window while one assembler thread gathers,
