@@ -375,3 +375,24 @@ def test_the_resume_rule_holds_for_any_world_and_batch_sizes():
         assert not np.isin(later, done).any()
         left_out = n - len(done) - len(later)
         assert 0 <= left_out < W2 * B2
+
+
+def test_cae_and_tc_stores_stream_from_s3_like_their_local_copies(s3, src, tmp_path):
+    """The bitstream stores: learned-codec latents (cae, a tiny codec fitted here) and
+    transform-coded coefficients (dtype tc), through the loader's bitstream paths."""
+    from scatstore.codecs import fit_codec
+    from scatstore.sample_data import load_image
+
+    torch.set_num_threads(1)
+    imgs = [np.ascontiguousarray(load_image(n)[:64, :64]) for n in ("astronaut", "coffee")]
+    codec = fit_codec(imgs, channels=4, beta=0.01, steps=4, batch_size=2, size=32, hidden=8,
+                      lr=3e-3, seed=0, progress=False)
+    codec.save(tmp_path / "tiny.cae")
+    jobs = {"cae": dict(method="cae", codec=str(tmp_path / "tiny.cae"), format="wds"),
+            "tc": dict(method="scat1", J=2, dtype="tc", format="zarr")}
+    for name, kw in jobs.items():
+        _run(src, tmp_path / name, shard_size=8, **kw)
+        _run(src, f"s3://bkt/bits-{name}", shard_size=8, **kw)
+        assert _objects(s3, f"bkt/bits-{name}") == _files(tmp_path / name)
+        _assert_same_batches(loader(f"s3://bkt/bits-{name}", 4, cache_dir=tmp_path / "c"),
+                             loader(tmp_path / name, 4), epochs=(0,))

@@ -62,9 +62,9 @@ class ScatDataset:
             try:
                 self.coef_codec = CoefficientCodec.from_json(self.manifest["coefficient_codec"])
             except (ValueError, KeyError, TypeError) as e:
-                raise StoreError(f"{self.root}: bad coefficient_codec in the manifest: {e}") from None
+                raise StoreError(f"{self.where}: bad coefficient_codec in the manifest: {e}") from None
             if self.spec.dtype != "bytes":
-                raise StoreError(f"{self.root}: a coefficient_codec with dtype {self.spec.dtype}")
+                raise StoreError(f"{self.where}: a coefficient_codec with dtype {self.spec.dtype}")
         self._pid = None
         self._h: dict = {}
         self._lock = threading.Lock()
@@ -202,7 +202,7 @@ class ScatDataset:
         try:
             return self.coef_codec.decode(blobs, dtype=dtype, threads=threads)
         except CorruptCoefficientsError as e:
-            raise StoreError(f"{self.root}: {e}") from None
+            raise StoreError(f"{self.where}: {e}") from None
 
     def get_batch(self, indices, dequantize: bool = False) -> dict:
         """Stacked stored arrays: ``x`` (B, ...) (a list of bytes for bitstreams), ``y`` int64,

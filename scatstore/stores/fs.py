@@ -83,7 +83,10 @@ def _filesystem(protocol: str, netloc_opts: tuple):
                 endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
                 if endpoint:
                     opts.setdefault("endpoint_url", endpoint)
-            fs = _FS[key] = fsspec.filesystem(protocol, **opts)
+            try:
+                fs = _FS[key] = fsspec.filesystem(protocol, **opts)
+            except (ImportError, ValueError) as e:  # a protocol whose package is not installed
+                raise StoreError(f"cannot use {protocol}:// URLs: {e}".splitlines()[0]) from None
         return fs
 
 
