@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 
 # Keys of the JSON report, in the order the table shows them; documented in docs/format.md.
 REPORT_KEYS = (

@@ -5,7 +5,6 @@ and the format registry in ``docs/architecture.md`` ("Stores").
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 from .base import ShardBatch, ShardRecord, StoreSpec, StoreWriter
 from .dataset import ScatDataset, open_dataset

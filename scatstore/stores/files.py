@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .fs import RemotePath, atomic_put, sha256_remote
+from .fs import RemotePath, atomic_put, sha256_remote, sha256_stream
 
 TMP_PREFIX = ".tmp-"          # temporary names; removed by StoreWriter.prepare()
 
@@ -18,14 +18,8 @@ TMP_PREFIX = ".tmp-"          # temporary names; removed by StoreWriter.prepare(
 def sha256_file(path: Path, bufsize: int = 1 << 22) -> str:
     if isinstance(path, RemotePath):
         return sha256_remote(path)
-    h = hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
-        while True:
-            b = f.read(bufsize)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
+        return sha256_stream(f, bufsize)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -352,20 +352,20 @@ def atomic_put(path: RemotePath, data) -> dict:
     return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
 
 
+def sha256_stream(f, bufsize: int) -> str:
+    """sha256 of what the binary file ``f`` reads to its end, ``bufsize`` bytes at a time."""
+    h = hashlib.sha256()
+    while True:
+        b = f.read(bufsize)
+        if not b:
+            break
+        h.update(b)
+    return h.hexdigest()
+
+
 def sha256_remote(path: RemotePath, bufsize: int = 8 << 20) -> str:
-    """sha256 of an object, streamed (bounded memory)."""
+    """sha256 of an object, streamed (bounded memory; afresh on each attempt)."""
     def run():
-        h = hashlib.sha256()  # afresh on each attempt
         with path.fs.open(path.fs_path, "rb", block_size=bufsize) as f:
-            while True:
-                b = f.read(bufsize)
-                if not b:
-                    break
-                h.update(b)
-        return h.hexdigest()
+            return sha256_stream(f, bufsize)
     return call(run, f"read {path.url}")
-
-
-def display(p) -> str:
-    """How a path or URL is shown in messages, manifests and logs."""
-    return str(p) if isinstance(p, RemotePath) else redact(str(p))
