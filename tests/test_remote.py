@@ -139,9 +139,12 @@ def test_an_s3_store_is_the_local_store_object_for_object_and_sample_for_sample(
     from scatstore.stores import cache as scache
 
     monkeypatch.setattr(scache, "PART_BYTES", 4096)
+    monkeypatch.setattr(scache, "EVICT_MIN_AGE_S", 0.0)
     small = loader(url, 4, cache_dir=tmp_path / "small", cache_bytes=1, num_workers=1,
-                   shuffle=False)
+                   shuffle=False, buffer_size=8)
     _assert_same_batches(small, loader(local, 4, shuffle=False), epochs=(0,))
+    c = small.dataset.cache
+    assert sum(c.has_shard(s) for s in c.shard_files) < len(c.shard_files)  # some were evicted
 
 
 def test_no_credential_reaches_a_manifest_a_log_or_an_error(stores, s3):

@@ -14,8 +14,9 @@ process downloads, the others wait and then find it). A mirror whose ``manifest.
 from the store's (the store was rewritten) is emptied first.
 
 Size limit (``cache_bytes``): after each fetch, shard files are evicted least recently used
-first, never those of the shards in use (the loader's current and next windows) and never one
-used in the last ``EVICT_MIN_AGE_S`` seconds (another process may just have found it). Global
+first (a use sets the file's mtime, so the order holds across processes), never those of the
+shards in use (the loader's current and next windows) and never one used in the last
+``EVICT_MIN_AGE_S`` seconds (another process may just have found it). Global
 files are never evicted. Memory stays bounded: objects stream to disk in blocks.
 """
 from __future__ import annotations
@@ -136,6 +137,13 @@ class ShardCache:
                 for rel, size in self.shard_files.get(s, {}).items()]
         for f in futs:
             f.result()
+        if self.cache_bytes:  # last use, for every process sharing the cache (eviction order)
+            for s in shards:
+                for rel in self.shard_files.get(s, {}):
+                    try:
+                        os.utime(self.root / rel)
+                    except OSError:
+                        pass
         with self._lock:
             for s in shards:
                 self._lru.pop(s, None)
@@ -229,14 +237,13 @@ class ShardCache:
         if total <= self.cache_bytes:
             return
         with self._lock:
-            order = {s: i for i, s in enumerate(self._lru)}
             protect = set(self._protect) | {self.shard_of.get(r) for r in self._inflight}
         now = time.time()
-        entries.sort(key=lambda e: (order.get(e[0], -1), e[2].st_mtime))
+        entries.sort(key=lambda e: e[2].st_mtime)  # least recently used first (any process)
         for s, rel, st in entries:
             if total <= self.cache_bytes:
                 break
-            if s in protect or now - st.st_mtime < EVICT_MIN_AGE_S and s in order:
+            if s in protect or now - st.st_mtime < EVICT_MIN_AGE_S:
                 continue
             try:
                 os.unlink(self.root / rel)
