@@ -127,6 +127,11 @@ def test_an_s3_store_is_the_local_store_object_for_object_and_sample_for_sample(
     for i in (0, 17, len(ref) - 1):
         (xa, ya, ma), (xb, yb, mb) = ds[i], ref[i]
         assert np.array_equal(xa, xb) and ya == yb and ma == mb
+    # single samples were ranged reads (wds: index.npy offsets; zarr: its shard index, through
+    # zarr's FsspecStore), no shard was downloaded
+    assert not any(ds.cache.has_shard(s) for s in ds.cache.shard_files)
+    b = ds.get_batch([1, 2, 30])                        # a batch fetches its shards
+    assert np.array_equal(b["x"], ref.get_batch([1, 2, 30])["x"]) and ds.cache.has_shard(0)
     for kw in ({"shuffle": True, "buffer_size": 10}, {"shuffle": False}):
         cold = loader(url, 4, cache_dir=tmp_path / "l", **kw)
         _assert_same_batches(cold, loader(local, 4, **kw))
@@ -399,3 +404,24 @@ def test_cae_and_tc_stores_stream_from_s3_like_their_local_copies(s3, src, tmp_p
         assert _objects(s3, f"bkt/bits-{name}") == _files(tmp_path / name)
         _assert_same_batches(loader(f"s3://bkt/bits-{name}", 4, cache_dir=tmp_path / "c"),
                              loader(tmp_path / name, 4), epochs=(0,))
+
+
+def test_processes_sharing_one_cache_each_get_whole_files(stores, tmp_path):
+    """Three processes fill one cache directory at once: per-file locks and atomic renames
+    leave every file whole (sha256 of the manifest), no temporary behind, each object once."""
+    _, url, _ = stores["zarr"]
+    code = ("import sys; from scatstore.stores import open_dataset; "
+            "ds = open_dataset(sys.argv[1], cache_dir=sys.argv[2]); "
+            "ds.cache.ensure(sorted(ds.cache.shard_files)); print(ds.cache.fetched_bytes)")
+    procs = [subprocess.Popen([sys.executable, "-c", code, url, str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True) for _ in range(3)]
+    fetched = [int(p.communicate(timeout=120)[0].split()[-1]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    ds = open_dataset(url, cache_dir=tmp_path)
+    m = ds.manifest["store"]
+    listed = {rel: info for s in m["shards"] for rel, info in s["files"].items()}
+    for rel, info in listed.items():
+        assert hashlib.sha256((ds.cache.root / rel).read_bytes()).hexdigest() == info["sha256"]
+    assert not [p for p in ds.cache.root.rglob(".tmp-*")]
+    listed.update(m["global_files"])
+    assert sum(fetched) == sum(i["bytes"] for i in listed.values())  # each object once

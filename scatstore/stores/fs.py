@@ -344,6 +344,23 @@ class RemotePath:
             return True
 
 
+def zarr_store(path: RemotePath):
+    """zarr's own remote store (``zarr.storage.FsspecStore``, read-only) at ``path``: zarr reads
+    a shard's index and then only the chunks asked for, with ranged requests."""
+    from zarr.storage import FsspecStore
+
+    opts: dict = {}
+    if path.protocol in ("s3", "s3a"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            opts["endpoint_url"] = endpoint
+    url = path.fs_path if path.protocol in ("http", "https") else f"{path.protocol}://{path.fs_path}"
+    try:
+        return FsspecStore.from_url(url, storage_options=opts, read_only=True)
+    except (ImportError, ValueError, TypeError) as e:
+        raise StoreError(f"cannot open {path} with zarr: {e}".splitlines()[0]) from None
+
+
 def atomic_put(path: RemotePath, data) -> dict:
     """One PUT of ``data`` under ``path`` (objects appear whole or not at all)."""
     data = bytes(data)
