@@ -315,6 +315,10 @@ class RemotePath:
     def write_text(self, text: str) -> int:
         return self.write_bytes(text.encode())
 
+    def touch(self) -> None:
+        """An empty object (a marker)."""
+        atomic_put(self, b"")
+
     def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
         """Object stores have no directories: nothing to do."""
 
