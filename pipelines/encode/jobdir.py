@@ -238,6 +238,8 @@ class ObjectLock:
     takes it over once ``expires`` has passed, or at once when the lock names a process of this
     very host that no longer exists. ``SCATSTORE_LOCK_TTL`` sets the TTL (60 s)."""
 
+    lost = False  # set when another job holds the lock now (see _beat)
+
     def __init__(self, path: RemotePath, token: str):
         self.path, self.token = path, token
         self._stop = threading.Event()
@@ -289,6 +291,13 @@ class ObjectLock:
     def _beat(self):
         while not self._stop.wait(LOCK_TTL_S / 4):
             try:
+                held = json.loads(self.path.read_text())
+                if held.get("token") != self.token:
+                    # another job took the prefix over (this one was stopped past the TTL):
+                    # never overwrite its lock; the shard writes that follow are that job's
+                    # to check (its resume re-hashes every shard)
+                    self.lost = True
+                    return
                 self.path.write_bytes(self._body(self.token))
             except Exception:  # noqa: BLE001 - a missed beat; the next one retries
                 pass
