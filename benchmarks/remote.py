@@ -126,6 +126,14 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     print(machine_header())
     srv, fs = start_s3()
+    try:
+        return _run(args, work, fs)
+    finally:
+        srv.kill()
+        srv.wait()
+
+
+def _run(args, work: Path, fs) -> int:
     from scatstore import loader
     from scatstore.pipelines.encode import EncodeConfig, encode
     from scatstore.stores import read_manifest
@@ -202,8 +210,6 @@ def main(argv=None) -> int:
     ratio = med([a / b for a, b in zip(e["s3"], e["local"])])
     print(f"\nencode scat1 J=3 defaults, {args.images} images, shard 128 (img/s): into s3:// "
           f"{med(e['s3']):.1f}, into a local dir {med(e['local']):.1f}, ratio {ratio:.0%}")
-    srv.terminate()
-    srv.wait()
     return 0
 
 
