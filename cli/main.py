@@ -14,7 +14,7 @@ from scatstore import __version__
 
 from scatstore.stores.registry import format_names
 
-from .common import DeviceParam, fail
+from .common import DeviceParam, StoreLocation, fail
 
 # command name -> "module:attribute" of a click command defined elsewhere in scatstore.cli
 _LAZY_COMMANDS = {
@@ -112,7 +112,7 @@ def encode_cmd(src, out, method, J, L, codec, fmt, shard_size, size, dtype, qual
 
 
 @main.command("report")
-@click.argument("out", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=StoreLocation())
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (keys in docs/format.md).")
 def report_cmd(out, as_json):
     """Storage, ratios against raw pixels and source files, bits per pixel."""
@@ -127,7 +127,7 @@ def report_cmd(out, as_json):
 
 
 @main.command("verify")
-@click.argument("out", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=StoreLocation())
 def verify_cmd(out):
     """Check the manifest, every file's checksum, archive members, unlisted files and the counts;
     print every problem and exit 1 when there is any."""

@@ -12,7 +12,9 @@ import sys
 
 import click
 
-from .common import DeviceParam, fail
+from scatstore.stores.fs import is_url
+
+from .common import DeviceParam, fail, parse_size
 
 def _echo(msg: str) -> None:
     click.echo(f"scatstore train: {msg}", err=True)
@@ -22,7 +24,7 @@ def _store(path: str) -> dict:
     """The store's manifest, or a one-line error (no store there, or an unfinished one)."""
     from scatstore.stores import StoreError, read_manifest
 
-    if not os.path.isdir(path):
+    if not is_url(path) and not os.path.isdir(path):
         fail(f"{path}: no such store directory")
     try:
         return read_manifest(path)
@@ -118,7 +120,8 @@ def _interrupted_note(checkpoint_dir: str | None) -> str:
 
 
 def _store_loader(path: str, *, batch_size: int, train: bool, seed: int, num_workers: int,
-                  device: str, rank: int, world: int, skip_damaged: bool = False):
+                  device: str, rank: int, world: int, skip_damaged: bool = False,
+                  cache_dir: str | None = None, cache_bytes: int | None = None):
     """The streaming loader of a store: called with an epoch, it gives that epoch's batches of
     this rank; its ``bytes_read`` counter feeds the engine's I/O figure."""
     from scatstore import loader
@@ -127,7 +130,7 @@ def _store_loader(path: str, *, batch_size: int, train: bool, seed: int, num_wor
     try:
         return loader(path, batch_size, shuffle=train, seed=seed, num_workers=max(1, num_workers),
                       drop_last=train, device=device, rank=rank, world_size=world,
-                      skip_damaged=skip_damaged)
+                      skip_damaged=skip_damaged, cache_dir=cache_dir, cache_bytes=cache_bytes)
     except (StoreError, ValueError, FileNotFoundError) as exc:
         fail(str(exc))
 
@@ -168,10 +171,15 @@ def _store_loader(path: str, *, batch_size: int, train: bool, seed: int, num_wor
 @click.option("--skip-damaged", is_flag=True,
               help="Count, log and leave out the samples of damaged chunks (crc32c mismatch) "
                    "instead of stopping with an error.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=str), default=None,
+              help="Local cache of a store at a URL (s3://, gs://, https://)  [default: "
+                   "$SCATSTORE_CACHE_DIR or ~/.cache/scatstore].")
+@click.option("--cache-size", default=None,
+              help="Size limit of the cached shard files, e.g. 50G  [default: none].")
 @click.pass_context
 def train_cmd(ctx, data, pixels, arch, epochs, batch_size, lr, momentum, weight_decay, schedule,
               warmup_epochs, precise_bn, val, device, amp, checkpoint_dir, resume, num_workers, seed,
-              image_size, num_classes, no_progress, skip_damaged):
+              image_size, num_classes, no_progress, skip_damaged, cache_dir, cache_size):
     """Train ARCH on the store DATA (or on the JPEGs of --pixels SRC), one JSON line per epoch."""
     if (data is None) == (pixels is None):
         fail("give either a store DATA or --pixels SRC (not both)")
@@ -227,32 +235,34 @@ def train_cmd(ctx, data, pixels, arch, epochs, batch_size, lr, momentum, weight_
                                        f"{train_f.num_classes} class folders")
             data_desc = {"kind": "pixels", "path": os.path.abspath(pixels)}
         else:
+            cache = {"cache_dir": cache_dir, "cache_bytes": parse_size(cache_size)}
             manifest = _store(data)
             if not manifest["count"]:
                 fail(f"{data} holds no samples ({manifest['rejected']} source files rejected: "
                       "see its rejected.jsonl)")
             val_manifest = None
             if val is not None:
-                if not os.path.isdir(val):
+                if not is_url(val) and not os.path.isdir(val):
                     fail(f"--val {val} is not a store directory")
                 val_manifest = _store(val)
                 check_val_store(manifest, val_manifest, data, val)
             train_f = _store_loader(data, batch_size=batch_size, train=True, seed=seed,
                                     num_workers=num_workers, device=str(dev), rank=rank, world=world,
-                                    skip_damaged=skip_damaged)
+                                    skip_damaged=skip_damaged, **cache)
             n_classes = num_classes or len(manifest.get("class_names") or [])
             _check_labels(manifest, train_f.labels, n_classes, data)
             val_f = None
             if val is not None:
                 val_f = _store_loader(val, batch_size=batch_size, train=False, seed=seed,
                                       num_workers=num_workers, device=str(dev), rank=rank, world=world,
-                                      skip_damaged=skip_damaged)
+                                      skip_damaged=skip_damaged, **cache)
                 _check_labels(val_manifest, val_f.labels, n_classes, val)
             method = manifest["method"]["name"]
             arch = canonical_arch(arch or default_arch(method))
             # what the loader yields: C·K channels of coefficients, 3 of pixels, a codec's latents
             in_channels, input_size = train_f.in_channels, train_f.input_size
-            data_desc = {"kind": "store", "path": os.path.abspath(data), "method": method}
+            data_desc = {"kind": "store", "path": data if is_url(data) else os.path.abspath(data),
+                         "method": method}
 
         model = build_model(arch, in_channels, n_classes, input_size=input_size)
         if lr is None:

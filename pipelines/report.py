@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 
 # Keys of the JSON report, in the order the table shows them; documented in docs/format.md.
 REPORT_KEYS = (
@@ -36,7 +35,16 @@ REPORT_KEYS = (
 )
 
 
-def _store_bytes(out: Path) -> int:
+def _store_bytes(out, manifest: dict) -> int:
+    from scatstore.stores.fs import RemotePath, call
+
+    if isinstance(out, RemotePath):  # objects under the prefix; a server without listing
+        try:                          # (plain HTTP): what the manifest lists
+            found = call(out.fs.find, f"list {out}", out.fs_path, detail=True)
+            return sum(int(v.get("size") or 0) for k, v in found.items()
+                       if "/.scatstore/" not in k[len(out.fs_path):] + "/")
+        except Exception:  # noqa: BLE001
+            return int(manifest.get("bytes_stored", 0))
     total = 0
     for dirpath, dirnames, filenames in os.walk(out):
         dirnames[:] = [d for d in dirnames if d != ".scatstore"]
@@ -52,13 +60,15 @@ def report(out: str | os.PathLike, manifest: dict | None = None) -> dict:
     """Compute the report of the store at ``out`` (its ``manifest.json`` unless given)."""
     from scatstore.stores import read_manifest
 
-    out = Path(out)
+    from scatstore.stores.fs import as_path
+
+    out = as_path(out)
     m = manifest if manifest is not None else read_manifest(out)
     count = int(m["count"])
     size = int(m.get("preprocess", {}).get("size", 0)) or None
     store = m.get("store", {})
     shards = store.get("shards", [])
-    bytes_stored = _store_bytes(out)
+    bytes_stored = _store_bytes(out, m)
     payload = sum(int(s.get("payload_bytes", 0)) for s in shards)
     pixels = 3 * size * size if size else None
     raw_bytes = count * pixels if pixels else None

@@ -1,6 +1,8 @@
 """The job directory ``OUT/.scatstore/``: the only module that reads or writes it.
 
-- ``lock``: an advisory ``flock`` held by the run (see :func:`lock_out`).
+- ``lock``: an advisory ``flock`` held by the run (see :func:`lock_out`); in an object store
+  (``s3://…``) a lock *object* ``lock.json`` created with a conditional PUT, refreshed by a
+  heartbeat and expiring with its holder (:class:`ObjectLock`).
 - ``job.json``: the job's parameters and their fingerprint; a re-run must match them.
 - ``shards/shard-NNNNNN.json``: a shard's *notes* (its rejected source files and quality sums),
   written just before the store commits the shard. The commit itself is the store's record
@@ -24,8 +26,11 @@ import json
 import os
 import re
 import socket
+import threading
 import time
 from pathlib import Path
+
+from scatstore.stores.fs import RemotePath, as_path
 
 from .options import EncodeError
 
@@ -33,7 +38,10 @@ JOB_DIR = ".scatstore"
 JOB_FILE = "job.json"
 SHARD_NOTES = "shards"
 LOCK_FILE = "lock"
+LOCK_OBJECT = "lock.json"
 CANCEL_DIR = "cancel"
+# an object-store lock not refreshed for this long is stale (its holder died without deleting it)
+LOCK_TTL_S = float(os.environ.get("SCATSTORE_LOCK_TTL", "60"))
 CODEC_FILE = "coefficient_codec.json"
 
 
@@ -48,7 +56,7 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def notes_path(out: Path | str, index: int) -> Path:
-    return Path(out) / JOB_DIR / SHARD_NOTES / f"shard-{index:06d}.json"
+    return as_path(out) / JOB_DIR / SHARD_NOTES / f"shard-{index:06d}.json"
 
 
 def write_notes(out: Path | str, index: int, rejected: list[dict], quality: dict) -> None:
@@ -68,7 +76,7 @@ def read_notes(out: Path | str, index: int) -> dict | None:
 
 
 def codec_record_path(out: Path | str) -> Path:
-    return Path(out) / JOB_DIR / CODEC_FILE
+    return as_path(out) / JOB_DIR / CODEC_FILE
 
 
 def write_codec_record(out: Path | str, record: dict) -> None:
@@ -88,7 +96,7 @@ def read_codec_record(out: Path | str) -> dict | None:
 
 
 def cancel_path(out: Path | str, run: str) -> Path:
-    return Path(out) / JOB_DIR / CANCEL_DIR / run
+    return as_path(out) / JOB_DIR / CANCEL_DIR / run
 
 
 def cancel_run(out: Path | str, run: str) -> None:
@@ -98,8 +106,21 @@ def cancel_run(out: Path | str, run: str) -> None:
     path.touch()
 
 
+_CANCEL_SEEN: dict = {}
+CANCEL_POLL_S = 1.0  # an object store is asked at most this often (a request costs ~10-50 ms)
+
+
 def is_cancelled(out: Path | str, run: str) -> bool:
-    return cancel_path(out, run).exists()
+    path = cancel_path(out, run)
+    if not isinstance(path, RemotePath):
+        return path.exists()
+    now = time.monotonic()
+    last = _CANCEL_SEEN.get(str(path))
+    if last is not None and (last[1] or now - last[0] < CANCEL_POLL_S):
+        return last[1]
+    found = path.exists()
+    _CANCEL_SEEN[str(path)] = (now, found)
+    return found
 
 
 def clear_cancel(out: Path | str, run: str) -> None:
@@ -111,6 +132,15 @@ def open_out(out: Path, params: dict):
     holds part of this very job, the lock: hold it while the run writes; ``close()`` releases).
 
     Everything that can be checked without OUT is checked before this is called."""
+    if isinstance(out, RemotePath):
+        if out.is_file():
+            raise EncodeError(f"OUT {out} is an object, not a prefix")
+        lock = ObjectLock.acquire(out / JOB_DIR / LOCK_OBJECT, out)
+        try:
+            return _check_job_file(out, params), lock
+        except BaseException:
+            lock.close()
+            raise
     if out.exists() and not out.is_dir():
         raise EncodeError(f"OUT {out} exists and is not a directory")
     try:
@@ -162,7 +192,7 @@ def _check_job_file(out: Path, params: dict) -> bool:
                 f"OUT {out} holds a different job's data (differs in: {', '.join(diff)}); "
                 "use a new OUT or delete this one")
         return True
-    others = [p.name for p in out.iterdir() if p.name != JOB_DIR]
+    others = [p.name for p in out.iterdir() if p.name not in (JOB_DIR, f"{JOB_DIR}/")]
     if others:
         raise EncodeError(f"OUT {out} is not empty and holds no scatstore job "
                           f"(found {', '.join(sorted(others)[:3])}…); choose an empty directory")
@@ -196,6 +226,93 @@ def lock_out(out: Path):
     f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
     f.flush()
     return f
+
+
+class ObjectLock:
+    """The lock of an OUT in an object store: the object ``OUT/.scatstore/lock.json`` holding
+    ``{token, pid, host, since, expires}``.
+
+    Taken with a conditional PUT (``If-None-Match: *``: of two jobs racing, exactly one creates
+    it). A heartbeat thread rewrites it every ``LOCK_TTL_S / 4`` s with a later ``expires``; the
+    holder deletes it when the run ends. A job killed with SIGKILL cannot delete it: the next job
+    takes it over once ``expires`` has passed, or at once when the lock names a process of this
+    very host that no longer exists. ``SCATSTORE_LOCK_TTL`` sets the TTL (60 s)."""
+
+    lost = False  # set when another job holds the lock now (see _beat)
+
+    def __init__(self, path: RemotePath, token: str):
+        self.path, self.token = path, token
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True, name="scatstore-lock")
+        self._thread.start()
+
+    @staticmethod
+    def _body(token: str) -> bytes:
+        now = time.time()
+        return json.dumps({"token": token, "pid": os.getpid(), "host": socket.gethostname(),
+                           "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+                           "expires": now + LOCK_TTL_S}).encode()
+
+    @classmethod
+    def acquire(cls, path: RemotePath, out) -> "ObjectLock":
+        token = os.urandom(8).hex()
+        for _ in range(3):
+            if path.create_exclusive(cls._body(token)):
+                return cls(path, token)
+            try:
+                held = json.loads(path.read_text())
+            except (OSError, ValueError):
+                held = {}
+            if not cls._stale(held):
+                raise EncodeError(
+                    f"OUT {out} is being written by another encode (pid {held.get('pid')} on "
+                    f"{held.get('host')}, since {held.get('since')}); wait for it to end, or stop "
+                    f"it and re-run to resume (a killed job's lock expires {LOCK_TTL_S:.0f} s "
+                    "after its last heartbeat)")
+            path.unlink(missing_ok=True)  # stale: its holder is gone
+        raise EncodeError(f"OUT {out}: could not take the lock {path}; retry")
+
+    @staticmethod
+    def _stale(held: dict) -> bool:
+        if not isinstance(held, dict) or "expires" not in held:
+            return True
+        if held.get("host") == socket.gethostname() and isinstance(held.get("pid"), int):
+            try:
+                os.kill(held["pid"], 0)
+            except ProcessLookupError:
+                return True
+            except PermissionError:
+                pass
+        try:
+            return float(held["expires"]) < time.time()
+        except (TypeError, ValueError):
+            return True
+
+    def _beat(self):
+        while not self._stop.wait(LOCK_TTL_S / 4):
+            try:
+                held = json.loads(self.path.read_text())
+                if held.get("token") != self.token:
+                    # another job took the prefix over (this one was stopped past the TTL):
+                    # never overwrite its lock; the shard writes that follow are that job's
+                    # to check (its resume re-hashes every shard)
+                    self.lost = True
+                    return
+                self.path.write_bytes(self._body(self.token))
+            except Exception:  # noqa: BLE001 - a missed beat; the next one retries
+                pass
+
+    def close(self) -> None:
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._thread.join(timeout=5)
+        try:
+            held = json.loads(self.path.read_text())
+            if held.get("token") == self.token:
+                self.path.unlink(missing_ok=True)
+        except Exception:  # noqa: BLE001 - gone already, or unreachable: it expires
+            pass
 
 
 def load_done(out: Path, writer, n_shards: int) -> dict[int, dict]:

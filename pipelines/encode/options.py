@@ -62,7 +62,9 @@ class EncodeConfig:
 
     def __post_init__(self) -> None:
         self.src = Path(self.src)
-        self.out = Path(self.out)
+        from scatstore.stores.fs import as_path
+
+        self.out = as_path(self.out)  # a local Path, or a RemotePath for s3://… (stores.fs)
         check_config(self)
 
     @property

@@ -10,7 +10,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -261,7 +260,7 @@ class ShardEncoder:
         if not signals.run_alive():  # the run that holds the lock is gone: no write
             raise ShardCancelled(f"shard {task.index}: the run that started this task is gone")
         jobdir.write_notes(task.out, task.index, self.rejected, quality)
-        record = writer_for(Path(task.out), spec).write_shard(task.index, ShardBatch(**kwargs)).to_dict()
+        record = writer_for(task.out, spec).write_shard(task.index, ShardBatch(**kwargs)).to_dict()
         self.x_buf, self.parts = None, {}
         t_write, c_write = time.perf_counter() - t0, time.thread_time() - c0
         return ShardResult(index=task.index, record=record, rejected=self.rejected, quality=quality,

@@ -8,7 +8,9 @@ contract); plain iteration runs ``loader.epoch`` and then advances it.
 
 How an epoch is planned (a pure function of ``seed``, ``epoch``, ``rank``, ``world_size`` and the
 store, computed before any data is read, so that a run can resume at any step without reading
-the batches it skips):
+the batches it skips; the pure functions are in :mod:`scatstore.loaders.partition`, steps 1-2
+give the world-independent global order, 3-4 split it, and a checkpoint taken with another world
+or batch size resumes on the rest of the epoch: ``load_state_dict``, docs/loading.md):
 
 1. **Variants.** An augmented store (``encode --augment K``) holds K variants per source image in
    consecutive slots. Each epoch keeps one variant per source, drawn from a hash of
@@ -28,6 +30,9 @@ the batches it skips):
    default); with ``shuffle`` each window is permuted (``rng(seed, epoch, rank, window)``). A
    window is read with bulk reads (``scatstore.loaders.readers``) into a reusable buffer, and
    batches are gathered from it with one ``index_select``.
+
+A URL (``s3://``, ``gs://``, ``https://``) is read through a local cache of its shard objects,
+fetched ahead of the plan in background threads (:mod:`scatstore.stores.cache`).
 
 Work is done by threads, not processes: ``num_workers`` reader threads (file reads, zstd and
 numpy/torch copies release the GIL) fill the next window while one assembler thread gathers,
@@ -62,6 +67,7 @@ import numpy as np
 import torch
 
 from . import convert as _cv
+from . import partition
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -120,6 +126,12 @@ class _Pool:
             return t
 
 
+def pd_unique(a: np.ndarray) -> np.ndarray:
+    """The distinct values of ``a`` in order of first appearance (fetch order)."""
+    _, first = np.unique(a, return_index=True)
+    return a[np.sort(first)]
+
+
 def _serial_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
     """``dst.copy_(src)`` (with dtype conversion) in pieces that torch runs without its intra-op
     thread pool: the loader's threads already keep the cores busy, and OpenMP workers spinning
@@ -146,8 +158,10 @@ class StoreLoader:
                  start_step: int = 0, buffer_size: int | None = None, prefetch: int = 2,
                  variants: str = "draw", flip: bool = False, flip_align: str = "interp",
                  crop_cells: int = 0, normalize_pixels: bool = True, codec=None,
-                 skip_damaged: bool = False):
+                 skip_damaged: bool = False, cache_dir=None, cache_bytes: int | None = None,
+                 fetch_threads: int = 8, fetch_ahead: int = 2):
         from scatstore.stores import open_dataset
+        from scatstore.stores.fs import as_path
 
         from .readers import make_reader
 
@@ -155,8 +169,10 @@ class StoreLoader:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if variants not in ("draw", "all"):
             raise ValueError("variants must be 'draw' (one per image per epoch) or 'all'")
-        self.path = Path(path)
-        self.dataset = open_dataset(self.path, raw=True)
+        self.path = as_path(path)  # a local Path, or a RemotePath (s3://…, https://…)
+        self.dataset = open_dataset(self.path, raw=True, cache_dir=cache_dir,
+                                    cache_bytes=cache_bytes, fetch_threads=fetch_threads)
+        self.fetch_ahead = max(0, int(fetch_ahead))
         self.manifest = self.dataset.manifest
         self.spec = self.dataset.spec
         self.reader = make_reader(self.dataset, skip_damaged=skip_damaged)
@@ -178,6 +194,7 @@ class StoreLoader:
             raise ValueError(f"bad rank {rank} / world_size {world_size}")
         self.rank, self.world_size = int(rank), int(world_size)
         self.epoch, self.start_step = int(epoch), int(start_step)
+        self._segments: dict = {}  # epoch -> done [world_size, batch_size, steps, buffer_size]
         self.prefetch = max(1, int(prefetch))
         self.variants = variants
         self.flip, self.flip_align, self.crop_cells = bool(flip), flip_align, int(crop_cells)
@@ -276,42 +293,19 @@ class StoreLoader:
         return starts.astype(np.int64) + pick
 
     def plan(self, epoch: int) -> EpochPlan:
+        """This rank's plan of ``epoch`` (:mod:`scatstore.loaders.partition`); for the epoch of
+        a checkpoint taken with another world size or batch size, the plan of its remainder."""
         sel = self.selected(epoch)
-        B, W, r = self.batch_size, self.world_size, self.rank
-        if self.shuffle and len(sel):
-            units = self.slots[sel] // self.unit_size
-            first = np.concatenate([[True], np.diff(units) != 0])
-            uid = np.cumsum(first) - 1
-            n_units = int(uid[-1]) + 1
-            rng = np.random.default_rng([self.seed, epoch, 0x5EED])
-            rank_of = np.empty(n_units, dtype=np.int64)
-            rank_of[rng.permutation(n_units)] = np.arange(n_units)
-            order = sel[np.argsort(rank_of[uid], kind="stable")]
-        else:
-            order = sel
-        N = len(order)
-        mine = order[r * N // W:(r + 1) * N // W]
-        if self.drop_last:
-            T = (N // W) // B * B
-            mine = mine[:T]
-        else:
-            T = -(-N // W) if W > 1 else N
-            if len(mine) < T:
-                pool = mine if len(mine) else order
-                mine = np.resize(pool, T) if len(pool) else mine
-                if len(mine) < T:  # empty store
-                    T = len(mine)
-        n_batches = T // B if self.drop_last else -(-T // B)
-        wsize = max(1, self.buffer_size // B) * B  # windows of whole batches
-        wins = np.arange(0, T, wsize, dtype=np.int64)
-        if self.shuffle:
-            mine = mine.copy()
-            for w, a in enumerate(wins.tolist()):
-                b = min(a + wsize, T)
-                rng = np.random.default_rng([self.seed, epoch, r, w, 0xB0F])
-                mine[a:b] = mine[a:b][rng.permutation(b - a)]
-        return EpochPlan(order=mine, windows=np.concatenate([wins, [T]]).astype(np.int64),
-                         n_batches=int(n_batches))
+        order = partition.global_order(sel, self.slots, self.unit_size, self.seed, epoch,
+                                       self.shuffle)
+        segments = self._segments.get(int(epoch), [])
+        if segments:
+            order = partition.remaining(order, segments, self.drop_last, self.seed, epoch,
+                                        self.shuffle)
+        p = partition.rank_plan(order, self.rank, self.world_size, self.batch_size,
+                                self.drop_last, self.buffer_size, self.seed, epoch, self.shuffle,
+                                segment=len(segments))
+        return EpochPlan(order=p.order, windows=p.windows, n_batches=p.n_batches)
 
     # ------------------------------------------------------------------ public API
     def __call__(self, epoch: int, start_step: int = 0) -> "LoaderEpoch":
@@ -332,15 +326,34 @@ class StoreLoader:
 
     def state_dict(self) -> dict:
         """Where plain iteration stands: resume with :meth:`load_state_dict` (the next epoch /
-        step is produced without reading the batches before it)."""
+        step is produced without reading the batches before it). ``segments``: the earlier
+        parts of this epoch run with other world or batch sizes (the resume rule,
+        :mod:`scatstore.loaders.partition`)."""
         return {"epoch": self.epoch, "step": self._step, "seed": self.seed,
-                "world_size": self.world_size, "batch_size": self.batch_size}
+                "world_size": self.world_size, "batch_size": self.batch_size,
+                "buffer_size": self.buffer_size, "shuffle": self.shuffle,
+                "drop_last": self.drop_last,
+                "segments": [list(s) for s in self._segments.get(self.epoch, [])]}
 
     def load_state_dict(self, state: dict) -> None:
-        for k in ("seed", "world_size", "batch_size"):
+        """Resume where ``state`` stands. The same world size, batch size and buffer: at its
+        step. Others (more or fewer ranks, another batch size): the samples consumed so far in
+        that epoch are left out and the rest of the epoch is re-split over this loader's ranks
+        (no sample seen twice or skipped). Seed and shuffle must match."""
+        for k in ("seed", "shuffle", "drop_last"):
             if k in state and state[k] != getattr(self, k):
                 raise ValueError(f"state_dict has {k}={state[k]}, the loader {getattr(self, k)}")
-        self.epoch, self.start_step = int(state["epoch"]), int(state["step"])
+        epoch, step = int(state["epoch"]), int(state["step"])
+        segments = partition.check_segments(state.get("segments"))
+        here = [int(state.get("world_size", self.world_size)),
+                int(state.get("batch_size", self.batch_size)),
+                step, int(state.get("buffer_size", self.buffer_size))]
+        if here[0] != self.world_size or here[1] != self.batch_size or here[3] != self.buffer_size:
+            if step:
+                segments.append(here)
+            step = 0
+        self._segments = {epoch: segments} if segments else {}
+        self.epoch, self.start_step = epoch, step
         self._step = self.start_step
 
     def _add_bytes(self, n: int) -> None:
@@ -567,6 +580,29 @@ class LoaderEpoch:
         conv = ThreadPoolExecutor(max_workers=o.num_workers - 1, thread_name_prefix="scatstore-conv") \
             if o.num_workers > 1 and not (direct or fused or cuda) else None
         loaded: dict = {}
+        cache = o.dataset.cache
+        shard_of = o.dataset._shard_of
+
+        def fetching(w, u):
+            """The read function of window ``w`` (dataset indices ``u``): local stores read at
+            once; a remote one first has the shards of each piece in its cache, while the
+            shards of later windows are fetched in the background (all of the epoch's with an
+            unlimited cache, else ``fetch_ahead`` windows), in the order they are needed."""
+            if cache is None:
+                return lambda fn, *a: fn(*a)
+            mine = np.unique(shard_of[u])
+            last = n_w if cache.cache_bytes is None else min(n_w, w + 1 + o.fetch_ahead)
+            later = [np.unique(shard_of[order[int(wins[v]):int(wins[v + 1])]])
+                     for v in range(w + 1, last)]
+            ahead = pd_unique(np.concatenate(later)) if later else np.zeros(0, np.int64)
+            cache.prefetch(mine.tolist())
+            cache.prefetch(ahead.tolist())
+            protect = set(mine.tolist()) | set(ahead.tolist())
+
+            def run(fn, uu, *a):
+                cache.ensure(np.unique(shard_of[uu]).tolist(), protect=protect)
+                return fn(uu, *a)
+            return run
 
         def submit(w):
             a, b = max(int(wins[w]), p0), int(wins[w + 1])
@@ -603,13 +639,16 @@ class LoaderEpoch:
             nu = len(u)
             n_pieces = max(1, min(2 * o.num_workers, nu // max(1, o.unit_size)))
             cuts = np.linspace(0, nu, n_pieces + 1).astype(int)
+            if cache is not None:  # remote: pieces within one shard, read as each one arrives
+                cuts = np.union1d(cuts, np.flatnonzero(np.diff(shard_of[u])) + 1)
+            run = fetching(w, u)
             if mapped:
                 uaddr = addr[first]
-                futs = [pool.submit(o.reader.read_f32, u[c0:c1], uaddr[c0:c1], gather)
+                futs = [pool.submit(run, o.reader.read_f32, u[c0:c1], uaddr[c0:c1], gather)
                         for c0, c1 in zip(cuts[:-1], cuts[1:]) if c1 > c0]
             else:
                 udst = [dst[i] for i in first.tolist()]
-                futs = [pool.submit(o.reader.read, u[c0:c1], udst[c0:c1],
+                futs = [pool.submit(run, o.reader.read, u[c0:c1], udst[c0:c1],
                                     qb[c0:c1] if qb is not None else None)
                         for c0, c1 in zip(cuts[:-1], cuts[1:]) if c1 > c0]
             dup = np.setdiff1d(np.arange(len(seg)), first) if len(first) < len(seg) else None
@@ -696,6 +735,7 @@ class LoaderEpoch:
 
         def window_blobs(w):
             a, b = int(wins[w]), int(wins[w + 1])
+            self._prefetch_from(a)  # remote: this window's shards and the next ones
             u, inv = np.unique(order[a:b], return_inverse=True)
             blobs = o.dataset.get_batch(u)["x"]
             o._add_bytes(sum(len(x) for x in blobs))
@@ -752,12 +792,24 @@ class LoaderEpoch:
             o._step = step + 1
         return xf, yy
 
+    def _prefetch_from(self, pos: int) -> None:
+        """A remote store: fetch in the background the shards of this rank's samples from
+        position ``pos`` on, in the order they are needed: all of them with an unlimited cache,
+        else the next ``fetch_ahead`` buffers' worth."""
+        o = self.owner
+        cache = o.dataset.cache
+        if cache is None:
+            return
+        end = None if cache.cache_bytes is None else pos + max(1, o.fetch_ahead) * o.buffer_size
+        cache.prefetch(pd_unique(o.dataset._shard_of[self.plan.order[pos:end]]).tolist())
+
     # ------------------------------------------------------------------ bitstreams
     def _iter_bytes(self):
         o = self.owner
         codec = o._codec
         for step in range(self.start_step, self.plan.n_batches):
             idx = self.batch_indices(step)
+            self._prefetch_from((step + 1) * o.batch_size)
             b = o.dataset.get_batch(idx)
             blobs = b["x"]
             o._add_bytes(sum(len(x) for x in blobs))
@@ -784,7 +836,10 @@ def loader(path, batch_size: int, shuffle: bool = True, seed: int = 0,
     ``flip_align``, ``crop_cells``, ``normalize_pixels``, ``codec`` (a loaded codec for ``cae``
     stores), ``skip_damaged`` (a chunk failing its crc32c check is counted, logged and its
     samples left out of their batches, instead of raising ``StoreError``; the count is
-    ``loader.reader.damaged``).
+    ``loader.reader.damaged``). A URL (``s3://…``, ``https://…``) is streamed through a local
+    cache: ``cache_dir`` (default ``$SCATSTORE_CACHE_DIR`` or ``~/.cache/scatstore``),
+    ``cache_bytes`` (size limit of cached shard files; default none), ``fetch_threads``
+    (concurrent downloads, 8), ``fetch_ahead`` (windows whose shards are fetched ahead, 2).
     """
     return StoreLoader(path, batch_size, shuffle=shuffle, seed=seed, num_workers=num_workers,
                        drop_last=drop_last, device=device, **kw)

@@ -5,7 +5,6 @@ and the format registry in ``docs/architecture.md`` ("Stores").
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 from .base import ShardBatch, ShardRecord, StoreSpec, StoreWriter
 from .dataset import ScatDataset, open_dataset
@@ -17,7 +16,7 @@ from .verify import VerifyReport, verify
 
 def writer_for(out, spec: StoreSpec) -> StoreWriter:
     """The writer of ``spec.format`` for the store at ``out`` (picklable; rebuilt cheaply)."""
-    return get_format(spec.format).writer(Path(out), spec)
+    return get_format(spec.format).writer(out, spec)  # a path or URL (stores.fs.as_path)
 
 
 __all__ = [

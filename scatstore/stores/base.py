@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .errors import StoreError
+from .fs import as_path
 from .files import atomic_write_bytes, json_bytes, remove_tmp_files, sha256_file
 from .manifest import build_manifest, write_manifest
 from .registry import format_names
@@ -303,7 +304,7 @@ class StoreWriter:
     layout: str = ""
 
     def __init__(self, out, spec: StoreSpec):
-        self.out = Path(out)
+        self.out = as_path(out)  # a local Path, or a RemotePath (s3://…: stores.fs)
         self.spec = spec
 
     def __reduce__(self):

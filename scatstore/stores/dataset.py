@@ -12,6 +12,12 @@ slots (rejected sources) are skipped. ``ds[i]`` returns ``(x, label, meta)``:
 - ``label``: int (-1 when unlabeled).
 - ``meta``: the sample's stored meta dict plus ``key``, ``slot`` and (COCO canvases) ``hw``.
 
+A store at a URL (``s3://``, ``gs://``, ``http(s)://``) is read through a local mirror
+(:mod:`scatstore.stores.cache`): ``open_dataset`` fetches its manifest and global files, a
+shard's files are fetched on first use (``ds.cache``; the streaming loader fetches them ahead).
+Webdataset samples read one at a time from a shard not yet cached are ranged GETs of their tar
+members (the ``index.npy`` offsets), not a download of the shard.
+
 ``get_batch(indices)`` returns stacked *stored* arrays for fast loaders (dequantize on the GPU with
 ``scatstore.transforms.quantize.dequantize_uint8``). Handles are opened lazily per process (a fork
 after open reopens them) and the object pickles without them, so it can go to DataLoader workers.
@@ -34,12 +40,17 @@ from .registry import get_format
 class ScatDataset:
     """Base of the per-format readers (see the module docstring)."""
 
-    def __init__(self, root, manifest: dict | None = None, raw: bool = False):
+    #: a format that reads single samples of uncached shards with ranged requests sets this
+    range_reads = False
+
+    def __init__(self, root, manifest: dict | None = None, raw: bool = False, cache=None):
         self.root = Path(root)
+        self.cache = cache  # a ShardCache when the store is remote (root is then its mirror)
+        self.where = cache.where if cache is not None else str(self.root)
         self.manifest = manifest if manifest is not None else read_manifest(self.root)
         store = self.manifest["store"]
         if "spec" not in store:
-            raise StoreError(f"{self.root}: manifest.store has no spec (pre-v1 store?)")
+            raise StoreError(f"{self.where}: manifest.store has no spec (pre-v1 store?)")
         self.spec = StoreSpec.from_dict(store["spec"])
         self.raw = raw
         q = self.manifest.get("quantization") or {}
@@ -51,16 +62,16 @@ class ScatDataset:
             try:
                 self.coef_codec = CoefficientCodec.from_json(self.manifest["coefficient_codec"])
             except (ValueError, KeyError, TypeError) as e:
-                raise StoreError(f"{self.root}: bad coefficient_codec in the manifest: {e}") from None
+                raise StoreError(f"{self.where}: bad coefficient_codec in the manifest: {e}") from None
             if self.spec.dtype != "bytes":
-                raise StoreError(f"{self.root}: a coefficient_codec with dtype {self.spec.dtype}")
+                raise StoreError(f"{self.where}: a coefficient_codec with dtype {self.spec.dtype}")
         self._pid = None
         self._h: dict = {}
         self._lock = threading.Lock()
         with self._read_errors("its index"):
             self._load_index()
         if len(self.slots) != self.manifest["count"]:
-            raise StoreError(f"{self.root}: index holds {len(self.slots)} samples, manifest count "
+            raise StoreError(f"{self.where}: index holds {len(self.slots)} samples, manifest count "
                              f"is {self.manifest['count']}")
         self._shard_of = (self.slots // self.spec.shard_size).astype(np.int64)
 
@@ -74,7 +85,15 @@ class ScatDataset:
                     self._pid = pid
         return self._h
 
+    def _need(self, idx, single: bool = False) -> None:
+        """A remote store: the shards holding dataset indices ``idx`` are in the mirror (a single
+        sample of a format with ranged reads is read without it)."""
+        if self.cache is not None and not (single and self.range_reads):
+            self.cache.ensure(np.unique(self._shard_of[np.asarray(idx, dtype=np.int64)]).tolist())
+
     def close(self) -> None:
+        if self.cache is not None:
+            self.cache.close()
         for v in list(self._h.values()):
             close = getattr(v, "close", None)
             if callable(close) and self._pid == os.getpid():
@@ -114,7 +133,7 @@ class ScatDataset:
                 OverflowError, RuntimeError, UnicodeDecodeError) as e:
             where = f"shard {int(self._shard_of[i]):06d}, " if i is not None and \
                 hasattr(self, "_shard_of") else ""
-            raise StoreError(f"{self.root}: cannot read {where}{what}: {type(e).__name__}: {e}") from None
+            raise StoreError(f"{self.where}: cannot read {where}{what}: {type(e).__name__}: {e}") from None
 
     # ---------------------------------------------------------------- map-style API
     def __len__(self) -> int:
@@ -149,6 +168,7 @@ class ScatDataset:
     def get(self, i, raw: bool | None = None):
         raw = self.raw if raw is None else raw
         i = self._index(i)
+        self._need([i], single=True)
         with self._read_errors(f"sample {self.keys[i]!r}", i):
             x, qs, qo, hw = self._read(np.asarray([i]))
             meta = dict(self._meta(i))
@@ -182,13 +202,14 @@ class ScatDataset:
         try:
             return self.coef_codec.decode(blobs, dtype=dtype, threads=threads)
         except CorruptCoefficientsError as e:
-            raise StoreError(f"{self.root}: {e}") from None
+            raise StoreError(f"{self.where}: {e}") from None
 
     def get_batch(self, indices, dequantize: bool = False) -> dict:
         """Stacked stored arrays: ``x`` (B, ...) (a list of bytes for bitstreams), ``y`` int64,
         ``slot`` int64, ``key`` list, and ``qscale``/``qoffset``/``hw`` when the store has them.
         ``dequantize``: quantized codes dequantized, transform-coded blobs decoded (float32)."""
         idx = np.asarray([self._index(i) for i in np.asarray(indices).reshape(-1)], dtype=np.int64)
+        self._need(idx)
         with self._read_errors(f"{len(idx)} samples", idx[0] if len(idx) else None):
             x, qs, qo, hw = self._read(idx)
         out = {"x": x, "y": self.labels[idx].copy(), "slot": self.slots[idx].copy(),
@@ -205,6 +226,7 @@ class ScatDataset:
 
     def iter_shard(self, shard: int):
         """Yield ``self[i]`` for the samples of one shard, in order (reads each chunk once)."""
+        self._need(self.shard_indices(shard)[:1])
         for i in self.shard_indices(shard):
             yield self[i]
 
@@ -214,7 +236,7 @@ class ScatDataset:
         return dequantize_uint8(q, qscale, qoffset, scheme=self.quant_scheme)
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}({str(self.root)!r}, n={len(self)}, format={self.spec.format}, "
+        return (f"{type(self).__name__}({self.where!r}, n={len(self)}, format={self.spec.format}, "
                 f"dtype={self.spec.dtype}, sample_shape={self.spec.sample_shape})")
 
     def _stack(self, xs: list, qs: list, qo: list, hws: list):
@@ -241,12 +263,24 @@ class ScatDataset:
         raise NotImplementedError
 
 
-def open_dataset(path, raw: bool = False) -> ScatDataset:
-    """Open a finished store (the directory holding ``manifest.json``) as a map-style dataset."""
-    root = Path(path)
+def open_dataset(path, raw: bool = False, cache_dir=None, cache_bytes: int | None = None,
+                 fetch_threads: int = 8) -> ScatDataset:
+    """Open a finished store (the directory or URL holding ``manifest.json``) as a map-style
+    dataset. A URL (``s3://bucket/prefix``, ``gs://…``, ``https://…``) is read through a local
+    mirror in ``cache_dir`` (default ``$SCATSTORE_CACHE_DIR`` or ``~/.cache/scatstore``) of at
+    most ``cache_bytes`` of shard files (default: no limit), fetched by ``fetch_threads``."""
+    from .fs import RemotePath, as_path
+
+    root = as_path(path)
     m = read_manifest(root)
     try:
         fmt = get_format(m["store"]["format"])
     except StoreError as e:
         raise StoreError(f"{root}: {e}") from None
-    return fmt.dataset(root, m, raw=raw)
+    if not isinstance(root, RemotePath):
+        return fmt.dataset(root, m, raw=raw)
+    from .cache import ShardCache
+
+    cache = ShardCache(root, m, cache_dir=cache_dir, cache_bytes=cache_bytes, threads=fetch_threads)
+    cache.open()
+    return fmt.dataset(cache.root, m, raw=raw, cache=cache)

@@ -84,8 +84,13 @@ def read_manifest(path) -> dict:
 def load_manifest_json(path) -> dict:
     """``manifest.json`` parsed and upgraded, not yet validated (``StoreError`` when it cannot be
     read, is not JSON, or has an unsupported version)."""
-    p = Path(path)
-    if p.is_dir():
+    from .fs import RemotePath, as_path
+
+    p = as_path(path)
+    if isinstance(p, RemotePath):
+        if p.name != MANIFEST_NAME:
+            p = p / MANIFEST_NAME
+    elif p.is_dir():
         p = p / MANIFEST_NAME
     try:
         text = p.read_text()
@@ -311,4 +316,6 @@ def validate_manifest(m: dict) -> None:
 
 def write_manifest(out: Path, manifest: dict) -> None:
     validate_manifest(manifest)
-    atomic_write_bytes(Path(out) / MANIFEST_NAME, json_bytes(manifest))
+    from .fs import as_path
+
+    atomic_write_bytes(as_path(out) / MANIFEST_NAME, json_bytes(manifest))

@@ -58,7 +58,12 @@ def safe_relpath(rel, what: str = "path") -> str:
 
 
 def inside(root, rel, what: str = "path") -> Path:
-    """``root / rel`` for a safe ``rel`` whose real path (symlinks resolved) stays under ``root``."""
+    """``root / rel`` for a safe ``rel`` whose real path (symlinks resolved) stays under ``root``
+    (an object-store root has no symlinks: a safe ``rel`` is enough)."""
+    from .fs import RemotePath
+
+    if isinstance(root, RemotePath):
+        return root / safe_relpath(rel, what)
     root = Path(root)
     p = root / safe_relpath(rel, what)
     real, base = os.path.realpath(p), os.path.realpath(root)

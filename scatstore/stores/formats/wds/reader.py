@@ -13,10 +13,12 @@ from ...base import shard_name
 from ...dataset import ScatDataset
 from ...errors import StoreError
 from ...index_npy import member_field, load_index_npy
-from .tar import iter_tar_samples, load_npy, member_exts, read_member
+from .tar import iter_tar_samples, load_npy, member_exts, read_member, read_member_at
 
 
 class WdsDataset(ScatDataset):
+    range_reads = True  # a remote sample is one ranged GET of its members (index.npy offsets)
+
     def _load_index(self):
         self._index_arr = load_index_npy(self.root, self.manifest)
         ix = self._index_arr
@@ -33,8 +35,14 @@ class WdsDataset(ScatDataset):
     def _member(self, i: int, ext: str) -> bytes:
         row = self._index_arr[i]
         f = member_field(ext)
-        return read_member(self._fd(int(row["shard"])), int(row[f"off_{f}"]), int(row[f"size_{f}"]),
-                           f"{self.keys[i]}.{ext}")
+        shard, off, size = int(row["shard"]), int(row[f"off_{f}"]), int(row[f"size_{f}"])
+        if self.cache is not None and not self.cache.has_shard(shard):
+            # a remote shard not in the cache: one ranged GET of the member and its header
+            rel = f"{shard_name(shard)}.tar"
+            n = self.cache.shard_files.get(shard, {}).get(rel, 0)
+            return read_member_at(lambda a, k: self.cache.read_range(rel, a, a + k), n, off, size,
+                                  f"{self.keys[i]}.{ext}")
+        return read_member(self._fd(shard), off, size, f"{self.keys[i]}.{ext}")
 
     def _read(self, idx: np.ndarray):
         spec = self.spec

@@ -55,10 +55,17 @@ def check_member_name(name: str) -> tuple[str, str]:
 def read_member(fd: int, off: int, size: int, expect: str) -> bytes:
     """pread one member's data at ``off``, after checking the header in front of it (offsets and
     sizes come from the index: checked against the file's size before anything is allocated)."""
-    if off < BLOCK or size < 0 or off + size > os.fstat(fd).st_size:
+    return read_member_at(lambda start, n: os.pread(fd, n, start), os.fstat(fd).st_size, off, size,
+                          expect)
+
+
+def read_member_at(pread, file_size: int, off: int, size: int, expect: str) -> bytes:
+    """:func:`read_member` over ``pread(start, n) -> bytes`` of a file of ``file_size`` bytes (an
+    object store's ranged GET: one request for the header and the data)."""
+    if off < BLOCK or size < 0 or off + size > file_size:
         raise StoreError(f"member {expect!r}: index offset {off} / size {size} lie outside the "
                          "shard file (damaged index or truncated shard)")
-    buf = os.pread(fd, BLOCK + size, off - BLOCK)
+    buf = pread(off - BLOCK, BLOCK + size)
     if len(buf) != BLOCK + size:
         raise StoreError(f"short read of member {expect!r} (truncated shard?)")
     hdr = buf[:BLOCK]

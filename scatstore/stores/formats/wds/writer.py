@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 from pathlib import Path
 
 import numpy as np
 
 from ...base import ShardBatch, StoreWriter, records_arrays, shard_name
-from ...files import atomic_write_bytes, commit_tmp, sha256_file, tmp_path
+from ...files import atomic_write_bytes, atomic_writer
 from ...index_npy import build_index, npy_bytes
 from .tar import BLOCK, INDEX, member_exts
 
@@ -58,10 +57,9 @@ class WdsWriter(StoreWriter):
         spec = self.spec
         exts = member_exts(spec)
         path = self.tar_path(index)
-        tmp = tmp_path(path)
         offsets = []
-        with open(tmp, "wb") as f:
-            with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        with atomic_writer(path) as sink:
+            with tarfile.open(fileobj=sink.file, mode="w", format=tarfile.USTAR_FORMAT) as tf:
                 for j, key in enumerate(batch.keys):
                     slot = int(batch.slots[j])
                     y = int(batch.y[j])
@@ -82,11 +80,8 @@ class WdsWriter(StoreWriter):
                         tf.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
                         row += [start + BLOCK, len(data)]
                     offsets.append(row)
-            f.flush()
-            os.fsync(f.fileno())
-        commit_tmp(tmp, path)
         rel = path.name
-        files = {rel: {"sha256": sha256_file(path), "bytes": path.stat().st_size}}
+        files = {rel: sink.info}
         return files, {"members": exts, "offsets": offsets}
 
     def _finalize_index(self, records: list):

@@ -59,27 +59,38 @@ class ZarrDataset(ScatDataset):
                              f"files, {have} exist (damaged or edited store)")
         return arr
 
-    def _group(self):
+    range_reads = True  # a remote sample of an uncached shard: zarr's ranged reads (FsspecStore)
+
+    def _group(self, remote: bool = False):
+        """Per-process handles: the group in the store directory (a remote store's mirror), or
+        with ``remote`` the group over zarr's own remote store (shard index + chunk, ranged)."""
         h = self._handles()
-        if "group" not in h:
+        key = "rgroup" if remote else "group"
+        if key not in h:
             import zarr
-            h["group"] = zarr.open_group(str(self.root / GROUP), mode="r")
-            h["cache"] = _ChunkCache()
-            h["bits"] = {}
-            h["arrays"] = {}
+            if remote:
+                from ...fs import zarr_store
+
+                h[key] = zarr.open_group(store=zarr_store(self.cache.remote / GROUP), mode="r")
+            else:
+                h[key] = zarr.open_group(str(self.root / GROUP), mode="r")
+            h.setdefault("cache", _ChunkCache())
+            h["rbits" if remote else "bits"] = {}
+            h["rarrays" if remote else "arrays"] = {}
         return h
 
-    def _array(self, name: str):
-        h = self._group()
-        arr = h["arrays"].get(name)
+    def _array(self, name: str, remote: bool = False):
+        h = self._group(remote)
+        arrays = h["rarrays" if remote else "arrays"]
+        arr = arrays.get(name)
         if arr is None:  # opening an array reads its zarr.json: do it once per process
-            arr = h["arrays"][name] = h["group"][name]
+            arr = arrays[name] = h["rgroup" if remote else "group"][name]
         return arr
 
-    def _rows(self, name: str, slots: np.ndarray) -> np.ndarray:
+    def _rows(self, name: str, slots: np.ndarray, remote: bool = False) -> np.ndarray:
         """Rows of a slot-indexed array, reading whole inner chunks through a per-thread cache."""
-        h = self._group()
-        arr = self._array(name)
+        h = self._group(remote)
+        arr = self._array(name, remote)
         c = arr.chunks[0]
         out = np.empty((len(slots), *arr.shape[1:]), dtype=arr.dtype)
         cache = h["cache"].blocks
@@ -98,19 +109,23 @@ class ZarrDataset(ScatDataset):
     def _read(self, idx: np.ndarray):
         slots = self.slots[idx]
         spec = self.spec
+        remote = self.cache is not None and not all(
+            self.cache.has_shard(int(s)) for s in np.unique(self._shard_of[idx]))
         if spec.dtype == "bytes":
-            x = self._read_bits(slots)
+            x = self._read_bits(slots, remote)
         else:
-            x = self._rows("x", slots)
-        q = (self._rows("qscale", slots), self._rows("qoffset", slots)) if spec.quantized else (None, None)
-        hw = self._rows("hw", slots) if spec.has_hw else None
+            x = self._rows("x", slots, remote)
+        q = (self._rows("qscale", slots, remote), self._rows("qoffset", slots, remote)) \
+            if spec.quantized else (None, None)
+        hw = self._rows("hw", slots, remote) if spec.has_hw else None
         return x, q[0], q[1], hw
 
-    def _read_bits(self, slots: np.ndarray) -> list:
+    def _read_bits(self, slots: np.ndarray, remote: bool = False) -> list:
         """Bitstreams of ``slots``: one read per shard of the byte span its samples cover
-        (a sorted batch of one shard, the loader's windows, reads its chunks once)."""
+        (a sorted batch of one shard, the loader's windows, reads its chunks once); with
+        ``remote`` through zarr's remote store (ranged reads of an uncached shard)."""
         spec = self.spec
-        h = self._group()
+        h = self._group(remote)
         xs: list = [b""] * len(slots)
         shards = slots // spec.shard_size
         for sh in np.unique(shards).tolist():
@@ -119,12 +134,22 @@ class ZarrDataset(ScatDataset):
             a = self._bits_off[slots[pos]] - base
             b = self._bits_off[slots[pos] + 1] - base
             lo, hi = int(a.min()), int(b.max())
-            span = self._bits_span(h, sh, lo, hi)
+            span = self._remote_span(h, sh, lo, hi) if remote else self._bits_span(h, sh, lo, hi)
             if (b < a).any() or hi > lo + len(span) or lo < 0:
                 raise StoreError(f"shard {sh}: bits_offsets lie outside its bytes of bitstreams")
             for k, i0, i1 in zip(pos.tolist(), (a - lo).tolist(), (b - lo).tolist()):
                 xs[k] = span[i0:i1].tobytes()
         return xs
+
+    @staticmethod
+    def _remote_span(h, sh: int, lo: int, hi: int) -> np.ndarray:
+        """Bytes ``[lo, hi)`` of ``bits/NNNNNN`` through zarr's remote store."""
+        if hi <= lo:
+            return np.zeros(0, np.uint8)
+        arr = h["rbits"].get(sh)
+        if arr is None:
+            arr = h["rbits"][sh] = h["rgroup"][f"bits/{sh:06d}"]
+        return np.asarray(arr[lo:min(hi, arr.shape[0])])
 
     def _bits_span(self, h, sh: int, lo: int, hi: int) -> np.ndarray:
         """Bytes ``[lo, hi)`` of ``bits/NNNNNN`` (shorter when the array is): straight from the

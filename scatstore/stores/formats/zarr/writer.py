@@ -14,6 +14,7 @@ written with temp + fsync + rename, so a killed writer never leaves a half shard
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -24,6 +25,7 @@ import numpy as np
 from ...base import ShardBatch, StoreSpec, StoreWriter, parse_compression, records_arrays
 from ...errors import StoreError
 from ...files import atomic_write_bytes, sha256_file
+from ...fs import RemotePath
 
 LAYOUT = "scatstore-zarr-v1"
 GROUP = "data.zarr"
@@ -132,8 +134,18 @@ class ZarrWriter(StoreWriter):
         return self.out / GROUP
 
     def _write_if_changed(self, path: Path, data: bytes) -> None:
-        if not (path.exists() and path.read_bytes() == data):
+        try:
+            same = path.read_bytes() == data
+        except FileNotFoundError:
+            same = False
+        if not same:
             atomic_write_bytes(path, data)
+        if isinstance(path, RemotePath):  # what the object holds now: finalize needs no re-read
+            self.__dict__.setdefault("_known", {})[str(path)] = {
+                "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+    def _info(self, path) -> dict:
+        return self.__dict__.get("_known", {}).get(str(path)) or _file_info(path)
 
     def _prepare_layout(self) -> None:
         spec = self.spec
@@ -262,9 +274,9 @@ class ZarrWriter(StoreWriter):
             for k in sorted(enc):
                 global_files[f"{GROUP}/{k}"] = atomic_write_bytes(self.root / k, enc[k])
         for rel in ("zarr.json",):
-            global_files[f"{GROUP}/{rel}"] = _file_info(self.root / rel)
+            global_files[f"{GROUP}/{rel}"] = self._info(self.root / rel)
         for name in list(_array_defs(spec)) + (["bits"] if spec.dtype == "bytes" else []):
-            global_files[f"{GROUP}/{name}/zarr.json"] = _file_info(self.root / name / "zarr.json")
+            global_files[f"{GROUP}/{name}/zarr.json"] = self._info(self.root / name / "zarr.json")
         cs = _array_defs(spec).get("x", {}).get("chunks", [None])[0]
         extra = {"group": GROUP, "chunk_samples": cs, "compression": compression_info(spec),
                  "key_width": width, "has_boxes": has_boxes}
