@@ -494,6 +494,44 @@ def test_codec_files_from_before_still_load_and_decode():
     assert old.encode(x) == [blob]
 
 
+def _golden_hyper(tmp_path):
+    """tests/data/codec_hyper_tiny.*: a tiny hyperprior codec (C = 4, 3 hyper channels, its
+    hyper-synthesis scaled so that 15 scale indices occur), seven 64² bitstreams (4-byte length
+    prefixes) and their symbols, all written by the code of commit 8a87dc7, before the batched
+    decoder and the channels-last integer network."""
+    import gzip
+    from pathlib import Path
+
+    data = Path(__file__).parent / "data"
+    path = tmp_path / "codec_hyper_tiny.cae"
+    path.write_bytes(gzip.decompress((data / "codec_hyper_tiny.cae.gz").read_bytes()))
+    raw, blobs, pos = (data / "codec_hyper_tiny.bits").read_bytes(), [], 0
+    while pos < len(raw):
+        n = int.from_bytes(raw[pos:pos + 4], "little")
+        blobs.append(raw[pos + 4:pos + 4 + n])
+        pos += 4 + n
+    symbols = np.load(data / "codec_hyper_tiny.symbols.npy", allow_pickle=False).astype(np.int32)
+    return load_codec(path), blobs, symbols
+
+
+def test_hyperprior_bitstreams_from_before_decode_identically(tmp_path):
+    codec, blobs, symbols = _golden_hyper(tmp_path)
+    assert codec.prior == "hyper" and len(blobs) == 7
+    _, z = codec.tables.decode(blobs, return_z=True)
+    assert len(np.unique(codec.tables.indices(z, (8, 8)))) > 10
+    for split in ([7], [1] * 7, [3, 4], [2, 5]):
+        cuts = np.cumsum([0, *split])
+        got = np.concatenate([codec.decode_symbols(blobs[a:b]) for a, b in zip(cuts[:-1], cuts[1:])])
+        np.testing.assert_array_equal(got, symbols)
+    # the integer path re-encodes the same bytes, in any batch split
+    assert codec.encode_symbols(symbols) == blobs
+    assert codec.encode_symbols(symbols[:1]) + codec.encode_symbols(symbols[1:]) == blobs
+    # and the images encode to those symbols (float encoder: this machine's CPU)
+    x = np.stack([center_crop(load_image(n), 64) for n in
+                  ("astronaut", "coffee", "chelsea", "rocket", "camera", "brick", "grass")])
+    np.testing.assert_array_equal(codec.quantize(x)[0], symbols)
+
+
 def test_future_codec_format_is_refused_clearly(hyper_codec, tmp_path):
     from pathlib import Path
 
