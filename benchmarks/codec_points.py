@@ -43,6 +43,20 @@ TRAIN = ("chelsea", "hubble_deep_field", "immunohistochemistry", "stereo_motorcy
          "moon", "page", "text", "cell", "clock", "colorwheel", "brick", "grass", "gravel")
 
 
+def machine_header() -> str:
+    """machine.sh's lines (CPU model, ISA level, bandwidths) and the load average."""
+    try:
+        header = subprocess.run(["bash", "/work/shared/tools/machine.sh"], capture_output=True,
+                                text=True, timeout=60, check=False).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        header = ""
+    try:
+        load = "load average: " + " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        load = ""
+    return "\n".join(x for x in (header or "(machine.sh not available)", load) if x)
+
+
 def training_images() -> list:
     import skimage.data
 
@@ -169,12 +183,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    try:
-        header = subprocess.run(["bash", "/work/shared/tools/machine.sh"], capture_output=True,
-                                text=True, timeout=60, check=False).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        header = ""
-    print(header or "(machine.sh not available)")
+    print(machine_header())
     train = training_images()
     images = heldout_images()
     raw_bytes = 224 * 224 * 3

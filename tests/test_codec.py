@@ -514,7 +514,12 @@ def _golden_hyper(tmp_path):
     return load_codec(path), blobs, symbols
 
 
-def test_hyperprior_bitstreams_from_before_decode_identically(tmp_path):
+@pytest.mark.parametrize("native", [True, False], ids=["c-grouping", "numpy-grouping"])
+def test_hyperprior_bitstreams_from_before_decode_identically(tmp_path, monkeypatch, native):
+    from scatstore.codecs import hyper
+
+    if not native:
+        monkeypatch.setattr(hyper, "_group_lib", lambda: None)
     codec, blobs, symbols = _golden_hyper(tmp_path)
     assert codec.prior == "hyper" and len(blobs) == 7
     _, z = codec.tables.decode(blobs, return_z=True)
@@ -530,6 +535,36 @@ def test_hyperprior_bitstreams_from_before_decode_identically(tmp_path):
     x = np.stack([center_crop(load_image(n), 64) for n in
                   ("astronaut", "coffee", "chelsea", "rocket", "camera", "brick", "grass")])
     np.testing.assert_array_equal(codec.quantize(x)[0], symbols)
+
+
+def test_grouping_kernels_equal_the_numpy_path(tmp_path):
+    """The C grouping kernels (hyper.py's stream order) give the NumPy path's integers: on the
+    golden codec's real scale indices and on indices spread over the whole table."""
+    from scatstore.codecs import hyper
+
+    if hyper._group_lib() is None:
+        pytest.skip(f"no native kernels: {hyper._GROUP_LIB.info()['reason']}")
+    codec, blobs, symbols = _golden_hyper(tmp_path)
+    t = codec.tables.y_tables
+    _, z = codec.tables.decode(blobs, return_z=True)
+    rng = np.random.default_rng(1)
+    spread = rng.integers(0, hyper.SCALE_LEVELS, size=(5, 3000)).astype(np.uint8)
+    for idx in (codec.tables.indices(z, (8, 8)).reshape(len(z), -1), spread):
+        sym = rng.integers(t.lo[idx], t.hi[idx] + 1).astype(np.int32)
+        got = hyper.group_symbols(idx, sym, t.lo, t.length, native=True)
+        ref = hyper.group_symbols(idx, sym, t.lo, t.length, native=False)
+        np.testing.assert_array_equal(got[0], ref[0])
+        np.testing.assert_array_equal(got[1], ref[1])
+        assert got[2] == ref[2] == 0
+        np.testing.assert_array_equal(hyper.count_levels(idx, native=True), got[1])
+        for native in (True, False):
+            back = hyper.ungroup_symbols(idx, got[0], got[1], t.offset, native=native)
+            np.testing.assert_array_equal(back, sym)
+        bad = sym.copy()
+        bad[0, :7] = t.hi[idx[0, :7]] + 1
+        bad[-1, -3:] = t.lo[idx[-1, -3:]] - 2
+        assert hyper.group_symbols(idx, bad, t.lo, t.length, native=True)[2] == 10
+        assert hyper.group_symbols(idx, bad, t.lo, t.length, native=False)[2] == 10
 
 
 def test_future_codec_format_is_refused_clearly(hyper_codec, tmp_path):
