@@ -13,6 +13,16 @@
 
 #define MAX_LEVELS 256
 
+/* start[l]: where image b's group of index l begins in the stream order */
+static void starts(const int64_t *counts_b, int64_t levels, int64_t *start)
+{
+    int64_t acc = 0;
+    for (int64_t l = 0; l < levels; l++) {
+        start[l] = acc;
+        acc += counts_b[l];
+    }
+}
+
 /* counts[b*levels + l] = #{p : idx[b*n + p] == l} */
 void hg_count(const uint8_t *idx, int64_t images, int64_t n, int64_t levels, int64_t *counts)
 {
@@ -38,11 +48,7 @@ int64_t hg_group(const uint8_t *idx, const int32_t *sym, int64_t images, int64_t
         const uint8_t *ib = idx + b * n;
         const int32_t *sb = sym + b * n;
         int32_t *rb = rel + b * n;
-        int64_t acc = 0;
-        for (int64_t l = 0; l < levels; l++) {
-            start[l] = acc;
-            acc += counts[b * levels + l];
-        }
+        starts(counts + b * levels, levels, start);
         for (int64_t p = 0; p < n; p++) {
             const uint8_t l = ib[p];
             const int64_t r = (int64_t)sb[p] - lo[l];
@@ -63,11 +69,7 @@ void hg_ungroup(const uint8_t *idx, const int32_t *vals, int64_t images, int64_t
         const uint8_t *ib = idx + b * n;
         const int32_t *vb = vals + b * n;
         int32_t *ob = out + b * n;
-        int64_t acc = 0;
-        for (int64_t l = 0; l < levels; l++) {
-            start[l] = acc;
-            acc += counts[b * levels + l];
-        }
+        starts(counts + b * levels, levels, start);
         for (int64_t p = 0; p < n; p++) {
             const uint8_t l = ib[p];
             ob[p] = vb[start[l]++] + offset[l];
