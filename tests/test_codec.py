@@ -567,6 +567,29 @@ def test_grouping_kernels_equal_the_numpy_path(tmp_path):
         assert hyper.group_symbols(idx, bad, t.lo, t.length, native=False)[2] == 10
 
 
+def test_rate_calibration_measures_the_bitstreams(tmp_path, codec, hyper_codec, train_images):
+    """What the dual rate control steers (``deployed_bpp``: ideal code length under the tables
+    frozen now, plus the stream overhead) is what encoding gives, for either prior; and a
+    training run records the calibration ratio and the calibration crops' size."""
+    from scatstore.codecs.train import STREAM_OVERHEAD_BYTES, CropSampler, deployed_bpp
+
+    golden, _, _ = _golden_hyper(tmp_path)
+    x = np.stack([center_crop(im, 64) for im in train_images[:6]])
+    for c in (codec, hyper_codec, golden):
+        actual = 8 * sum(len(b) for b in c.encode(x)) / (len(x) * 64 * 64)
+        est = deployed_bpp(c.model, x, "cpu")
+        assert abs(est - actual) * len(x) * 64 * 64 / 8 <= 3.0 * len(x), (est, actual)
+    assert 10 <= STREAM_OVERHEAD_BYTES <= 16
+    calib = CropSampler(train_images, 32).calibration(4, 224)
+    assert calib.shape == (4, 3, 224, 224) and calib.dtype == np.uint8
+    c = fit_codec(train_images, channels=4, beta=0.01, steps=12, batch_size=4, size=32, hidden=8,
+                  prior="hyper", hyper_channels=3, hyper_hidden=8, target_bpp=0.5, seed=0,
+                  progress=False, rate_size=64, rate_every=5, rate_images=3)
+    assert c.config["rate_calibration"] == {"size": 64, "images": 3, "every": 5}
+    assert c.info["rate_ratio"] is not None and c.info["rate_ratio"] > 0
+    assert "bpp_deployed" in c.info["final"]
+
+
 def test_future_codec_format_is_refused_clearly(hyper_codec, tmp_path):
     from pathlib import Path
 
