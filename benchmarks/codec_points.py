@@ -170,6 +170,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--size", type=int, default=64, help="training crop size")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dual-rate", type=float, default=0.02, help="step of log beta per step (dual control)")
     ap.add_argument("--rate-size", type=int, default=224,
                     help="rate calibration size of the dual control (0: steer the crops' rate, as before)")
     ap.add_argument("--save", type=Path, help="write the codec files here")
@@ -203,7 +204,7 @@ def main() -> None:
                 codec = fit_codec(train, channels=C, beta=0.003, steps=args.steps, minutes=args.minutes,
                                   target_bpp=target, prior=prior, hidden=args.hidden,
                                   batch_size=args.batch_size, size=args.size, seed=0, device=args.device,
-                                  rate_size=args.rate_size or None,
+                                  rate_size=args.rate_size or None, dual_rate=args.dual_rate,
                                   progress=lambda step, st: print(
                                       f"  step {step}: bpp {st['bpp']:.3f}, PSNR {st['psnr']:.2f} dB "
                                       f"(crops), deployed bpp {st.get('bpp_deployed', float('nan')):.3f}, "

@@ -160,6 +160,8 @@ def main() -> None:
                 notes.append(f"baseline {args.baseline} not loaded: {exc}")
         times = {k: ([], []) for k in paths}
         ref_blobs = None
+        for t in paths.values():  # warm-up: native library, channels-last weights, allocator
+            measure(t, symbols[:args.batch], None if side is None else side[:args.batch], args.batch)
         for r in range(args.rounds):
             for name in (list(paths) if r % 2 == 0 else list(paths)[::-1]):
                 t_enc, t_dec, blobs, decoded = measure(paths[name], symbols, side, args.batch)
