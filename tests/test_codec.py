@@ -565,6 +565,20 @@ def test_grouping_kernels_equal_the_numpy_path(tmp_path):
         bad[-1, -3:] = t.lo[idx[-1, -3:]] - 2
         assert hyper.group_symbols(idx, bad, t.lo, t.length, native=True)[2] == 10
         assert hyper.group_symbols(idx, bad, t.lo, t.length, native=False)[2] == 10
+    # the fused last step of the integer network (C) equals torch's, cropped maps included
+    syn = codec.tables.synthesis
+    zt = codec.tables.z_tables
+    zr = np.stack([rng.integers(zt.lo[c], zt.hi[c] + 1, size=(11, 5, 5)) for c in range(zt.channels)],
+                  axis=1).astype(np.int32)
+    for zz, shape in ((z, (8, 8)), (zr, (20, 20)), (zr, (18, 19)), (zr[:1], (7, 20))):
+        fused = syn(zz, shape)
+        try:
+            syn.native = False
+            plain = syn(zz, shape)
+        finally:
+            syn.native = None
+        np.testing.assert_array_equal(fused, plain)
+        np.testing.assert_array_equal(fused, _reference_index(syn, zz)[..., :shape[0], :shape[1]])
 
 
 def test_rate_calibration_measures_the_bitstreams(tmp_path, codec, hyper_codec, train_images):

@@ -159,17 +159,21 @@ class IntegerHyperSynthesis:
                 raise RuntimeError(f"torch.backends.mkldnn fp32_precision is {knob!r}: the integer "
                                    "hyper-synthesis needs exact float32 convolutions ('ieee')")
         out = np.empty((len(z), self.channels, *shape), dtype=np.uint8)
+        lib = _group_lib() if self.native is not False else None
         with torch.no_grad():
             for i in range(0, len(z), CHUNK):
-                out[i:i + CHUNK] = self._run(z[i:i + CHUNK], shape)
+                self._run(z[i:i + CHUNK], shape, out[i:i + CHUNK], lib)
         return out
 
-    def _run(self, z: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    native: bool | None = None  # False: the last step in torch even when the C kernel is there
+
+    def _run(self, z: np.ndarray, shape: tuple[int, int], dest: np.ndarray, lib) -> None:
         torch = _torch()
         from torch.nn import functional as F
 
         if self._wcl is None:
             self._wcl = [w.contiguous(memory_format=torch.channels_last) for w in self._w]
+            self._last_scale = np.ascontiguousarray(self._scale[2].reshape(-1).numpy(), np.float32)
         a = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))
         a = a.contiguous(memory_format=torch.channels_last)
         for i, kind in enumerate(self.KINDS):
@@ -179,10 +183,13 @@ class IntegerHyperSynthesis:
                 acc = F.conv2d(a, self._wcl[i], self._b[i], padding=1)
             if i < 2:  # ReLU with ACT_BITS fractional bits: floor(acc·2^(F − s)), clamped
                 a = acc.mul_(self._scale[i]).floor_().clamp_(0.0, float(ACT_MAX))
+            elif lib is not None and acc.is_contiguous(memory_format=torch.channels_last):
+                n, c, hh, ww = acc.shape  # the same float32 steps, fused, to uint8 NCHW (C)
+                lib.hg_index(acc.data_ptr(), n, hh, ww, c, self._last_scale.ctypes.data,
+                             shape[0], shape[1], SCALE_LEVELS, dest.ctypes.data)
             else:      # the index: round(acc·2^−s), clamped to the table
                 t = acc.mul_(self._scale[i]).add_(0.5).floor_().clamp_(0.0, float(SCALE_LEVELS - 1))
-                return t[..., :shape[0], :shape[1]].to(torch.uint8).numpy()
-        raise AssertionError
+                dest[...] = t[..., :shape[0], :shape[1]].to(torch.uint8).numpy()
 
     def arrays(self) -> dict[str, np.ndarray]:
         out = {}
@@ -238,10 +245,12 @@ def _group_lib():
 
         vp, i64 = ctypes.c_void_p, ctypes.c_int64
         _GROUP_LIB = _cbuild.NativeLibrary(
-            Path(__file__).with_name("_group.c"), name="hypergroup", flags=["-O2", "-std=gnu99"],
+            Path(__file__).with_name("_group.c"), name="hypergroup",
+            flags=["-O2", "-std=gnu99", "-ffp-contract=off"],
             signatures={"hg_count": [vp, i64, i64, i64, vp],
                         "hg_group": ([vp, vp, i64, i64, i64, vp, vp, vp, vp], i64),
-                        "hg_ungroup": [vp, vp, i64, i64, i64, vp, vp, vp]},
+                        "hg_ungroup": [vp, vp, i64, i64, i64, vp, vp, vp],
+                        "hg_index": [vp, i64, i64, i64, i64, vp, i64, i64, i64, vp]},
             what="hyperprior grouping kernels", fallback="NumPy grouping (slower)")
     return _GROUP_LIB.load()
 
