@@ -43,6 +43,20 @@ TRAIN = ("chelsea", "hubble_deep_field", "immunohistochemistry", "stereo_motorcy
          "moon", "page", "text", "cell", "clock", "colorwheel", "brick", "grass", "gravel")
 
 
+def machine_header() -> str:
+    """machine.sh's lines (CPU model, ISA level, bandwidths) and the load average."""
+    try:
+        header = subprocess.run(["bash", "/work/shared/tools/machine.sh"], capture_output=True,
+                                text=True, timeout=60, check=False).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        header = ""
+    try:
+        load = "load average: " + " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        load = ""
+    return "\n".join(x for x in (header or "(machine.sh not available)", load) if x)
+
+
 def training_images() -> list:
     import skimage.data
 
@@ -156,6 +170,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--size", type=int, default=64, help="training crop size")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dual-rate", type=float, default=0.02, help="step of log beta per step (dual control)")
+    ap.add_argument("--rate-size", type=int, default=224,
+                    help="rate calibration size of the dual control (0: steer the crops' rate, as before)")
     ap.add_argument("--save", type=Path, help="write the codec files here")
     ap.add_argument("--load", type=Path, help="evaluate codec files from here instead of training")
     ap.add_argument("--points", default="low,mid,high")
@@ -169,12 +186,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    try:
-        header = subprocess.run(["bash", "/work/shared/tools/machine.sh"], capture_output=True,
-                                text=True, timeout=60, check=False).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        header = ""
-    print(header or "(machine.sh not available)")
+    print(machine_header())
     train = training_images()
     images = heldout_images()
     raw_bytes = 224 * 224 * 3
@@ -192,9 +204,11 @@ def main() -> None:
                 codec = fit_codec(train, channels=C, beta=0.003, steps=args.steps, minutes=args.minutes,
                                   target_bpp=target, prior=prior, hidden=args.hidden,
                                   batch_size=args.batch_size, size=args.size, seed=0, device=args.device,
+                                  rate_size=args.rate_size or None, dual_rate=args.dual_rate,
                                   progress=lambda step, st: print(
                                       f"  step {step}: bpp {st['bpp']:.3f}, PSNR {st['psnr']:.2f} dB "
-                                      f"(crops), beta {st['beta']:.3g}", flush=True)
+                                      f"(crops), deployed bpp {st.get('bpp_deployed', float('nan')):.3f}, "
+                                      f"beta {st['beta']:.3g}", flush=True)
                                   if step % 250 == 0 else None)
                 if args.save:
                     args.save.mkdir(parents=True, exist_ok=True)

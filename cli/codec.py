@@ -53,9 +53,13 @@ def _load_training_images(src: str, layout: str, max_images: int, seed: int, log
               help="Rate weight β in MSE + β·rate (MSE on [0,1] pixels, rate in bits per pixel); "
               "with --target-bpp the starting value of the adapted β.")
 @click.option("--target-bpp", type=float, default=None,
-              help="Steer the training rate (bpp of the training crops, side information included) to H_t.")
+              help="Steer the rate (side information included) to H_t bpp: measured on the training "
+              "crops and calibrated on training images at --rate-size.")
 @click.option("--rate-control", type=click.Choice(["dual", "hinge"]), default="dual", show_default=True,
               help="With --target-bpp: adapt β to land on H_t (dual), or Torfason's β·max(rate − H_t, 0).")
+@click.option("--rate-size", type=int, default=224, show_default=True,
+              help="With the dual control: every 50 steps the frozen codec's rate on 8 training images "
+              "at this size (centre crops) calibrates the crops' estimate; 0 steers the crops' rate.")
 @click.option("--steps", type=int, default=None, help="Optimizer steps (default 2000 unless --minutes).")
 @click.option("--minutes", type=float, default=None,
               help="Train for this many minutes (wall clock; with --steps: whichever ends first).")
@@ -73,7 +77,7 @@ def _load_training_images(src: str, layout: str, max_images: int, seed: int, log
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Continue from CODEC.ckpt when it exists (written every minute and on Ctrl-C).")
 @click.option("--seed", type=int, default=0, show_default=True)
-def fit_codec_cmd(src, codec, channels, prior, architecture, beta, target_bpp, rate_control, steps,
+def fit_codec_cmd(src, codec, channels, prior, architecture, beta, target_bpp, rate_control, rate_size, steps,
                   minutes, batch_size, lr, size, hidden, layout, max_images, workers, device, resume, seed):
     """Train a compressive autoencoder on SRC and write the codec file CODEC.
 
@@ -96,6 +100,8 @@ def fit_codec_cmd(src, codec, channels, prior, architecture, beta, target_bpp, r
         fail("--steps, --batch-size and --minutes must be positive")
     if beta <= 0:
         fail("--beta must be positive")
+    if rate_size < 0 or (rate_size and rate_size % 8):
+        fail("--rate-size must be 0 or a positive multiple of 8")
     log = lambda m: click.echo(m, err=True)
     ckpt = Path(codec).with_name(Path(codec).name + ".ckpt")
     if ckpt.exists() and not resume:
@@ -115,7 +121,7 @@ def fit_codec_cmd(src, codec, channels, prior, architecture, beta, target_bpp, r
                           target_bpp=target_bpp, rate_control=rate_control, prior=prior,
                           architecture="cae-sgdn-v1" if architecture == "v1" else "cae-gdn-v2",
                           batch_size=batch_size, size=size, hidden=hidden, lr=lr, device=device,
-                          seed=seed, progress=True, checkpoint=ckpt)
+                          seed=seed, progress=True, checkpoint=ckpt, rate_size=rate_size or None)
     except (ValueError, RuntimeError) as exc:
         fail(str(exc))
     digest = model.save(codec)

@@ -494,6 +494,116 @@ def test_codec_files_from_before_still_load_and_decode():
     assert old.encode(x) == [blob]
 
 
+def _golden_hyper(tmp_path):
+    """tests/data/codec_hyper_tiny.*: a tiny hyperprior codec (C = 4, 3 hyper channels, its
+    hyper-synthesis scaled so that 15 scale indices occur), seven 64² bitstreams (4-byte length
+    prefixes) and their symbols, all written by the code of commit 8a87dc7, before the batched
+    decoder and the channels-last integer network."""
+    import gzip
+    from pathlib import Path
+
+    data = Path(__file__).parent / "data"
+    path = tmp_path / "codec_hyper_tiny.cae"
+    path.write_bytes(gzip.decompress((data / "codec_hyper_tiny.cae.gz").read_bytes()))
+    raw, blobs, pos = (data / "codec_hyper_tiny.bits").read_bytes(), [], 0
+    while pos < len(raw):
+        n = int.from_bytes(raw[pos:pos + 4], "little")
+        blobs.append(raw[pos + 4:pos + 4 + n])
+        pos += 4 + n
+    symbols = np.load(data / "codec_hyper_tiny.symbols.npy", allow_pickle=False).astype(np.int32)
+    return load_codec(path), blobs, symbols
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["c-grouping", "numpy-grouping"])
+def test_hyperprior_bitstreams_from_before_decode_identically(tmp_path, monkeypatch, native):
+    from scatstore.codecs import hyper
+
+    if not native:
+        monkeypatch.setattr(hyper, "_group_lib", lambda: None)
+    codec, blobs, symbols = _golden_hyper(tmp_path)
+    assert codec.prior == "hyper" and len(blobs) == 7
+    _, z = codec.tables.decode(blobs, return_z=True)
+    assert len(np.unique(codec.tables.indices(z, (8, 8)))) > 10
+    for split in ([7], [1] * 7, [3, 4], [2, 5]):
+        cuts = np.cumsum([0, *split])
+        got = np.concatenate([codec.decode_symbols(blobs[a:b]) for a, b in zip(cuts[:-1], cuts[1:])])
+        np.testing.assert_array_equal(got, symbols)
+    # the integer path re-encodes the same bytes, in any batch split
+    assert codec.encode_symbols(symbols) == blobs
+    assert codec.encode_symbols(symbols[:1]) + codec.encode_symbols(symbols[1:]) == blobs
+    # and the images encode to those symbols (float encoder: this machine's CPU)
+    x = np.stack([center_crop(load_image(n), 64) for n in
+                  ("astronaut", "coffee", "chelsea", "rocket", "camera", "brick", "grass")])
+    np.testing.assert_array_equal(codec.quantize(x)[0], symbols)
+
+
+def test_grouping_kernels_equal_the_numpy_path(tmp_path):
+    """The C grouping kernels (hyper.py's stream order) give the NumPy path's integers: on the
+    golden codec's real scale indices and on indices spread over the whole table."""
+    from scatstore.codecs import hyper
+
+    if hyper._group_lib() is None:
+        pytest.skip(f"no native kernels: {hyper._GROUP_LIB.info()['reason']}")
+    codec, blobs, symbols = _golden_hyper(tmp_path)
+    t = codec.tables.y_tables
+    _, z = codec.tables.decode(blobs, return_z=True)
+    rng = np.random.default_rng(1)
+    spread = rng.integers(0, hyper.SCALE_LEVELS, size=(5, 3000)).astype(np.uint8)
+    for idx in (codec.tables.indices(z, (8, 8)).reshape(len(z), -1), spread):
+        sym = rng.integers(t.lo[idx], t.hi[idx] + 1).astype(np.int32)
+        got = hyper.group_symbols(idx, sym, t.lo, t.length, native=True)
+        ref = hyper.group_symbols(idx, sym, t.lo, t.length, native=False)
+        np.testing.assert_array_equal(got[0], ref[0])
+        np.testing.assert_array_equal(got[1], ref[1])
+        assert got[2] == ref[2] == 0
+        np.testing.assert_array_equal(hyper.count_levels(idx, native=True), got[1])
+        for native in (True, False):
+            back = hyper.ungroup_symbols(idx, got[0], got[1], t.offset, native=native)
+            np.testing.assert_array_equal(back, sym)
+        bad = sym.copy()
+        bad[0, :7] = t.hi[idx[0, :7]] + 1
+        bad[-1, -3:] = t.lo[idx[-1, -3:]] - 2
+        assert hyper.group_symbols(idx, bad, t.lo, t.length, native=True)[2] == 10
+        assert hyper.group_symbols(idx, bad, t.lo, t.length, native=False)[2] == 10
+    # the fused last step of the integer network (C) equals torch's, cropped maps included
+    syn = codec.tables.synthesis
+    zt = codec.tables.z_tables
+    zr = np.stack([rng.integers(zt.lo[c], zt.hi[c] + 1, size=(11, 5, 5)) for c in range(zt.channels)],
+                  axis=1).astype(np.int32)
+    for zz, shape in ((z, (8, 8)), (zr, (20, 20)), (zr, (18, 19)), (zr[:1], (7, 20))):
+        fused = syn(zz, shape)
+        try:
+            syn.native = False
+            plain = syn(zz, shape)
+        finally:
+            syn.native = None
+        np.testing.assert_array_equal(fused, plain)
+        np.testing.assert_array_equal(fused, _reference_index(syn, zz)[..., :shape[0], :shape[1]])
+
+
+def test_rate_calibration_measures_the_bitstreams(tmp_path, codec, hyper_codec, train_images):
+    """What the dual rate control steers (``deployed_bpp``: ideal code length under the tables
+    frozen now, plus the stream overhead) is what encoding gives, for either prior; and a
+    training run records the calibration ratio and the calibration crops' size."""
+    from scatstore.codecs.train import STREAM_OVERHEAD_BYTES, CropSampler, deployed_bpp
+
+    golden, _, _ = _golden_hyper(tmp_path)
+    x = np.stack([center_crop(im, 64) for im in train_images[:6]])
+    for c in (codec, hyper_codec, golden):
+        actual = 8 * sum(len(b) for b in c.encode(x)) / (len(x) * 64 * 64)
+        est = deployed_bpp(c.model, x, "cpu")
+        assert abs(est - actual) * len(x) * 64 * 64 / 8 <= 3.0 * len(x), (est, actual)
+    assert 10 <= STREAM_OVERHEAD_BYTES <= 16
+    calib = CropSampler(train_images, 32).calibration(4, 224)
+    assert calib.shape == (4, 3, 224, 224) and calib.dtype == np.uint8
+    c = fit_codec(train_images, channels=4, beta=0.01, steps=12, batch_size=4, size=32, hidden=8,
+                  prior="hyper", hyper_channels=3, hyper_hidden=8, target_bpp=0.5, seed=0,
+                  progress=False, rate_size=64, rate_every=5, rate_images=3)
+    assert c.config["rate_calibration"] == {"size": 64, "images": 3, "every": 5}
+    assert c.info["rate_ratio"] is not None and c.info["rate_ratio"] > 0
+    assert "bpp_deployed" in c.info["final"]
+
+
 def test_future_codec_format_is_refused_clearly(hyper_codec, tmp_path):
     from pathlib import Path
 

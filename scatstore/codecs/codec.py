@@ -47,6 +47,29 @@ def _find_key(obj, key: str):
     return None
 
 
+@torch.no_grad()
+def prepare_symbols(model, tables, symbols: np.ndarray, device, batch_size: int = 32):
+    """Integer latents -> ``(symbols in range, side information, #clamped)`` under frozen
+    ``tables``; the side information of the hyperprior is ``(z, scale indices)``, ``z`` the
+    rounded hyper-analysis of the integer latents (so that encoding images and encoding their
+    symbols agree)."""
+    if isinstance(tables, HyperTables):
+        outs = []
+        for i in range(0, len(symbols), batch_size):
+            yb = torch.from_numpy(np.asarray(symbols[i:i + batch_size], dtype=np.float32)).to(device)
+            outs.append(torch.round(model.hyper_analysis(yb)).to(torch.int64).cpu().numpy())
+        return tables.clamp(symbols, np.concatenate(outs))
+    out, n = tables.clamp(symbols)
+    return out, None, n
+
+
+def ideal_bits(model, tables, symbols: np.ndarray, device, batch_size: int = 32) -> np.ndarray:
+    """Ideal code length (bits per image) of integer latents under frozen ``tables``, after
+    clamping, side information included."""
+    symbols, side, _ = prepare_symbols(model, tables, symbols, device, batch_size)
+    return tables.ideal_bits(symbols, *side) if side is not None else tables.ideal_bits(symbols)
+
+
 class Codec:
     """Encoder/decoder network and frozen integer CDF tables, identified by ``hash``."""
 
@@ -127,24 +150,8 @@ class Codec:
     def prior(self) -> str:
         return "hyper" if isinstance(self.tables, HyperTables) else "factorized"
 
-    @torch.no_grad()
-    def _hyper_latents(self, symbols: np.ndarray, batch_size: int = 32) -> np.ndarray:
-        """Rounded hyper-latents ``z`` of integer latents (the hyper-analysis runs on the symbols,
-        so that ``encode_symbols`` and ``encode`` agree)."""
-        outs = []
-        for i in range(0, len(symbols), batch_size):
-            yb = torch.from_numpy(np.asarray(symbols[i:i + batch_size], dtype=np.float32)).to(self.device)
-            outs.append(torch.round(self.model.hyper_analysis(yb)).to(torch.int64).cpu().numpy())
-        return np.concatenate(outs)
-
     def _prepare(self, symbols: np.ndarray, batch_size: int = 32):
-        """Integer latents -> ``(symbols in range, side information, #clamped)``; the side
-        information of the hyperprior is ``(z, scale indices)``."""
-        if self.prior == "hyper":
-            z = self._hyper_latents(symbols, batch_size)
-            return self.tables.clamp(symbols, z)
-        out, n = self.tables.clamp(symbols)
-        return out, None, n
+        return prepare_symbols(self.model, self.tables, symbols, self.device, batch_size)
 
     def _code(self, symbols: np.ndarray, side) -> list[bytes]:
         return self.tables.encode(symbols, *side) if side is not None else self.tables.encode(symbols)

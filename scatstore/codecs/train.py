@@ -10,7 +10,13 @@
   ``"dual"`` (default) — ``MSE + β·rate`` with β adapted every step after the warm-up,
   ``log β += η·clip((bpp − H_t)/H_t, ±1)`` on the smoothed rate, η = 0.02 (a Lagrange multiplier
   found by dual ascent): the operating point lands on H_t and the loss
-  stays a smooth rate–distortion Lagrangian throughout;
+  stays a smooth rate–distortion Lagrangian throughout. The rate it steers is the training
+  crops' estimate times a calibration ratio (``rate_size``): every ``rate_every`` steps the
+  model is frozen (integer tables, ~20 ms) and the ideal code length of a fixed set of training
+  images at the size they are encoded at (224² centre crops; headers included) is divided by
+  the crops' smoothed estimate. Without it the scale hyperprior landed 1.5–1.7× above H_t:
+  64² crops give 2×2 hyper-latents, all border, and its scale predictions do not carry over to
+  the 7×7 of a 224² image (docs/codec.md);
   ``"hinge"`` — Torfason et al.'s ``MSE + β·max(bpp − H_t, 0)`` with β fixed. With β far above
   the distortion's scale the hinge acts as a wall: every step above H_t the rate gradient is
   ~100x the MSE gradient, Adam's second moments fill with it, and the transform barely learns
@@ -34,7 +40,7 @@ import numpy as np
 import torch
 
 from .bitstream import EntropyTables
-from .codec import Codec
+from .codec import Codec, ideal_bits
 from .model import build_model, rate_bits
 
 
@@ -68,6 +74,16 @@ def _random_crop(rng: np.random.Generator, im_hwc: np.ndarray, size: int) -> np.
     return crop.transpose(2, 0, 1)
 
 
+def _calibration_crops(images_hwc: Sequence[np.ndarray], size: int) -> np.ndarray:
+    """Centre crops of a common size (``size``, or less when an image is smaller; a multiple of 8)."""
+    side = min([size, *(min(im.shape[:2]) for im in images_hwc)]) // 8 * 8
+    out = []
+    for im in images_hwc:
+        t, l = (im.shape[0] - side) // 2, (im.shape[1] - side) // 2
+        out.append(im[t:t + side, l:l + side].transpose(2, 0, 1))
+    return np.ascontiguousarray(np.stack(out))
+
+
 class CropSampler:
     """Random ``size``² crops (and horizontal flips) of images resized to a short side of
     ``short`` pixels, the scale at which they are encoded (256 for 224² center crops)."""
@@ -84,6 +100,11 @@ class CropSampler:
         for i in range(n):
             out[i] = _random_crop(self.rng, self.images[self.rng.integers(len(self.images))], self.size)
         return out
+
+    def calibration(self, n: int, size: int) -> np.ndarray:
+        """``n`` fixed centre crops (evenly spaced over the images) for the rate calibration."""
+        return _calibration_crops([self.images[int(i)] for i in
+                                   np.linspace(0, len(self.images) - 1, min(n, len(self.images)))], size)
 
     def state(self) -> dict:
         return {"rng": self.rng.bit_generator.state}
@@ -139,6 +160,16 @@ class StoreCropSampler:
             out[i] = _random_crop(self.rng, im.transpose(1, 2, 0), self.size)
         return out
 
+    def calibration(self, n: int, size: int) -> np.ndarray:
+        """The first ``n`` stored images (unshuffled), centre-cropped, for the rate calibration."""
+        import scatstore
+
+        ld = scatstore.loader(self.path, batch_size=n, shuffle=False, normalize_pixels=False,
+                              drop_last=False, num_workers=0)
+        x, _ = next(iter(ld))
+        ims = (x * 255.0).round_().clamp_(0, 255).to(torch.uint8).numpy().transpose(0, 2, 3, 1)
+        return _calibration_crops(list(ims), size)
+
     def state(self) -> dict:
         # resuming restarts the current epoch at the next unread batch (the buffered rest of the
         # current batch is dropped: a few crops, not worth a format)
@@ -150,9 +181,26 @@ class StoreCropSampler:
 
 
 def freeze_density(density, precision: int = 16, tail: float = 1e-7) -> EntropyTables:
-    pmfs, offsets = density.to("cpu").double().pmfs(tail=tail)
-    density.float()
+    """Integer tables of a density (a float64 copy on the CPU; ``density`` is left as it is,
+    so that training can go on)."""
+    import copy
+
+    pmfs, offsets = copy.deepcopy(density).to("cpu").double().pmfs(tail=tail)
     return EntropyTables.from_pmfs(pmfs, offsets, precision)
+
+
+STREAM_OVERHEAD_BYTES = 13  # per bitstream: header and CRC (~11 bytes at 224²), ANS termination (~2)
+
+
+@torch.no_grad()
+def deployed_bpp(model, images: np.ndarray, device, batch_size: int = 4) -> float:
+    """The rate a codec frozen from ``model`` now would give on uint8 ``images`` (B, 3, S, S):
+    ideal code length under its integer tables, side information and stream overhead included."""
+    tables = freeze_tables(model)
+    ys = [torch.round(model.encoder(model.preprocess(torch.from_numpy(images[i:i + batch_size]).to(device))))
+          .to(torch.int64).cpu().numpy() for i in range(0, len(images), batch_size)]
+    bits = ideal_bits(model, tables, np.concatenate(ys), device, batch_size) + 8 * STREAM_OVERHEAD_BYTES
+    return float(bits.sum()) / (images.shape[0] * images.shape[2] * images.shape[3])
 
 
 def freeze_tables(model, precision: int = 16, tail: float = 1e-7):
@@ -185,7 +233,8 @@ def fit_codec(images, channels: int, beta: float, steps: int | None = None,
               prior: str = "factorized", rate_control: str = "dual", dual_rate: float = 0.02,
               quant_proxy: str = "ste", hyper_channels: int = 16, hyper_hidden: int = 32,
               minutes: float | None = None, checkpoint: str | os.PathLike | None = None,
-              checkpoint_every: float = 60.0, latent_gain: float = 1.0) -> Codec:
+              checkpoint_every: float = 60.0, latent_gain: float = 1.0,
+              rate_size: int | None = 224, rate_every: int = 50, rate_images: int = 8) -> Codec:
     """Train a CAE on random crops and return the frozen :class:`Codec`.
 
     ``images``: uint8 HWC arrays, or a sampler with ``batch(n)`` (:class:`CropSampler`,
@@ -195,6 +244,9 @@ def fit_codec(images, channels: int, beta: float, steps: int | None = None,
     ``progress``: True shows a tqdm bar (loss, PSNR, bpp); a callable gets ``(step, stats)``.
     Ctrl-C after the first step stops the training early: the codec is frozen from the weights
     so far (``info["stopped_at_step"]``) instead of losing them; before it, it is raised.
+    ``rate_size``: with the dual rate control, the rate is calibrated every ``rate_every`` steps
+    on ``rate_images`` fixed centre crops of this size (module doc); ``None``, or a sampler
+    without ``calibration``, steers the training crops' estimate itself.
     """
     if size % 8:
         raise ValueError("training crop size must be a multiple of 8")
@@ -218,6 +270,11 @@ def fit_codec(images, channels: int, beta: float, steps: int | None = None,
               "training_quantization": ("straight-through rounding (decoder), uniform noise (rate)"
                                         if quant_proxy == "ste" else "uniform noise"),
               "rate_control": rate_control if target_bpp is not None else "fixed"}
+    calib = None
+    if target_bpp is not None and rate_control == "dual" and rate_size and hasattr(sampler, "calibration"):
+        calib = sampler.calibration(rate_images, rate_size)
+        config.update(rate_calibration={"size": int(calib.shape[-1]), "images": int(len(calib)),
+                                        "every": int(rate_every)})
     if architecture != "cae-sgdn-v1" or prior != "factorized":
         config["prior"] = prior
         if architecture != "cae-sgdn-v1":
@@ -243,6 +300,7 @@ def fit_codec(images, channels: int, beta: float, steps: int | None = None,
         return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
 
     log_beta = math.log(beta)
+    rate_ratio = None  # deployed rate / training crops' estimate (calibration)
     history: list[dict] = []
     ema: dict[str, float] = {}
     start, spent = 0, 0.0
@@ -257,6 +315,7 @@ def fit_codec(images, channels: int, beta: float, steps: int | None = None,
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         start, spent, log_beta = int(state["step"]), float(state["seconds"]), float(state["log_beta"])
+        rate_ratio = state.get("rate_ratio")
         history, ema = list(state["history"]), dict(state["ema"])
         if hasattr(sampler, "restore"):
             sampler.restore(state["sampler"])
@@ -270,6 +329,7 @@ def fit_codec(images, channels: int, beta: float, steps: int | None = None,
         _save_checkpoint(ckpt, {
             "version": _CKPT_VERSION, "config": config, "model": model.state_dict(),
             "opt": opt.state_dict(), "step": step, "seconds": seconds, "log_beta": log_beta,
+            "rate_ratio": rate_ratio,
             "history": history, "ema": ema, "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
             "sampler": sampler.state() if hasattr(sampler, "state") else {}})
@@ -321,10 +381,15 @@ def fit_codec(images, channels: int, beta: float, steps: int | None = None,
             opt.step()
             step += 1  # from here on this step's update is in the weights (and in a checkpoint)
             bpp_v = bpp.item()
+            if calib is not None and step > warm and (step - warm - 1) % rate_every == 0:
+                dep = deployed_bpp(model, calib, dev)
+                r = dep / max(ema.get("bpp", bpp_v), 1e-9)
+                rate_ratio = r if rate_ratio is None else 0.5 * rate_ratio + 0.5 * r
+                ema["bpp_deployed"] = dep
             if target_bpp is not None and rate_control == "dual" and step > warm:
                 # after the warm-up (the density is still far from the latents before it), on the
                 # smoothed rate, with the relative error clipped: beta moves at most e^(eta) per step
-                err = (ema.get("bpp", bpp_v) - target_bpp) / target_bpp
+                err = (ema.get("bpp", bpp_v) * (rate_ratio or 1.0) - target_bpp) / target_bpp
                 log_beta += dual_rate * min(1.0, max(-1.0, err))
                 log_beta = min(max(log_beta, math.log(1e-6)), math.log(1e2))
             stats = {"loss": loss.item(), "mse": mse.item(), "bpp": bpp_v,
@@ -357,6 +422,7 @@ def fit_codec(images, channels: int, beta: float, steps: int | None = None,
     model.to("cpu")
     tables = freeze_tables(model)
     info = {"train_seconds": round(train_s, 2), "device": str(dev), "steps_done": step,
+            "rate_ratio": None if rate_ratio is None else round(rate_ratio, 4),
             "final": history[-1] if history else None, "history": history[-50:]}
     if start:
         info["resumed_at_step"] = start
