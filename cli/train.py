@@ -135,7 +135,7 @@ def _store_loader(path: str, *, batch_size: int, train: bool, seed: int, num_wor
 def _train_detection(ctx, *, data, pixels, val, arch, epochs, batch_size, lr, momentum, weight_decay,
                      schedule, precise_bn, device, amp, checkpoint_dir, resume, num_workers, seed,
                      image_size, no_progress, flip, width, layers, anchor_size, box_batch_size,
-                     backbone_weights):
+                     proposals, eval_every, backbone_weights):
     """``--task detection``: Faster R-CNN + FPN on a COCO store (or the COCO source's JPEGs with
     --pixels), pycocotools AP of --val after each epoch (scatstore.pipelines.detect)."""
     import numpy as np
@@ -208,6 +208,9 @@ def _train_detection(ctx, *, data, pixels, val, arch, epochs, batch_size, lr, mo
             kw["anchor_size"] = anchor_size
         if box_batch_size is not None:
             kw["box_batch_size_per_image"] = box_batch_size
+        if proposals is not None:
+            kw["rpn_post_nms_top_n_train"] = kw["rpn_post_nms_top_n_test"] = proposals
+            kw["rpn_pre_nms_top_n_train"] = kw["rpn_pre_nms_top_n_test"] = max(proposals, 1000)
         in_channels = train_ds.in_channels
         model = build_detector(arch, in_channels, train_ds.num_classes, **kw)
         if backbone_weights is not None:
@@ -248,7 +251,8 @@ def _train_detection(ctx, *, data, pixels, val, arch, epochs, batch_size, lr, mo
                            momentum=momentum, weight_decay=weight_decay, amp=amp, device=dev,
                            checkpoint_dir=checkpoint_dir, resume=resume, schedule=schedule,
                            precise_bn={"auto": "auto", "on": True, "off": False}[precise_bn],
-                           progress=not no_progress and sys.stderr is not None, meta=meta)
+                           progress=not no_progress and sys.stderr is not None, meta=meta,
+                           eval_every=eval_every)
         except (ValueError, StoreError) as exc:
             fail(str(exc))
         except KeyboardInterrupt:
@@ -321,6 +325,11 @@ def _layers(ctx, param, value):
                    "(default 4 × its stride: 32).")
 @click.option("--box-batch-size", type=int, default=None,
               help="Detection: RoIs sampled per image for the box head (default 512).")
+@click.option("--proposals", type=int, default=None,
+              help="Detection: RPN proposals kept per image after NMS (default 2000 training, "
+                   "1000 evaluation; fewer for small images).")
+@click.option("--eval-every", type=int, default=1, show_default=True,
+              help="Detection: score --val after every n-th epoch (and the last).")
 @click.option("--backbone-weights", type=click.Path(exists=True, dir_okay=False, path_type=str),
               default=None, help="Detection: a `scatstore train` classification checkpoint of the "
                                  "same backbone (e.g. ScatResNet-50 on ImageNet); BatchNorm frozen.")
@@ -328,7 +337,7 @@ def _layers(ctx, param, value):
 def train_cmd(ctx, data, task, pixels, arch, epochs, batch_size, lr, momentum, weight_decay, schedule,
               warmup_epochs, precise_bn, val, device, amp, checkpoint_dir, resume, num_workers, seed,
               image_size, num_classes, no_progress, skip_damaged, flip, width, layers, anchor_size,
-              box_batch_size, backbone_weights):
+              box_batch_size, proposals, eval_every, backbone_weights):
     """Train ARCH on the store DATA (or on the JPEGs of --pixels SRC), one JSON line per epoch."""
     if (data is None) == (pixels is None):
         fail("give either a store DATA or --pixels SRC (not both)")
@@ -337,6 +346,7 @@ def train_cmd(ctx, data, task, pixels, arch, epochs, batch_size, lr, momentum, w
     detection_only = {"flip": flip != "auto", "width": width is not None,
                       "layers": layers is not None, "anchor-size": anchor_size is not None,
                       "box-batch-size": box_batch_size is not None,
+                      "proposals": proposals is not None, "eval-every": eval_every != 1,
                       "backbone-weights": backbone_weights is not None}
     if task == "detection":
         if skip_damaged:
@@ -346,7 +356,8 @@ def train_cmd(ctx, data, task, pixels, arch, epochs, batch_size, lr, momentum, w
                        num_workers=num_workers, seed=seed, image_size=image_size,
                        num_classes=num_classes, arch=None, pixels=pixels)
         for opt, v in (("--width", width), ("--anchor-size", anchor_size),
-                       ("--box-batch-size", box_batch_size)):
+                       ("--box-batch-size", box_batch_size), ("--proposals", proposals),
+                       ("--eval-every", eval_every)):
             if v is not None and v < 1:
                 fail(f"{opt} must be >= 1, got {v}")
         if num_classes is not None or warmup_epochs:
@@ -359,6 +370,7 @@ def train_cmd(ctx, data, task, pixels, arch, epochs, batch_size, lr, momentum, w
                          num_workers=num_workers, seed=seed, image_size=image_size,
                          no_progress=no_progress, flip=flip, width=width, layers=layers,
                          anchor_size=anchor_size, box_batch_size=box_batch_size,
+                         proposals=proposals, eval_every=eval_every,
                          backbone_weights=backbone_weights)
         return
     used = [f"--{k}" for k, v in detection_only.items() if v]

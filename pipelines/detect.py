@@ -114,7 +114,8 @@ def train_detector(model: nn.Module, train_batches_factory: Callable[[int], Iter
                    checkpoint_dir: str | os.PathLike | None = None, resume: bool = False,
                    log: Callable[[dict], None] | None = print_json_line, schedule: str = "step",
                    warmup_iters: int | None = None, progress: bool = True,
-                   meta: dict | None = None, precise_bn: bool | str = "auto") -> list[dict]:
+                   meta: dict | None = None, precise_bn: bool | str = "auto",
+                   eval_every: int = 1) -> list[dict]:
     """Train a torchvision detection ``model`` with SGD for ``epochs``; returns the per-epoch
     records (the whole history, restored epochs included).
 
@@ -123,7 +124,8 @@ def train_detector(model: nn.Module, train_batches_factory: Callable[[int], Iter
     ``min(1000, total steps // 20)``): linear warm-up from ``0.001 × lr``. ``precise_bn``: as in
     :func:`scatstore.pipelines.train.train` (the backbone's BatchNorm statistics recomputed on the
     epoch's training images when an epoch has fewer than 200 steps, for ``"auto"``).
-    Checkpoints, ``resume``, AMP and DDP behave as in classification.
+    ``eval_every``: validate after every n-th epoch and after the last (other records say
+    ``null``). Checkpoints, ``resume``, AMP and DDP behave as in classification.
     """
     if precise_bn not in (True, False, "auto"):
         raise ValueError(f"precise_bn must be True, False or 'auto', got {precise_bn!r}")
@@ -183,7 +185,7 @@ def train_detector(model: nn.Module, train_batches_factory: Callable[[int], Iter
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
-            vals = [float(losses[k]) for k in LOSS_KEYS]
+            vals = [float(losses[k].detach()) for k in LOSS_KEYS]
             sums += torch.tensor([sum(vals), *vals], dtype=torch.float64)
             curve.append(sum(vals))
             n_seen += len(images)
@@ -221,7 +223,8 @@ def train_detector(model: nn.Module, train_batches_factory: Callable[[int], Iter
         if world > 1:
             for b in core.buffers():
                 dist.broadcast(b, 0)
-        if val_batches_factory is not None and evaluator_factory is not None:
+        if val_batches_factory is not None and evaluator_factory is not None and \
+                ((epoch + 1) % max(1, eval_every) == 0 or epoch + 1 == epochs):
             t_val = time.perf_counter()
             record.update(evaluate_detector(core, val_batches_factory(epoch), evaluator_factory(),
                                             device=dev, amp=amp, world_size=world))
