@@ -135,7 +135,7 @@ def _store_loader(path: str, *, batch_size: int, train: bool, seed: int, num_wor
 def _train_detection(ctx, *, data, pixels, val, arch, epochs, batch_size, lr, momentum, weight_decay,
                      schedule, precise_bn, device, amp, checkpoint_dir, resume, num_workers, seed,
                      image_size, no_progress, flip, width, layers, anchor_size, box_batch_size,
-                     proposals, eval_every, backbone_weights):
+                     proposals, eval_every, backbone_weights, fpn_channels):
     """``--task detection``: Faster R-CNN + FPN on a COCO store (or the COCO source's JPEGs with
     --pixels), pycocotools AP of --val after each epoch (scatstore.pipelines.detect)."""
     import numpy as np
@@ -204,6 +204,11 @@ def _train_detection(ctx, *, data, pixels, val, arch, epochs, batch_size, lr, mo
             fail("--width/--layers apply to fasterrcnn_scatresnet50")
         if kind == "latent":
             kw["latent_stride"] = train_ds.input_stride
+        if fpn_channels is not None:
+            if kind == "pixels":
+                fail("--fpn-channels applies to the scattering and latent detectors "
+                     "(torchvision's ResNet-FPN has 256)")
+            kw["fpn_channels"] = fpn_channels
         if anchor_size is not None:
             kw["anchor_size"] = anchor_size
         if box_batch_size is not None:
@@ -320,6 +325,8 @@ def _layers(ctx, param, value):
               help="Detection, fasterrcnn_scatresnet50: bottleneck width (default 128, seed 000's).")
 @click.option("--layers", callback=_layers, default=None,
               help="Detection, fasterrcnn_scatresnet50: blocks per stage (default 5,8,3).")
+@click.option("--fpn-channels", type=int, default=None,
+              help="Detection, scattering/latent detectors: FPN channels (default 256).")
 @click.option("--anchor-size", type=int, default=None,
               help="Detection: anchor side on the finest FPN level, doubling per level "
                    "(default 4 × its stride: 32).")
@@ -337,7 +344,7 @@ def _layers(ctx, param, value):
 def train_cmd(ctx, data, task, pixels, arch, epochs, batch_size, lr, momentum, weight_decay, schedule,
               warmup_epochs, precise_bn, val, device, amp, checkpoint_dir, resume, num_workers, seed,
               image_size, num_classes, no_progress, skip_damaged, flip, width, layers, anchor_size,
-              box_batch_size, proposals, eval_every, backbone_weights):
+              box_batch_size, proposals, eval_every, backbone_weights, fpn_channels):
     """Train ARCH on the store DATA (or on the JPEGs of --pixels SRC), one JSON line per epoch."""
     if (data is None) == (pixels is None):
         fail("give either a store DATA or --pixels SRC (not both)")
@@ -347,6 +354,7 @@ def train_cmd(ctx, data, task, pixels, arch, epochs, batch_size, lr, momentum, w
                       "layers": layers is not None, "anchor-size": anchor_size is not None,
                       "box-batch-size": box_batch_size is not None,
                       "proposals": proposals is not None, "eval-every": eval_every != 1,
+                      "fpn-channels": fpn_channels is not None,
                       "backbone-weights": backbone_weights is not None}
     if task == "detection":
         if skip_damaged:
@@ -357,7 +365,7 @@ def train_cmd(ctx, data, task, pixels, arch, epochs, batch_size, lr, momentum, w
                        num_classes=num_classes, arch=None, pixels=pixels)
         for opt, v in (("--width", width), ("--anchor-size", anchor_size),
                        ("--box-batch-size", box_batch_size), ("--proposals", proposals),
-                       ("--eval-every", eval_every)):
+                       ("--eval-every", eval_every), ("--fpn-channels", fpn_channels)):
             if v is not None and v < 1:
                 fail(f"{opt} must be >= 1, got {v}")
         if num_classes is not None or warmup_epochs:
@@ -371,7 +379,7 @@ def train_cmd(ctx, data, task, pixels, arch, epochs, batch_size, lr, momentum, w
                          no_progress=no_progress, flip=flip, width=width, layers=layers,
                          anchor_size=anchor_size, box_batch_size=box_batch_size,
                          proposals=proposals, eval_every=eval_every,
-                         backbone_weights=backbone_weights)
+                         backbone_weights=backbone_weights, fpn_channels=fpn_channels)
         return
     used = [f"--{k}" for k, v in detection_only.items() if v]
     if used:

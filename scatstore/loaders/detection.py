@@ -22,7 +22,7 @@ from ``(seed, epoch, index)``: scattering coefficients by
 :func:`scatstore.transforms.flip.flip_coefficients` (orientation permutation + spatial flip, with
 the sub-cell correction), pixels exactly; boxes are mirrored inside the frame of the valid cells,
 ``x → ⌈w/s⌉·s − x``. Codec latents have no flip (a learned encoder is not flip-equivariant):
-asking for one is an error. The flip's error on coefficients is measured in docs/loading.md.
+asking for one is an error. The flip's error on coefficients is measured in docs/models.md ("Detection").
 """
 from __future__ import annotations
 
