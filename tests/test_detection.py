@@ -305,11 +305,13 @@ def test_short_training_run_improves_ap50_and_resumes(scat_store, tmp_path):
     torch.manual_seed(0)
     ds = StoreDetection(scat_store)
     init = build_detector("fasterrcnn_scatresnet50", 75, 3, width=16, layers=(1, 1, 1),
-                          box_batch_size_per_image=64, rpn_post_nms_top_n_test=100)
+                          fpn_channels=64, box_batch_size_per_image=64,
+                          rpn_post_nms_top_n_test=100)
     before = evaluate_detector(init, detection_batches(ds, 3, shuffle=False)(0),
                                coco_evaluator(ds)(), device=torch.device("cpu"))
     common = [scat_store, "--task", "detection", "--val", scat_store, "--width", "16",
-              "--layers", "1,1,1", "--batch-size", "3", "--lr", "0.02", "--box-batch-size", "64",
+              "--layers", "1,1,1", "--fpn-channels", "64", "--batch-size", "2", "--lr", "0.01",
+              "--box-batch-size", "64",
               "--proposals", "100", "--flip", "off", "--no-progress", "--schedule", "constant",
               "--checkpoint-dir", tmp_path / "ck", "--device", "cpu"]
     res, lines = _cli(*common, "--epochs", "12", "--eval-every", "12")
