@@ -6,6 +6,7 @@ on CUDA), each rank reads its own shard, and rank 0 logs and writes checkpoints.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import sys
@@ -115,6 +116,22 @@ def _interrupted_note(checkpoint_dir: str | None) -> str:
         return f"interrupted before the first checkpoint in {checkpoint_dir}"
     return (f"interrupted; {path} holds epoch {epoch}: re-run the same command with --resume "
             "to continue from it")
+
+
+@contextlib.contextmanager
+def _training_errors(rank: int, checkpoint_dir: str | None):
+    """Data or settings that cannot train end in one line; Ctrl-C says what to resume from
+    (exit 130)."""
+    from scatstore.stores import StoreError
+
+    try:
+        yield
+    except (ValueError, StoreError) as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        if rank == 0:
+            _echo(_interrupted_note(checkpoint_dir))
+        sys.exit(130)
 
 
 def _store_loader(path: str, *, batch_size: int, train: bool, seed: int, num_workers: int,
@@ -251,19 +268,13 @@ def _train_detection(ctx, *, data, pixels, val, arch, epochs, batch_size, lr, mo
                 "data": {"kind": "pixels" if pixels else "store",
                          "path": os.path.abspath(pixels or data), "image_size": image_size if pixels else None},
                 "batch_size": batch_size, "seed": seed}
-        try:
+        with _training_errors(rank, checkpoint_dir):
             train_detector(model, train_f, val_f, evaluator, epochs=epochs, lr=lr,
                            momentum=momentum, weight_decay=weight_decay, amp=amp, device=dev,
                            checkpoint_dir=checkpoint_dir, resume=resume, schedule=schedule,
                            precise_bn={"auto": "auto", "on": True, "off": False}[precise_bn],
                            progress=not no_progress and sys.stderr is not None, meta=meta,
                            eval_every=eval_every)
-        except (ValueError, StoreError) as exc:
-            fail(str(exc))
-        except KeyboardInterrupt:
-            if rank == 0:
-                _echo(_interrupted_note(checkpoint_dir))
-            sys.exit(130)
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
@@ -471,17 +482,13 @@ def train_cmd(ctx, data, task, pixels, arch, epochs, batch_size, lr, momentum, w
                 "input_size": int(input_size) if input_size else None, "data": data_desc,
                 "batch_size": batch_size, "seed": seed}
         try:
-            train(model, train_f, val_f, epochs=epochs, lr=lr, momentum=momentum,
-                  weight_decay=weight_decay, amp=amp, device=dev, checkpoint_dir=checkpoint_dir,
-                  resume=resume, schedule=schedule, warmup_epochs=warmup_epochs,
-                  precise_bn={"auto": "auto", "on": True, "off": False}[precise_bn],
-                  progress=not no_progress and sys.stderr is not None, meta=meta)
-        except (ValueError, StoreError) as exc:  # data or settings that cannot train
-            fail(str(exc))
-        except KeyboardInterrupt:
-            if rank == 0:
-                _echo(_interrupted_note(checkpoint_dir))
-            sys.exit(130)
+            with _training_errors(rank, checkpoint_dir):
+                train(model, train_f, val_f, epochs=epochs, lr=lr, momentum=momentum,
+                      weight_decay=weight_decay, amp=amp, device=dev,
+                      checkpoint_dir=checkpoint_dir, resume=resume, schedule=schedule,
+                      warmup_epochs=warmup_epochs,
+                      precise_bn={"auto": "auto", "on": True, "off": False}[precise_bn],
+                      progress=not no_progress and sys.stderr is not None, meta=meta)
         finally:
             if skip_damaged and rank == 0:
                 for name, f in (("training", train_f), ("validation", val_f)):

@@ -38,9 +38,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .train import (PRECISE_BN_MAX_STEPS, _all_reduce, _autocast, epoch_source_info,
-                    print_json_line, progress_bar, recalibrate_batchnorm, resolve_device,
-                    restore_checkpoint, setup_distributed, write_checkpoint)
+from .train import (PRECISE_BN_MAX_STEPS, _all_reduce, _autocast, end_of_loop, epoch_source_info,
+                    optimizer_step, print_json_line, progress_bar, publish_epoch,
+                    recalibrate_batchnorm, resolve_device, restore_checkpoint, setup_distributed)
 
 LOSS_KEYS = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")
 CURVE_POINTS = 50
@@ -181,10 +181,7 @@ def train_detector(model: nn.Module, train_batches_factory: Callable[[int], Iter
             if not torch.isfinite(loss):
                 raise ValueError(f"epoch {epoch + 1}, step {steps + 1}: the loss is {loss.item()} "
                                  f"({ {k: float(v) for k, v in losses.items()} }); lower --lr")
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+            optimizer_step(opt, scaler, loss)
             vals = [float(losses[k].detach()) for k in LOSS_KEYS]
             sums += torch.tensor([sum(vals), *vals], dtype=torch.float64)
             curve.append(sum(vals))
@@ -193,10 +190,7 @@ def train_detector(model: nn.Module, train_batches_factory: Callable[[int], Iter
             bar.update(1)
             if rank == 0 and progress and steps % 5 == 0:
                 bar.set_postfix(loss=f"{sum(vals):.3f}", lr=f"{step_lr:.3g}")
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        wall = time.perf_counter() - t_start
-        bar.close()
+        wall = end_of_loop(dev, t_start, bar)
         bytes_read = counter_obj.bytes_read - counter0 if counter_obj is not None else 0
         stats = torch.cat([sums, torch.tensor([float(steps), float(n_seen), float(bytes_read),
                                                wait / max(wall, 1e-9)], dtype=torch.float64)])
@@ -231,19 +225,12 @@ def train_detector(model: nn.Module, train_batches_factory: Callable[[int], Iter
             record["val_time_s"] = time.perf_counter() - t_val
         record["epoch_time_s"] = time.perf_counter() - t_start
         record["cpu_time_s"] = time.process_time() - cpu_start
-        history.append(record)
-        if rank == 0:
-            if log is not None:
-                log(record)
-            if ckpt_path is not None:
-                write_checkpoint(ckpt_path, epoch=epoch + 1, epochs=epochs, model=core, opt=opt,
-                                 scaler=scaler, history=history, meta=meta,
-                                 config={"task": "detection", "lr": lr, "momentum": momentum,
-                                         "weight_decay": weight_decay, "schedule": schedule,
-                                         "warmup_iters": warm, "amp": amp,
-                                         "precise_bn": precise_bn, "world_size": world})
-        if world > 1:
-            dist.barrier()
+        publish_epoch(record, history, rank=rank, world=world, log=log, ckpt_path=ckpt_path,
+                      epochs=epochs, model=core, opt=opt, scaler=scaler, meta=meta,
+                      config={"task": "detection", "lr": lr, "momentum": momentum,
+                              "weight_decay": weight_decay, "schedule": schedule,
+                              "warmup_iters": warm, "amp": amp, "precise_bn": precise_bn,
+                              "world_size": world})
     return history
 
 

@@ -317,6 +317,39 @@ def epoch_source_info(source: Any, factory: Any, epoch: int) -> tuple[Any, int, 
     return counter_obj, counter0 or 0, total
 
 
+def publish_epoch(record: dict, history: list[dict], *, rank: int, world: int,
+                  log: Callable[[dict], None] | None, ckpt_path: Path | None, epochs: int,
+                  model: nn.Module, opt, scaler, meta: dict | None, config: dict) -> None:
+    """End of an epoch: append ``record`` to ``history``; rank 0 logs it and writes ``last.pt``;
+    all ranks wait for each other."""
+    history.append(record)
+    if rank == 0:
+        if log is not None:
+            log(record)
+        if ckpt_path is not None:
+            write_checkpoint(ckpt_path, epoch=record["epoch"], epochs=epochs, model=model, opt=opt,
+                             scaler=scaler, history=history, meta=meta, config=config)
+    if world > 1:
+        dist.barrier()
+
+
+def optimizer_step(opt, scaler, loss: torch.Tensor) -> None:
+    """Zero the gradients, back-propagate ``loss`` through the (AMP) scaler and step."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+
+
+def end_of_loop(dev: torch.device, t_start: float, bar) -> float:
+    """Wait for the device, close the bar; the loop's wall time since ``t_start``."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    wall = time.perf_counter() - t_start
+    bar.close()
+    return wall
+
+
 def progress_bar(total: int | None, desc: str, enabled: bool):
     """The engine's tqdm bar on stderr (batches)."""
     from tqdm import tqdm
@@ -460,10 +493,7 @@ def train(model: nn.Module, train_batches_factory: BatchesFactory,
                 with _autocast(dev, amp):
                     out = model(x)
                     loss = criterion(out, y)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
+                optimizer_step(opt, scaler, loss)
                 with torch.no_grad():
                     bs = y.shape[0]
                     acc[0] += loss.detach().double() * bs
@@ -473,10 +503,7 @@ def train(model: nn.Module, train_batches_factory: BatchesFactory,
                 bar.update(1)
                 if rank == 0 and progress and steps % 20 == 0:
                     bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{cur_lr:.3g}")
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        wall = time.perf_counter() - t_start
-        bar.close()
+        wall = end_of_loop(dev, t_start, bar)
         bytes_read = (_bytes_counter(counter_obj) - counter0) if counter_obj is not None else est_bytes
         stats = torch.tensor([acc[0].item(), acc[1].item(), float(n_seen), float(bytes_read),
                               wait / max(wall, 1e-9), float(steps)], dtype=torch.float64, device=dev)
@@ -509,17 +536,9 @@ def train(model: nn.Module, train_batches_factory: BatchesFactory,
         if val_batches_factory is not None:
             record.update(evaluate(core, val_batches_factory(epoch), device=dev, amp=amp, world_size=world))
         record["epoch_time_s"] = time.perf_counter() - t_start
-        history.append(record)
-        if rank == 0:
-            if log is not None:
-                log(record)
-            if ckpt_path is not None:
-                write_checkpoint(ckpt_path, epoch=epoch + 1, epochs=epochs, model=core, opt=opt,
-                                 scaler=scaler, history=history, meta=meta,
-                                 config={"lr": lr, "momentum": momentum,
-                                         "weight_decay": weight_decay, "schedule": schedule,
-                                         "warmup_epochs": warmup_epochs, "amp": amp,
-                                         "precise_bn": precise_bn, "world_size": world})
-        if world > 1:
-            dist.barrier()
+        publish_epoch(record, history, rank=rank, world=world, log=log, ckpt_path=ckpt_path,
+                      epochs=epochs, model=core, opt=opt, scaler=scaler, meta=meta,
+                      config={"lr": lr, "momentum": momentum, "weight_decay": weight_decay,
+                              "schedule": schedule, "warmup_epochs": warmup_epochs, "amp": amp,
+                              "precise_bn": precise_bn, "world_size": world})
     return history
