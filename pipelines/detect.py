@@ -122,8 +122,9 @@ def train_detector(model: nn.Module, train_batches_factory: Callable[[int], Iter
     ``evaluator_factory()`` gives a fresh :class:`~scatstore.evaluation.coco.CocoEvaluator` for
     each validation pass over ``val_batches_factory(epoch)``. ``warmup_iters`` (default
     ``min(1000, total steps // 20)``): linear warm-up from ``0.001 × lr``. ``precise_bn``: as in
-    :func:`scatstore.pipelines.train.train` (the backbone's BatchNorm statistics recomputed on the
-    epoch's training images when an epoch has fewer than 200 steps, for ``"auto"``).
+    :func:`scatstore.pipelines.train.train`, the backbone's BatchNorm statistics recomputed on the
+    epoch's training images; ``"auto"``: for epochs of fewer than 200 steps that are scored or
+    end the run (training steps use batch statistics, so the others do not need it).
     ``eval_every``: validate after every n-th epoch and after the last (other records say
     ``null``). Checkpoints, ``resume``, AMP and DDP behave as in classification.
     """
@@ -210,15 +211,19 @@ def train_detector(model: nn.Module, train_batches_factory: Callable[[int], Iter
             "world_size": world,
         })
         recal = 0
-        if precise_bn is True or (precise_bn == "auto" and steps < PRECISE_BN_MAX_STEPS):
+        scored = val_batches_factory is not None and evaluator_factory is not None and \
+            ((epoch + 1) % max(1, eval_every) == 0 or epoch + 1 == epochs)
+        # auto: short epochs, and only those that are scored or end the run (the statistics
+        # matter in eval mode only; training steps use batch statistics)
+        if precise_bn is True or (precise_bn == "auto" and steps < PRECISE_BN_MAX_STEPS
+                                  and (scored or epoch + 1 == epochs)):
             recal = recalibrate_batchnorm(core.backbone, _backbone_batches(
                 core, train_batches_factory(epoch), dev), device=dev, amp=amp)
         record["bn_recalibrated"] = recal
         if world > 1:
             for b in core.buffers():
                 dist.broadcast(b, 0)
-        if val_batches_factory is not None and evaluator_factory is not None and \
-                ((epoch + 1) % max(1, eval_every) == 0 or epoch + 1 == epochs):
+        if scored:
             t_val = time.perf_counter()
             record.update(evaluate_detector(core, val_batches_factory(epoch), evaluator_factory(),
                                             device=dev, amp=amp, world_size=world))
