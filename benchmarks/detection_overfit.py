@@ -8,7 +8,7 @@ Prints the commands, a table (wall and CPU seconds, load average, AP50 per score
 scored epoch with training-set AP50 >= 0.5 and the wall time it was reached) and writes the JSON
 lines to ``WORKDIR/{scat,pixels}.jsonl``.
 
-    python benchmarks/detection_overfit.py [--workdir /tmp/det-overfit] [--epochs 40] [--threads 2]
+    python benchmarks/detection_overfit.py [--workdir /tmp/det-overfit] [--epochs 50] [--threads 2]
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def commands(work: Path, epochs: int) -> dict[str, list[str]]:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", default="/tmp/det-overfit")
-    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--epochs", type=int, default=50)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", choices=["scat", "pixels"], default=None)
     a = ap.parse_args()
