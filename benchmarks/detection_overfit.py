@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-COMMON = ["--task", "detection", "--epochs", "{epochs}", "--batch-size", "2", "--lr", "0.01",
+COMMON = ["--task", "detection", "--epochs", "{epochs}", "--batch-size", "2",
           "--box-batch-size", "64", "--proposals", "200", "--eval-every", "10", "--flip", "off",
           "--no-progress", "--device", "cpu"]
 
@@ -33,10 +33,10 @@ def commands(work: Path, epochs: int) -> dict[str, list[str]]:
     store, src = str(work / "coco-scat1-J3-128"), str(work / "sources" / "coco")
     return {
         "scat": exe + [store, "--val", store, "--arch", "fasterrcnn_scatresnet50", "--width", "64",
-                       "--layers", "2,2,2", "--fpn-channels", "128", *common,
+                       "--layers", "2,2,2", "--fpn-channels", "128", "--lr", "0.01", *common,
                        "--checkpoint-dir", str(work / "ckpt-scat")],
         "pixels": exe + ["--pixels", src, "--val", src, "--image-size", "128",
-                         "--arch", "fasterrcnn_resnet18", *common,
+                         "--arch", "fasterrcnn_resnet18", "--lr", "0.005", *common,
                          "--checkpoint-dir", str(work / "ckpt-pixels")],
     }
 
