@@ -6,6 +6,7 @@ on CUDA), each rank reads its own shard, and rank 0 logs and writes checkpoints.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import sys
@@ -119,6 +120,22 @@ def _interrupted_note(checkpoint_dir: str | None) -> str:
             "to continue from it")
 
 
+@contextlib.contextmanager
+def _training_errors(rank: int, checkpoint_dir: str | None):
+    """Data or settings that cannot train end in one line; Ctrl-C says what to resume from
+    (exit 130)."""
+    from scatstore.stores import StoreError
+
+    try:
+        yield
+    except (ValueError, StoreError) as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        if rank == 0:
+            _echo(_interrupted_note(checkpoint_dir))
+        sys.exit(130)
+
+
 def _store_loader(path: str, *, batch_size: int, train: bool, seed: int, num_workers: int,
                   device: str, rank: int, world: int, skip_damaged: bool = False,
                   cache_dir: str | None = None, cache_bytes: int | None = None):
@@ -135,8 +152,155 @@ def _store_loader(path: str, *, batch_size: int, train: bool, seed: int, num_wor
         fail(str(exc))
 
 
+def _train_detection(ctx, *, data, pixels, val, arch, epochs, batch_size, lr, momentum, weight_decay,
+                     schedule, precise_bn, device, amp, checkpoint_dir, resume, num_workers, seed,
+                     image_size, no_progress, flip, width, layers, anchor_size, box_batch_size,
+                     proposals, eval_every, backbone_weights, fpn_channels, cache_dir=None,
+                     cache_bytes=None):
+    """``--task detection``: Faster R-CNN + FPN on a COCO store (or the COCO source's JPEGs with
+    --pixels), pycocotools AP of --val after each epoch (scatstore.pipelines.detect)."""
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    from scatstore.loaders.detection import PixelDetection, StoreDetection, detection_batches
+    from scatstore.models import DEFAULT_DETECTOR, build_detector, canonical_detector, count_params
+    from scatstore.models import detector_info
+    from scatstore.pipelines.detect import coco_evaluator, default_detection_lr, train_detector
+    from scatstore.pipelines.train import resolve_device, setup_distributed
+    from scatstore.stores import StoreError
+
+    if ctx.get_parameter_source("batch_size") is not click.core.ParameterSource.COMMANDLINE:
+        batch_size = 2  # images per process, the detection references' per-GPU batch
+    rank, world, _ = setup_distributed(device)
+    dev = resolve_device(device)
+    if num_workers is None:
+        num_workers = 0 if dev.type == "cpu" else min(4, os.cpu_count() or 1)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+    def dataset(path, train):
+        want_flip = train and flip != "off"
+        try:
+            if pixels is not None:
+                return PixelDetection(path, image_size, flip=want_flip, seed=seed)
+            if not os.path.isdir(path):
+                fail(f"{path}: no such store directory")
+            _store(path)
+            method = _store(path)["method"]["name"]
+            if method == "cae" and flip == "auto":
+                want_flip = False  # no flip of latents (docs/loading.md)
+            return StoreDetection(path, flip=want_flip, seed=seed, cache_dir=cache_dir,
+                                  cache_bytes=cache_bytes)
+        except (StoreError, ValueError, FileNotFoundError) as exc:
+            fail(str(exc))
+
+    try:
+        train_ds = dataset(pixels or data, True)
+        val_ds = dataset(val, False) if val is not None else None
+        if val_ds is not None and val_ds.category_ids != train_ds.category_ids:
+            fail(f"--val {val} has category ids {val_ds.category_ids}, the training data "
+                 f"{pixels or data} has {train_ds.category_ids}")
+        if len(train_ds) == 0:
+            fail(f"{pixels or data} holds no images")
+        kind = train_ds.input_kind
+        if arch is None:
+            arch = "fasterrcnn_resnet50" if kind == "pixels" else DEFAULT_DETECTOR.get(
+                getattr(train_ds, "method", "raw"), "fasterrcnn_scatresnet50")
+        try:
+            arch = canonical_detector(arch)
+        except ValueError as exc:
+            fail(f"--arch {exc}")
+        info = detector_info(arch)
+        if info["input"] != kind:
+            fail(f"{arch} reads {info['input']} input; {pixels or data} gives {kind}")
+        kw: dict = {}
+        if kind == "scattering":
+            kw["J"] = int(train_ds.params["J"])
+            if width is not None:
+                kw["width"] = width
+            if layers is not None:
+                kw["layers"] = layers
+        elif width is not None or layers is not None:
+            fail("--width/--layers apply to fasterrcnn_scatresnet50")
+        if kind == "latent":
+            kw["latent_stride"] = train_ds.input_stride
+        if fpn_channels is not None:
+            if kind == "pixels":
+                fail("--fpn-channels applies to the scattering and latent detectors "
+                     "(torchvision's ResNet-FPN has 256)")
+            kw["fpn_channels"] = fpn_channels
+        if anchor_size is not None:
+            kw["anchor_size"] = anchor_size
+        if box_batch_size is not None:
+            kw["box_batch_size_per_image"] = box_batch_size
+        if proposals is not None:
+            kw["rpn_post_nms_top_n_train"] = kw["rpn_post_nms_top_n_test"] = proposals
+            kw["rpn_pre_nms_top_n_train"] = kw["rpn_pre_nms_top_n_test"] = max(proposals, 1000)
+        in_channels = train_ds.in_channels
+        model = build_detector(arch, in_channels, train_ds.num_classes, **kw)
+        if backbone_weights is not None:
+            from scatstore.models.detection import freeze_batchnorm, load_backbone_weights
+            from scatstore.pipelines.train import load_checkpoint
+
+            try:
+                sd = load_checkpoint(backbone_weights)["model"]
+            except (OSError, ValueError, KeyError, RuntimeError) as exc:
+                fail(f"--backbone-weights {backbone_weights}: {exc}")
+            missing, _ = load_backbone_weights(model, sd)
+            if missing:
+                fail(f"--backbone-weights {backbone_weights}: {len(missing)} body parameters "
+                     f"missing (e.g. {missing[0]}): not a checkpoint of this backbone")
+            freeze_batchnorm(model.backbone.body)
+        if lr is None:
+            lr = default_detection_lr(batch_size, world)
+        if rank == 0:
+            _echo(f"{arch}: {count_params(model):,} parameters, {len(train_ds)} training images, "
+                  f"input {kind} ({in_channels} channels, stride {model.input_stride}), FPN "
+                  f"strides {model.level_strides}, {train_ds.num_classes} categories, device {dev}, "
+                  f"world size {world}, batch {batch_size}, lr {lr:g}")
+        train_f = detection_batches(train_ds, batch_size, shuffle=True, seed=seed,
+                                    num_workers=num_workers, rank=rank, world_size=world)
+        val_f = evaluator = None
+        if val_ds is not None:
+            val_f = detection_batches(val_ds, batch_size, shuffle=False, seed=seed,
+                                      num_workers=num_workers, rank=rank, world_size=world)
+            evaluator = coco_evaluator(val_ds)
+        meta = {"task": "detection", "arch": arch, "in_channels": int(in_channels),
+                "num_classes": train_ds.num_classes, "category_ids": train_ds.category_ids,
+                "model_options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()},
+                "data": {"kind": "pixels" if pixels else "store",
+                         "path": os.path.abspath(pixels or data), "image_size": image_size if pixels else None},
+                "batch_size": batch_size, "seed": seed}
+        with _training_errors(rank, checkpoint_dir):
+            train_detector(model, train_f, val_f, evaluator, epochs=epochs, lr=lr,
+                           momentum=momentum, weight_decay=weight_decay, amp=amp, device=dev,
+                           checkpoint_dir=checkpoint_dir, resume=resume, schedule=schedule,
+                           precise_bn={"auto": "auto", "on": True, "off": False}[precise_bn],
+                           progress=not no_progress and sys.stderr is not None, meta=meta,
+                           eval_every=eval_every)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _layers(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        out = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        out = ()
+    if len(out) != 3 or min(out) < 1:
+        raise click.BadParameter(f"three positive block counts like 5,8,3, got {value!r}")
+    return out
+
+
 @click.command("train")
 @click.argument("data", required=False, type=click.Path(path_type=str))
+@click.option("--task", type=click.Choice(["classification", "detection"]), default="classification",
+              show_default=True, help="detection: Faster R-CNN + FPN on a COCO store (docs/models.md).")
 @click.option("--pixels", "pixels", type=click.Path(exists=True, file_okay=False, path_type=str),
               default=None, help="Train the pixel baseline on this source JPEG folder instead of a store.")
 @click.option("--arch", default=None,
@@ -176,15 +340,73 @@ def _store_loader(path: str, *, batch_size: int, train: bool, seed: int, num_wor
                    "$SCATSTORE_CACHE_DIR or ~/.cache/scatstore].")
 @click.option("--cache-size", default=None,
               help="Size limit of the cached shard files, e.g. 50G  [default: none].")
+@click.option("--flip", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Detection: horizontal flip of training samples (auto: on, off for cae latents).")
+@click.option("--width", type=int, default=None,
+              help="Detection, fasterrcnn_scatresnet50: bottleneck width (default 128, seed 000's).")
+@click.option("--layers", callback=_layers, default=None,
+              help="Detection, fasterrcnn_scatresnet50: blocks per stage (default 5,8,3).")
+@click.option("--fpn-channels", type=int, default=None,
+              help="Detection, scattering/latent detectors: FPN channels (default 256).")
+@click.option("--anchor-size", type=int, default=None,
+              help="Detection: anchor side on the finest FPN level, doubling per level "
+                   "(default 4 × its stride: 32).")
+@click.option("--box-batch-size", type=int, default=None,
+              help="Detection: RoIs sampled per image for the box head (default 512).")
+@click.option("--proposals", type=int, default=None,
+              help="Detection: RPN proposals kept per image after NMS (default 2000 training, "
+                   "1000 evaluation; fewer for small images).")
+@click.option("--eval-every", type=int, default=1, show_default=True,
+              help="Detection: score --val after every n-th epoch (and the last).")
+@click.option("--backbone-weights", type=click.Path(exists=True, dir_okay=False, path_type=str),
+              default=None, help="Detection: a `scatstore train` classification checkpoint of the "
+                                 "same backbone (e.g. ScatResNet-50 on ImageNet); BatchNorm frozen.")
 @click.pass_context
-def train_cmd(ctx, data, pixels, arch, epochs, batch_size, lr, momentum, weight_decay, schedule,
+def train_cmd(ctx, data, task, pixels, arch, epochs, batch_size, lr, momentum, weight_decay, schedule,
               warmup_epochs, precise_bn, val, device, amp, checkpoint_dir, resume, num_workers, seed,
-              image_size, num_classes, no_progress, skip_damaged, cache_dir, cache_size):
+              image_size, num_classes, no_progress, skip_damaged, cache_dir, cache_size, flip, width,
+              layers, anchor_size, box_batch_size, proposals, eval_every, backbone_weights,
+              fpn_channels):
     """Train ARCH on the store DATA (or on the JPEGs of --pixels SRC), one JSON line per epoch."""
     if (data is None) == (pixels is None):
         fail("give either a store DATA or --pixels SRC (not both)")
     if resume and not checkpoint_dir:
         fail("--resume needs --checkpoint-dir")
+    detection_only = {"flip": flip != "auto", "width": width is not None,
+                      "layers": layers is not None, "anchor-size": anchor_size is not None,
+                      "box-batch-size": box_batch_size is not None,
+                      "proposals": proposals is not None, "eval-every": eval_every != 1,
+                      "fpn-channels": fpn_channels is not None,
+                      "backbone-weights": backbone_weights is not None}
+    if task == "detection":
+        if skip_damaged:
+            fail("--skip-damaged applies to classification")
+        _check_options(ctx, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
+                       weight_decay=weight_decay, warmup_epochs=warmup_epochs,
+                       num_workers=num_workers, seed=seed, image_size=image_size,
+                       num_classes=num_classes, arch=None, pixels=pixels)
+        for opt, v in (("--width", width), ("--anchor-size", anchor_size),
+                       ("--box-batch-size", box_batch_size), ("--proposals", proposals),
+                       ("--eval-every", eval_every), ("--fpn-channels", fpn_channels)):
+            if v is not None and v < 1:
+                fail(f"{opt} must be >= 1, got {v}")
+        if num_classes is not None or warmup_epochs:
+            fail("--num-classes and --warmup-epochs apply to classification (detection takes "
+                 "its categories from the data and warms up over steps)")
+        _train_detection(ctx, data=data, pixels=pixels, val=val, arch=arch, epochs=epochs,
+                         batch_size=batch_size, lr=lr, momentum=momentum,
+                         weight_decay=weight_decay, schedule=schedule, precise_bn=precise_bn,
+                         device=device, amp=amp, checkpoint_dir=checkpoint_dir, resume=resume,
+                         num_workers=num_workers, seed=seed, image_size=image_size,
+                         no_progress=no_progress, flip=flip, width=width, layers=layers,
+                         anchor_size=anchor_size, box_batch_size=box_batch_size,
+                         proposals=proposals, eval_every=eval_every,
+                         backbone_weights=backbone_weights, fpn_channels=fpn_channels,
+                         cache_dir=cache_dir, cache_bytes=parse_size(cache_size))
+        return
+    used = [f"--{k}" for k, v in detection_only.items() if v]
+    if used:
+        fail(f"{', '.join(used)} apply to --task detection")
     if skip_damaged and pixels is not None:
         fail("--skip-damaged applies to stores, not to --pixels")
     arch = _check_options(ctx, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
@@ -274,17 +496,13 @@ def train_cmd(ctx, data, pixels, arch, epochs, batch_size, lr, momentum, weight_
                 "input_size": int(input_size) if input_size else None, "data": data_desc,
                 "batch_size": batch_size, "seed": seed}
         try:
-            train(model, train_f, val_f, epochs=epochs, lr=lr, momentum=momentum,
-                  weight_decay=weight_decay, amp=amp, device=dev, checkpoint_dir=checkpoint_dir,
-                  resume=resume, schedule=schedule, warmup_epochs=warmup_epochs,
-                  precise_bn={"auto": "auto", "on": True, "off": False}[precise_bn],
-                  progress=not no_progress and sys.stderr is not None, meta=meta)
-        except (ValueError, StoreError) as exc:  # data or settings that cannot train
-            fail(str(exc))
-        except KeyboardInterrupt:
-            if rank == 0:
-                _echo(_interrupted_note(checkpoint_dir))
-            sys.exit(130)
+            with _training_errors(rank, checkpoint_dir):
+                train(model, train_f, val_f, epochs=epochs, lr=lr, momentum=momentum,
+                      weight_decay=weight_decay, amp=amp, device=dev,
+                      checkpoint_dir=checkpoint_dir, resume=resume, schedule=schedule,
+                      warmup_epochs=warmup_epochs,
+                      precise_bn={"auto": "auto", "on": True, "off": False}[precise_bn],
+                      progress=not no_progress and sys.stderr is not None, meta=meta)
         finally:
             if skip_damaged and rank == 0:
                 for name, f in (("training", train_f), ("validation", val_f)):

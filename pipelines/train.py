@@ -255,6 +255,109 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return ckpt
 
 
+def restore_checkpoint(ckpt_path: Path | None, model: nn.Module, opt, scaler, *, resume: bool,
+                       rank: int = 0) -> tuple[int, list[dict]]:
+    """``resume``: load model, optimizer, scaler and RNG states from ``ckpt_path`` when it exists
+    (else say so on stderr and start fresh). Returns ``(start_epoch, history)``."""
+    if not resume:
+        return 0, []
+    if ckpt_path is None:
+        raise ValueError("resume=True needs checkpoint_dir")
+    if not ckpt_path.exists():
+        if rank == 0:
+            print(f"scatstore train: no checkpoint at {ckpt_path}, starting from scratch",
+                  file=sys.stderr)
+        return 0, []
+    ckpt = load_checkpoint(ckpt_path)
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    _set_rng_state(ckpt["rng"])
+    return int(ckpt["epoch"]), list(ckpt.get("history", []))
+
+
+def write_checkpoint(ckpt_path: Path, *, epoch: int, epochs: int, model: nn.Module, opt, scaler,
+                     history: list[dict], meta: dict | None, config: dict) -> None:
+    """The engine's ``last.pt`` (:data:`CHECKPOINT_FORMAT`), written atomically."""
+    save_checkpoint(ckpt_path, {
+        "format": CHECKPOINT_FORMAT,
+        "epoch": epoch,
+        "epochs": epochs,
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": _rng_state(),
+        "history": history,
+        "meta": meta or {},
+        "config": config,
+    })
+
+
+def epoch_source_info(source: Any, factory: Any, epoch: int) -> tuple[Any, int, int | None]:
+    """``(counter object, its bytes_read now, batches in the epoch or None)`` of an epoch's
+    iterable: the iterable's ``bytes_read`` counter, else the factory's, else ``(None, 0, …)``
+    (then the caller sums what it is given). An epoch of no batch is a ``ValueError``."""
+    counter0 = _bytes_counter(source)
+    if counter0 is None:
+        counter0 = _bytes_counter(factory)
+        counter_obj = factory if counter0 is not None else None
+    else:
+        counter_obj = source
+    try:
+        total = len(source)  # type: ignore[arg-type]
+    except TypeError:
+        total = None
+    if total == 0:
+        # e.g. a small store and a batch larger than it, the last partial batch dropped:
+        # training would "run" without a single step and report a loss of 0
+        raise ValueError(f"epoch {epoch + 1}: the training data gives no batch: fewer samples "
+                         "per process than the batch size, and the partial batch is dropped; "
+                         "lower the batch size (--batch-size)")
+    return counter_obj, counter0 or 0, total
+
+
+def publish_epoch(record: dict, history: list[dict], *, rank: int, world: int,
+                  log: Callable[[dict], None] | None, ckpt_path: Path | None, epochs: int,
+                  model: nn.Module, opt, scaler, meta: dict | None, config: dict) -> None:
+    """End of an epoch: append ``record`` to ``history``; rank 0 logs it and writes ``last.pt``;
+    all ranks wait for each other."""
+    history.append(record)
+    if rank == 0:
+        if log is not None:
+            log(record)
+        if ckpt_path is not None:
+            write_checkpoint(ckpt_path, epoch=record["epoch"], epochs=epochs, model=model, opt=opt,
+                             scaler=scaler, history=history, meta=meta, config=config)
+    if world > 1:
+        dist.barrier()
+
+
+def optimizer_step(opt, scaler, loss: torch.Tensor) -> None:
+    """Zero the gradients, back-propagate ``loss`` through the (AMP) scaler and step."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+
+
+def end_of_loop(dev: torch.device, t_start: float, bar) -> float:
+    """Wait for the device, close the bar; the loop's wall time since ``t_start``."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    wall = time.perf_counter() - t_start
+    bar.close()
+    return wall
+
+
+def progress_bar(total: int | None, desc: str, enabled: bool):
+    """The engine's tqdm bar on stderr (batches)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, file=sys.stderr, unit="batch", disable=not enabled,
+                dynamic_ncols=True, mininterval=0.5, leave=False)
+
+
 def _bytes_counter(obj: Any) -> int | None:
     v = getattr(obj, "bytes_read", None)
     if callable(v):
@@ -352,24 +455,9 @@ def train(model: nn.Module, train_batches_factory: BatchesFactory,
     scaler = torch.amp.GradScaler("cuda", enabled=amp and dev.type == "cuda")
     criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
 
-    history: list[dict] = []
-    start_epoch = 0
     ckpt_path = Path(checkpoint_dir) / "last.pt" if checkpoint_dir is not None else None
-    if resume:
-        if ckpt_path is None:
-            raise ValueError("resume=True needs checkpoint_dir")
-        if ckpt_path.exists():
-            ckpt = load_checkpoint(ckpt_path)
-            core.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["optimizer"])
-            if ckpt.get("scaler"):
-                scaler.load_state_dict(ckpt["scaler"])
-            _set_rng_state(ckpt["rng"])
-            start_epoch = int(ckpt["epoch"])
-            history = list(ckpt.get("history", []))
-        elif rank == 0:
-            print(f"scatstore train: no checkpoint at {ckpt_path}, starting from scratch",
-                  file=sys.stderr)
+    start_epoch, history = restore_checkpoint(ckpt_path, core, opt, scaler, resume=resume,
+                                              rank=rank)
 
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -381,25 +469,8 @@ def train(model: nn.Module, train_batches_factory: BatchesFactory,
             g["lr"] = cur_lr
         model.train()
         source = train_batches_factory(epoch)
-        counter0 = _bytes_counter(source)
-        if counter0 is None:
-            counter0 = _bytes_counter(train_batches_factory)
-            counter_obj = train_batches_factory if counter0 is not None else None
-        else:
-            counter_obj = source
-        try:
-            total = len(source)  # type: ignore[arg-type]
-        except TypeError:
-            total = None
-        if total == 0:
-            # e.g. a small store and a batch larger than it, the last partial batch dropped:
-            # training would "run" without a single step and report a loss of 0
-            raise ValueError(f"epoch {epoch + 1}: the training data gives no batch: fewer samples "
-                             "per process than the batch size, and the partial batch is dropped; "
-                             "lower the batch size (--batch-size)")
-        from tqdm import tqdm
-        bar = tqdm(total=total, desc=f"epoch {epoch + 1}/{epochs}", file=sys.stderr, unit="batch",
-                   disable=not progress or rank != 0, dynamic_ncols=True, mininterval=0.5, leave=False)
+        counter_obj, counter0, total = epoch_source_info(source, train_batches_factory, epoch)
+        bar = progress_bar(total, f"epoch {epoch + 1}/{epochs}", progress and rank == 0)
         acc = torch.zeros(2, dtype=torch.float64, device=dev)  # loss_sum, correct (no per-step sync)
         n_seen = 0
         est_bytes = 0
@@ -422,10 +493,7 @@ def train(model: nn.Module, train_batches_factory: BatchesFactory,
                 with _autocast(dev, amp):
                     out = model(x)
                     loss = criterion(out, y)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
+                optimizer_step(opt, scaler, loss)
                 with torch.no_grad():
                     bs = y.shape[0]
                     acc[0] += loss.detach().double() * bs
@@ -435,10 +503,7 @@ def train(model: nn.Module, train_batches_factory: BatchesFactory,
                 bar.update(1)
                 if rank == 0 and progress and steps % 20 == 0:
                     bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{cur_lr:.3g}")
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        wall = time.perf_counter() - t_start
-        bar.close()
+        wall = end_of_loop(dev, t_start, bar)
         bytes_read = (_bytes_counter(counter_obj) - counter0) if counter_obj is not None else est_bytes
         stats = torch.tensor([acc[0].item(), acc[1].item(), float(n_seen), float(bytes_read),
                               wait / max(wall, 1e-9), float(steps)], dtype=torch.float64, device=dev)
@@ -471,26 +536,9 @@ def train(model: nn.Module, train_batches_factory: BatchesFactory,
         if val_batches_factory is not None:
             record.update(evaluate(core, val_batches_factory(epoch), device=dev, amp=amp, world_size=world))
         record["epoch_time_s"] = time.perf_counter() - t_start
-        history.append(record)
-        if rank == 0:
-            if log is not None:
-                log(record)
-            if ckpt_path is not None:
-                save_checkpoint(ckpt_path, {
-                    "format": CHECKPOINT_FORMAT,
-                    "epoch": epoch + 1,
-                    "epochs": epochs,
-                    "model": core.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "rng": _rng_state(),
-                    "history": history,
-                    "meta": meta or {},
-                    "config": {"lr": lr, "momentum": momentum, "weight_decay": weight_decay,
-                               "schedule": schedule, "warmup_epochs": warmup_epochs, "amp": amp,
-                               "precise_bn": precise_bn,
-                               "world_size": world},
-                })
-        if world > 1:
-            dist.barrier()
+        publish_epoch(record, history, rank=rank, world=world, log=log, ckpt_path=ckpt_path,
+                      epochs=epochs, model=core, opt=opt, scaler=scaler, meta=meta,
+                      config={"lr": lr, "momentum": momentum, "weight_decay": weight_decay,
+                              "schedule": schedule, "warmup_epochs": warmup_epochs, "amp": amp,
+                              "precise_bn": precise_bn, "world_size": world})
     return history
