@@ -13,14 +13,6 @@ import torch
 TINY = {"width": 16, "layers": (1, 1, 1), "fpn_channels": 64, "proposals": 100}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(min(2, before))
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def det_study(tmp_path_factory):
     """A one-representation study of 5 classes at 32² with a detection part: 4 demo COCO
@@ -35,7 +27,12 @@ def det_study(tmp_path_factory):
                       batch_size=4, num_workers=1, loader_seconds=0.05, loader_repeats=1,
                       recon_images=0, progress=False, detection=coco, detection_epochs=1,
                       detection_size=64, detection_options=TINY)
-    return cfg, coco, run_study(cfg, log=lambda m: None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(2, threads))  # the machine's two cores at most
+    try:
+        return cfg, coco, run_study(cfg, log=lambda m: None)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_detection_rows_in_json_and_markdown(det_study):
