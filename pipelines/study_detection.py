@@ -136,9 +136,13 @@ def run_detection_study(src, out, *, val=None, size: int = 128, epochs: int = 20
     rows = []
     common = {"epochs": epochs, "opts": opts, "device": device, "progress": progress}
     tr = StoreDetection(store)
+    va = StoreDetection(val_store) if val_store else tr
+    if va.category_ids != tr.category_ids:
+        raise StudyError(f"--detection-val {val} has category ids {va.category_ids}, "
+                         f"--detection {src} has {tr.category_ids}: they must be the same")
     log(f"detection: {rep.name} ({count} images, {epochs} epochs)")
-    row = _train_one(rep.name, rep.label, "scattering", opts["scat_arch"], tr,
-                     StoreDetection(val_store) if val_store else tr, store, lr=opts["scat_lr"], **common)
+    row = _train_one(rep.name, rep.label, "scattering", opts["scat_arch"], tr, va, store,
+                     lr=opts["scat_lr"], **common)
     row.update(bytes_per_image=stored / count, build_s=build_s)
     rows.append(row)
     tr = PixelDetection(src, size)

@@ -90,3 +90,16 @@ def test_detection_of_a_non_coco_folder_is_a_one_line_error(tmp_path):
     assert f"--detection {src} is not a COCO source" in r.output
     assert len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output
     assert not (tmp_path / "out").exists()
+
+
+def test_detection_scored_on_a_held_out_coco_source(tmp_path):
+    from scatstore.pipelines.study_detection import run_detection_study
+    from scatstore.sources.demo_data import make_coco_layout
+
+    coco = make_coco_layout(tmp_path / "coco", n_images=2, seed=0)
+    held = make_coco_layout(tmp_path / "held", n_images=2, seed=1)
+    det = run_detection_study(coco, tmp_path / "out", val=held, size=48, epochs=1, **TINY)
+    assert det["split"] == "val" and det["val"] == str(held.resolve())
+    assert (tmp_path / "out" / "scat1-J3" / "val" / "manifest.json").exists()
+    for r in det["rows"]:
+        assert r["split"] == "val" and r["count"] == 2 and 0.0 <= r["ap50"] <= 1.0
