@@ -60,12 +60,21 @@ def _list_representations(ctx, param, value):
 @click.option("--recon-images", type=int, default=3, show_default=True,
               help="Images on the reconstruction sheet (0: none).")
 @click.option("--recon-steps", type=int, default=60, show_default=True, help="Gradient steps per scattering inversion.")
+@click.option("--detection", type=click.Path(exists=True, file_okay=False, path_type=str), default=None,
+              help="A COCO source (annotations/instances_*.json + images/): add detection rows, "
+                   "Faster R-CNN trained from stored scat1 J=3 and from its JPEGs, AP by pycocotools.")
+@click.option("--detection-val", type=click.Path(exists=True, file_okay=False, path_type=str), default=None,
+              help="Held-out COCO source the detection AP is scored on (default: the training images).")
+@click.option("--detection-epochs", type=int, default=20, show_default=True, help="Epochs of each detector.")
+@click.option("--detection-size", type=int, default=128, show_default=True,
+              help="Keep-aspect canvas side of the detection inputs in pixels.")
 @click.option("--list", "list_only", is_flag=True, is_eager=True, expose_value=False,
               callback=_list_representations, help="List the representations and exit.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def study_cmd(src, out, val, holdout, methods, codecs, fit_codec, codec_steps, train, epochs, train_batch_size,
               budget, device, size, batch_size, num_workers, loader_seconds, loader_repeats,
-              recon_images, recon_steps, quiet):
+              recon_images, recon_steps, detection, detection_val, detection_epochs, detection_size,
+              quiet):
     """Encode SRC into every representation under OUT (reused when present), measure bytes,
     loader speed, model cost and accuracy, and write OUT/study.json, OUT/study.md and PNG figures."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -78,7 +87,9 @@ def study_cmd(src, out, val, holdout, methods, codecs, fit_codec, codec_steps, t
                           loader_seconds=loader_seconds, loader_repeats=loader_repeats,
                           train_archs=_csv(train), epochs=epochs, train_batch_size=train_batch_size,
                           budget_s=budget, device=device, recon_images=recon_images,
-                          recon_steps=recon_steps, progress=not quiet and sys.stderr.isatty())
+                          recon_steps=recon_steps, detection=detection, detection_val=detection_val,
+                          detection_epochs=detection_epochs, detection_size=detection_size,
+                          progress=not quiet and sys.stderr.isatty())
         result = run_study(cfg)
     except StudyError as exc:
         fail(str(exc))

@@ -330,6 +330,8 @@ STUDY_KEYS = {
     "representations": "one row per representation, keys in ROW_KEYS",
     "reconstruction": "per sheet image and representation: PSNR in dB",
     "figures": "file names of the PNG figures in OUT",
+    "detection": "with --detection: src, val, split, size, settings and one row per input "
+                 "(keys in study_detection.DETECTION_ROW_KEYS); null without",
     "elapsed_s": "wall time of the whole study run",
 }
 
@@ -500,6 +502,11 @@ class StudyConfig:
     device: str = "cpu"
     recon_images: int = 3
     recon_steps: int = 60
+    detection: Path | None = None       # a COCO source: the detection rows (study_detection)
+    detection_val: Path | None = None
+    detection_epochs: int = 20
+    detection_size: int = 128
+    detection_options: dict = field(default_factory=dict)  # study_detection.DEFAULTS overrides
     progress: bool = True
 
     def __post_init__(self):
@@ -525,6 +532,18 @@ class StudyConfig:
             # the study writes JPEG folders into OUT: inside a source they would become samples
             if p is not None and self.out.resolve().is_relative_to(p.resolve()):
                 raise StudyError(f"OUT {self.out} is inside {what} {p}: choose an OUT outside it")
+        if self.detection is not None or self.detection_val is not None:
+            from .study_detection import check_source
+
+            if self.detection is None:
+                raise StudyError("--detection-val needs --detection COCO_SRC")
+            if self.detection_epochs < 1 or self.detection_size < 16:
+                raise StudyError("--detection-epochs must be ≥ 1 and --detection-size ≥ 16")
+            self.detection = Path(self.detection)
+            check_source(self.detection)
+            if self.detection_val is not None:
+                self.detection_val = Path(self.detection_val)
+                check_source(self.detection_val, "--detection-val")
         if self.val is not None and self.val.resolve() == self.src.resolve():
             raise StudyError("--val is SRC: the held-out images must be others (or leave --val "
                              "out for a held-out split of SRC)")
@@ -681,7 +700,15 @@ def run_study(cfg: StudyConfig, log: Callable[[str], None] | None = None) -> dic
         "representations": rows,
         "reconstruction": [],
         "figures": {},
+        "detection": None,
     }
+    if cfg.detection is not None:
+        from .study_detection import run_detection_study
+
+        result["detection"] = run_detection_study(
+            cfg.detection, cfg.out / "detection", val=cfg.detection_val, size=cfg.detection_size,
+            epochs=cfg.detection_epochs, device=cfg.device, progress=cfg.progress, log=log,
+            **cfg.detection_options)
     if cfg.val is None:
         held = holdout_split(np.array([it.label for it in src_index.items]), cfg.holdout, seed=0)[1]
         n_held = len(held)
@@ -785,5 +812,9 @@ def format_markdown(result: dict) -> str:
         lines.append("|" + "|".join("---:" for _ in names) + "|")
         lines.append("| " + " | ".join(
             f"{np.mean([r['psnr_db'][n] for r in rec]):.1f}" for n in names) + " |")
+    if result.get("detection"):
+        from .study_detection import format_detection_markdown
+
+        lines += format_detection_markdown(result["detection"])
     lines.append("")
     return "\n".join(lines)
