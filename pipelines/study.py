@@ -533,17 +533,20 @@ class StudyConfig:
             if p is not None and self.out.resolve().is_relative_to(p.resolve()):
                 raise StudyError(f"OUT {self.out} is inside {what} {p}: choose an OUT outside it")
         if self.detection is not None or self.detection_val is not None:
-            from .study_detection import check_source
+            from .study_detection import DetectionStudyError, check_source
 
             if self.detection is None:
                 raise StudyError("--detection-val needs --detection COCO_SRC")
             if self.detection_epochs < 1 or self.detection_size < 16:
                 raise StudyError("--detection-epochs must be ≥ 1 and --detection-size ≥ 16")
             self.detection = Path(self.detection)
-            check_source(self.detection)
-            if self.detection_val is not None:
-                self.detection_val = Path(self.detection_val)
-                check_source(self.detection_val, "--detection-val")
+            try:
+                check_source(self.detection)
+                if self.detection_val is not None:
+                    self.detection_val = Path(self.detection_val)
+                    check_source(self.detection_val, "--detection-val")
+            except DetectionStudyError as exc:
+                raise StudyError(str(exc)) from exc
         if self.val is not None and self.val.resolve() == self.src.resolve():
             raise StudyError("--val is SRC: the held-out images must be others (or leave --val "
                              "out for a held-out split of SRC)")
@@ -703,9 +706,7 @@ def run_study(cfg: StudyConfig, log: Callable[[str], None] | None = None) -> dic
         "detection": None,
     }
     if cfg.detection is not None:
-        from .study_detection import run_detection_study
-
-        result["detection"] = run_detection_study(
+        result["detection"] = run_detection_rows(
             cfg.detection, cfg.out / "detection", val=cfg.detection_val, size=cfg.detection_size,
             epochs=cfg.detection_epochs, device=cfg.device, progress=cfg.progress, log=log,
             **cfg.detection_options)
@@ -730,6 +731,17 @@ def run_study(cfg: StudyConfig, log: Callable[[str], None] | None = None) -> dic
     _write(cfg.out / "study.json", json.dumps(result, indent=2, default=_json_default) + "\n")
     _write(cfg.out / "study.md", format_markdown(result))
     return result
+
+
+def run_detection_rows(src, out, **kw) -> dict:
+    """The study's detection rows (``pipelines/study_detection.py``) built with this module's
+    store family; their errors become :class:`StudyError`."""
+    from .study_detection import DetectionStudyError, run_detection_study
+
+    try:
+        return run_detection_study(src, out, family=_StoreFamily, make_rep=_rep, **kw)
+    except DetectionStudyError as exc:
+        raise StudyError(str(exc)) from exc
 
 
 def _jpeg_ratios(rows: list[dict]) -> None:

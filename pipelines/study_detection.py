@@ -16,7 +16,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .study import StudyError, _rep, _StoreFamily
+
+
+class DetectionStudyError(ValueError):
+    """A detection study that cannot run as asked (``scatstore.pipelines.study`` turns it into
+    its ``StudyError``)."""
 
 # the CPU recipe of docs/models.md (benchmarks/detection_overfit.py); lr per input: the pixel
 # detector from scratch diverged once at 0.01
@@ -50,19 +54,21 @@ DETECTION_ROW_KEYS = {
 
 
 def check_source(src: Path, what: str = "--detection"):
-    """The COCO index of ``src``; a :class:`StudyError` naming ``what`` when it is not one."""
+    """The COCO index of ``src``; a :class:`DetectionStudyError` naming ``what`` when it is not
+    one."""
     from scatstore.sources import discover
 
     src = Path(src)
     if not (src / "annotations").is_dir() or not list((src / "annotations").glob("instances_*.json")):
-        raise StudyError(f"{what} {src} is not a COCO source (needs annotations/instances_*.json "
-                         "and its images, the layout `scatstore demo` builds)")
+        raise DetectionStudyError(f"{what} {src} is not a COCO source (needs "
+                                  "annotations/instances_*.json and its images, the layout "
+                                  "`scatstore demo` builds)")
     try:
         index = discover(src, layout="coco")
     except (ValueError, FileNotFoundError, OSError) as exc:
-        raise StudyError(f"{what} {src}: {exc}") from exc
+        raise DetectionStudyError(f"{what} {src}: {exc}") from exc
     if not index.items:
-        raise StudyError(f"{what} {src} holds no annotated images")
+        raise DetectionStudyError(f"{what} {src} holds no annotated images")
     return index
 
 
@@ -101,44 +107,47 @@ def _train_one(name, label, kind, arch, train_ds, val_ds, path, *, epochs, lr, o
             "train_s": sum(r["epoch_time_s"] for r in history)}
 
 
-def run_detection_study(src, out, *, val=None, size: int = 128, epochs: int = 20,
-                        device: str = "cpu", progress: bool = False,
+def run_detection_study(src, out, *, family, make_rep, val=None, size: int = 128,
+                        epochs: int = 20, device: str = "cpu", progress: bool = False,
                         log: Callable[[str], None] = lambda m: None, **options) -> dict:
     """Encode ``src`` (and ``val``) under ``out``, train both detectors, return
     ``{"src", "val", "split", "size", "settings", "rows"}`` (rows: :data:`DETECTION_ROW_KEYS`).
-    ``options`` override :data:`DEFAULTS`."""
+    ``family`` builds and measures the store (the study's store family, with ``build`` and
+    ``stored_bytes``) and ``make_rep`` makes its representation, both handed in by
+    ``scatstore.pipelines.study`` (this module does not import it). ``options`` override
+    :data:`DEFAULTS`."""
     from scatstore.loaders.detection import PixelDetection, StoreDetection
 
     unknown = set(options) - set(DEFAULTS)
     if unknown:
-        raise StudyError(f"detection study: unknown options {sorted(unknown)}")
+        raise DetectionStudyError(f"detection study: unknown options {sorted(unknown)}")
     opts = {**DEFAULTS, **options}
     if epochs < 1 or size < 16:
-        raise StudyError("--detection-epochs must be ≥ 1 and --detection-size ≥ 16")
+        raise DetectionStudyError("--detection-epochs must be ≥ 1 and --detection-size ≥ 16")
     src, out = Path(src), Path(out)
     index = check_source(src)
     if val is not None:
         check_source(Path(val), "--detection-val")
     source_per_image = index.total_bytes / len(index.items)
     split = "val" if val is not None else "train"
-    rep = _rep(f"scat1-J{opts['J']}", "scattering", f"scat1 J={opts['J']} float16 (stored)",
+    rep = make_rep(f"scat1-J{opts['J']}", "scattering", f"scat1 J={opts['J']} float16 (stored)",
                "detection", method="scat1", J=opts["J"], dtype="float16")
     store = out / rep.name / "train"
     t0 = time.perf_counter()
-    _StoreFamily.build(rep, src, store, size, progress, log, device)
+    family.build(rep, src, store, size, progress, log, device)
     val_store = None
     if val is not None:
         val_store = out / rep.name / "val"
-        _StoreFamily.build(rep, Path(val), val_store, size, progress, log, device)
+        family.build(rep, Path(val), val_store, size, progress, log, device)
     build_s = time.perf_counter() - t0
-    stored, count = _StoreFamily.stored_bytes(store)
+    stored, count = family.stored_bytes(store)
 
     rows = []
     common = {"epochs": epochs, "opts": opts, "device": device, "progress": progress}
     tr = StoreDetection(store)
     va = StoreDetection(val_store) if val_store else tr
     if va.category_ids != tr.category_ids:
-        raise StudyError(f"--detection-val {val} has category ids {va.category_ids}, "
+        raise DetectionStudyError(f"--detection-val {val} has category ids {va.category_ids}, "
                          f"--detection {src} has {tr.category_ids}: they must be the same")
     log(f"detection: {rep.name} ({count} images, {epochs} epochs)")
     row = _train_one(rep.name, rep.label, "scattering", opts["scat_arch"], tr, va, store,

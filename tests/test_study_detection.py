@@ -93,12 +93,12 @@ def test_detection_of_a_non_coco_folder_is_a_one_line_error(tmp_path):
 
 
 def test_detection_scored_on_a_held_out_coco_source(tmp_path):
-    from scatstore.pipelines.study_detection import run_detection_study
+    from scatstore.pipelines.study import run_detection_rows
     from scatstore.sources.demo_data import make_coco_layout
 
     coco = make_coco_layout(tmp_path / "coco", n_images=2, seed=0)
     held = make_coco_layout(tmp_path / "held", n_images=2, seed=1)
-    det = run_detection_study(coco, tmp_path / "out", val=held, size=48, epochs=1, **TINY)
+    det = run_detection_rows(coco, tmp_path / "out", val=held, size=48, epochs=1, **TINY)
     assert det["split"] == "val" and det["val"] == str(held.resolve())
     assert (tmp_path / "out" / "scat1-J3" / "val" / "manifest.json").exists()
     for r in det["rows"]:
