@@ -11,7 +11,8 @@ Tables:
      PCA, at three qualities; float16 + zstd and uint8-log + zstd as references. Bytes per image
      (mean), ratio to the q90 JPEG (total bytes / total JPEG bytes), relative L2 error.
   2. lossless-stage options on the PCA codes (quality 50): order-0 entropy, zstd levels, blosc
-     bit-shuffle + zstd / lz4, left / planar spatial prediction of the top components.
+     bit-shuffle (of bytes, or of 16-bit pairs as format version 2 does) + zstd / lz4, left /
+     planar spatial prediction of the top components; bytes, encode and decode time.
   3. speed: transform vs codec encode per image (one thread); decode samples/s for the entropy
      stage and the full decode, 1 and 2 threads, vs float16 + zstd; one row per kernel (the C
      kernels for the CPU's ISA level and for x86-64-v3, numpy), rounds interleaved.
@@ -184,32 +185,45 @@ def table_lossless(J, frames_c, crops_c, crop_owner, jpg):
     def planes(u):  # low / high byte planes
         return [np.concatenate([(r & 255).astype(np.uint8), (r >> 8).astype(np.uint8)]) for r in u]
 
-    def bl(u, cname, clevel):
+    def bl(u, cname, clevel, typesize=1):
+        """Mean bytes, encode and decode seconds per image of blosc (bit-shuffle) on rows
+        ``u``; ``typesize=2`` shuffles 8-bit codes as 16-bit pairs (format version 2)."""
+        rows_ = [np.ascontiguousarray(r, dtype=np.uint8 if r.max() < 256 else "<u2") for r in u]
+        if typesize == 2:
+            rows_ = [r.view("<u2") if r.dtype == np.uint8 and r.size % 2 == 0 else r for r in rows_]
         t = time.perf_counter()
-        n = [len(blosc.compress(np.ascontiguousarray(r, dtype=np.uint8 if r.max() < 256 else "<u2"),
-                                cname.encode(), clevel, 2, 0)) for r in u]
-        return np.mean(n), (time.perf_counter() - t) / len(u)
+        cs = [blosc.compress(r, cname.encode(), clevel, 2, 0) for r in rows_]
+        enc = (time.perf_counter() - t) / len(u)
+
+        def dec():
+            for c, r in zip(cs, rows_):
+                blosc.decompress(c, np.empty_like(r))
+        return float(np.mean([len(c) for c in cs])), enc, _median_time(dec, 3) / len(u)
 
     rows = []
     u = zz(q)
-    rows.append(("order-0 entropy (ideal static coder, per component)", entropy0(q), None))
+    rows.append(("order-0 entropy (ideal static coder, per component)", entropy0(q), None, None))
     for lvl in (3, 19):
         t = time.perf_counter()
         n = np.mean(zstd_bytes(planes(u), lvl))
-        rows.append((f"zstd-{lvl} on byte planes", n, (time.perf_counter() - t) / len(u)))
-    for cname, lvl in (("lz4", 5), ("zstd", 1), ("zstd", 5)):
-        n, t = bl(u, cname, lvl)
-        rows.append((f"blosc {cname} clevel {lvl}, bit-shuffle" + (" (chosen)" if (cname, lvl) == ("zstd", 1) else ""), n, t))
+        rows.append((f"zstd-{lvl} on byte planes", n, (time.perf_counter() - t) / len(u), None))
+    chosen = {1: ("zstd", 1, 1), 2: ("zstd", 2, 2)}  # format version -> (cname, clevel, typesize)
+    for cname, lvl, ts in (("lz4", 5, 1), ("zstd", 1, 1), ("zstd", 5, 1), ("zstd", 1, 2),
+                           ("zstd", 2, 2), ("zstd", 5, 2), ("lz4", 1, 2), ("lz4hc", 9, 2)):
+        tag = "".join(f" (format v{v})" for v, c in chosen.items() if c == (cname, lvl, ts))
+        elem = "16-bit pairs" if ts == 2 else "bytes"
+        rows.append((f"blosc {cname} clevel {lvl}, bit-shuffle of {elem}{tag}", *bl(u, cname, lvl, ts)))
     for name, pred in (("left", left), ("planar", planar)):
         for top in (8, q.shape[1]):
             mixed = np.concatenate([pred[:, :top], q[:, top:]], axis=1)
-            n, t = bl(zz(mixed), "zstd", 1)
-            rows.append((f"{name} prediction on top {top} components + blosc zstd 1", n, t))
+            rows.append((f"{name} prediction on top {top} components + blosc zstd 1",
+                         *bl(zz(mixed), "zstd", 1)))
     print(f"\n## scat1 J={J}: lossless stage on the PCA codes, quality 50 (mean of {len(frames_c)})\n")
-    print("| lossless coder | bytes / image | × q90 JPEG | encode ms / image |")
-    print("|---|---:|---:|---:|")
-    for name, b, t in rows:
-        print(f"| {name} | {b:,.0f} | {b / np.mean(jpg):.3f} | {'' if t is None else f'{t * 1e3:.2f}'} |")
+    print("| lossless coder | bytes / image | × q90 JPEG | encode ms / image | decode µs / image, 1 thread |")
+    print("|---|---:|---:|---:|---:|")
+    for name, b, t, d in rows:
+        print(f"| {name} | {b:,.0f} | {b / np.mean(jpg):.3f} | {'' if t is None else f'{t * 1e3:.2f}'} "
+              f"| {'' if d is None else f'{d * 1e6:.0f}'} |")
 
 
 def _median_time(fn, rounds=5):
@@ -434,6 +448,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer decode repetitions")
     ap.add_argument("--no-probe", action="store_true", help="skip the linear probe")
     ap.add_argument("--speed-only", action="store_true", help="only the speed table")
+    ap.add_argument("--lossless-only", action="store_true",
+                    help="only the lossless-stage tables (J=3 and J=4)")
     ap.add_argument("--encode-job", action="store_true",
                     help="also time `scatstore encode` float16 vs tc (in-process, 240 images)")
     args = ap.parse_args()
@@ -447,8 +463,11 @@ def main():
     if not args.speed_only:
         for J in (3, 4):
             fc, cc = scat(frames, J), scat(crops, J)
-            table_options(J, fc, cc, crop_owner, jpg)
+            if not args.lossless_only:
+                table_options(J, fc, cc, crop_owner, jpg)
             table_lossless(J, fc, cc, crop_owner, jpg)
+        if args.lossless_only:
+            return
     table_speed(frames, args.quick)
     if args.encode_job:
         table_encode_job()

@@ -14,6 +14,8 @@ from PIL import Image
 import scatstore
 from scatstore.sample_data import load_image
 from scatstore.transforms.coefcodec import (
+    ENTROPY,
+    FORMAT_VERSION,
     CoefficientCodec,
     CorruptCoefficientsError,
     quality_to_step,
@@ -132,7 +134,7 @@ def _independent_decode(blob: bytes, rec: dict) -> np.ndarray:
     from numcodecs import blosc
 
     magic, version, width, D, H, W, fingerprint = struct.unpack_from("<2sBBHHHI", blob, 0)
-    assert magic == b"TC" and version == 1 and fingerprint == rec["fingerprint"]
+    assert magic == b"TC" and version == rec["version"] and fingerprint == rec["fingerprint"]
     assert zlib.crc32(blob[:-4]) == int.from_bytes(blob[-4:], "little")
     raw = blosc.decompress(blob[14:-4])
     u = np.frombuffer(raw, dtype=np.uint8 if width == 1 else "<u2").astype(np.int64)
@@ -144,6 +146,55 @@ def _independent_decode(blob: bytes, rec: dict) -> np.ndarray:
     x = np.maximum(2.0 ** y - rec["eps"], 0)
     C, K = rec["shape"][:2]
     return x.reshape(C, K, H, W)
+
+
+def test_format_version_1_blobs_still_decode_and_a_v1_record_encodes_v1():
+    """tests/data/tc_v1_tiny.*: blobs and record written by the version-1 encoder (scatstore
+    7ef0104, real images). Today's reader decodes them to the values that encoder's reader gave,
+    the documented formulas agree, and a codec built from the v1 record still writes v1 bytes
+    (a resumed v1 job stays byte-identical)."""
+    import base64
+    from pathlib import Path
+
+    here = Path(__file__).parent / "data"
+    fix = json.loads((here / "tc_v1_tiny.json").read_text())
+    rec = fix["record"]
+    assert rec["version"] == 1 and rec["entropy"] == {"coder": "blosc", "cname": "zstd",
+                                                      "clevel": 1, "shuffle": "bit"}
+    blobs = [base64.b64decode(b) for b in fix["blobs"]]
+    want = np.load(here / "tc_v1_tiny.decoded.npy")
+    codec = CoefficientCodec.from_json(rec)
+    assert codec.version == 1 and codec.fingerprint == rec["fingerprint"]
+    got = codec.decode(blobs)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(np.stack([_independent_decode(b, rec) for b in blobs]), want,
+                               rtol=2e-5, atol=1e-7)
+    # the v1 encoder path: version byte 1, bit-shuffled as 8-bit elements, and decoding the
+    # re-encoded values gives them back (to within the quantization)
+    again = codec.encode(got)
+    assert all(b[2] == 1 for b in again)
+    assert [b[14 + 3] for b in again] == [1] * len(again)  # blosc header byte 3: typesize
+    back = codec.decode(again)
+    assert np.linalg.norm(back - got) <= 0.02 * np.linalg.norm(got)
+    # a version-2 blob is refused by the v1 record (and the reverse) with a clear error
+    v2 = CoefficientCodec.from_json({**{k: v for k, v in rec.items() if k != "fingerprint"},
+                                     "version": 2, "entropy": ENTROPY[2]})
+    with pytest.raises(CorruptCoefficientsError, match="format version 1, the store's codec record is version 2"):
+        v2.decode(blobs)
+
+
+def test_version_2_bit_shuffles_pairs_of_codes(coeffs, codec50):
+    assert codec50.version == FORMAT_VERSION == 2 and codec50.to_json()["entropy"] == ENTROPY[2]
+    blobs = codec50.encode(coeffs[0])
+    for b in blobs:  # header byte 2: version; blosc header: flags (0x4 bit-shuffle), typesize
+        assert (b[2], b[14 + 2] & 0x4, b[14 + 3]) == (2, 0x4, 2)
+    # decoding into a caller's buffer (the loader's recycled batches) gives the same values
+    buf = np.full((len(blobs), *codec50.shape), np.nan, dtype=np.float32)
+    res = codec50.decode(blobs, out=buf)
+    assert res.base is buf or res is buf
+    np.testing.assert_array_equal(buf, codec50.decode(blobs))
+    with pytest.raises(ValueError, match="out must be"):
+        codec50.decode(blobs, out=np.empty(3, np.float32))
 
 
 def test_documented_format_decodes_with_numpy_and_blosc(coeffs, codec50):

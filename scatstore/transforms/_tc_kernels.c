@@ -28,26 +28,32 @@
  * 6 x 4 + 5 = 29 of 32 zmm / NEON q registers, 3 x 3 + 4 = 13 of 16 ymm */
 #if defined(__AVX512F__)
 #define TC_VB 64
-#define TC_ROWS 6
-#define TC_NV 4
+#define TC_ROWS_ 6
+#define TC_NV_ 4
 #define TC_KERNEL "avx512f"
 #elif defined(__AVX2__)
 #define TC_VB 32
-#define TC_ROWS 3
-#define TC_NV 3
+#define TC_ROWS_ 3
+#define TC_NV_ 3
 #define TC_KERNEL "avx2"
 #elif defined(__aarch64__)
 #define TC_VB 16
-#define TC_ROWS 6
-#define TC_NV 4
+#define TC_ROWS_ 6
+#define TC_NV_ 4
 #define TC_KERNEL "neon"
 #else
 #define TC_VB 16
-#define TC_ROWS 2
-#define TC_NV 2
+#define TC_ROWS_ 2
+#define TC_NV_ 2
 #define TC_KERNEL "generic-vec4"
 #endif
 
+#ifndef TC_ROWS
+#define TC_ROWS TC_ROWS_
+#endif
+#ifndef TC_NV
+#define TC_NV TC_NV_
+#endif
 #define TC_VL (TC_VB / 4)     /* floats per vector */
 #define TC_TN (TC_VL * TC_NV) /* columns per tile */
 
@@ -99,17 +105,19 @@ static inline vf vexp2(vf y)
     return p * scale;
 }
 
-/* rows [d0, d0+R) x tile t: acc = mu + sum over live k of At[d][k] * qf[k][tile] */
+/* rows [d0, d0+R) x one tile of columns starting at c0: acc = mu + sum over the tile's live
+ * components ks[0..nk) of At[d][k] * qf[k][tile]. The list is built once per tile, so the
+ * product loop has no data-dependent branch (a per-component test mispredicts on about half
+ * of them: it cost more than the product). */
 static inline __attribute__((always_inline)) void tile(
-    int R, const float *qf, const uint8_t *live, const float *At, const float *mu, int64_t D,
-    int64_t Np, int64_t nt, int64_t d0, int64_t t, int linear, float eps, float *out, int64_t N)
+    int R, const float *qf, const int32_t *ks, int64_t nk, const float *At, const float *mu,
+    int64_t D, int64_t Np, int64_t d0, int64_t c0, int linear, float eps, float *out, int64_t N)
 {
     vf acc[TC_ROWS][TC_NV];
     for (int r = 0; r < R; r++)
         for (int v = 0; v < TC_NV; v++) acc[r][v] = vsplat(mu[d0 + r]);
-    const int64_t c0 = t * TC_TN;
-    for (int64_t k = 0; k < D; k++) {
-        if (!live[k * nt + t]) continue;
+    for (int64_t i = 0; i < nk; i++) {
+        const int64_t k = ks[i];
         const float *row = qf + k * Np + c0;
         vf q[TC_NV];
         _Pragma("GCC unroll 8")
@@ -122,63 +130,94 @@ static inline __attribute__((always_inline)) void tile(
         }
     }
     const vf zero = vsplat(0.0f), ve = vsplat(eps);
-    int64_t w = N - c0 < TC_TN ? N - c0 : TC_TN;
+    const int64_t w = N - c0 < TC_TN ? N - c0 : TC_TN;
     for (int r = 0; r < R; r++) {
-        float buf[TC_TN];
-        for (int v = 0; v < TC_NV; v++) {
-            vf x = acc[r][v];
-            if (linear) {
-                x = vexp2(x) - ve;
-                x = vmax(x, zero);
+        float *o = out + (d0 + r) * N + c0;
+        if (w == TC_TN) { /* a whole tile: straight to the output row */
+            _Pragma("GCC unroll 8")
+            for (int v = 0; v < TC_NV; v++) {
+                vf x = acc[r][v];
+                if (linear) x = vmax(vexp2(x) - ve, zero);
+                vstore(o + v * TC_VL, x);
             }
-            vstore(buf + v * TC_VL, x);
+        } else { /* the last partial tile of a row */
+            float buf[TC_TN];
+            for (int v = 0; v < TC_NV; v++) {
+                vf x = acc[r][v];
+                if (linear) x = vmax(vexp2(x) - ve, zero);
+                vstore(buf + v * TC_VL, x);
+            }
+            memcpy(o, buf, (size_t)w * sizeof(float));
         }
-        memcpy(out + (d0 + r) * N + c0, buf, (size_t)w * sizeof(float));
     }
 }
 
 /* Reconstruct n samples. u: n x D x N zigzag codes (uint8); out: n x D x N float32;
- * qf: scratch of D * Np floats, live: scratch of D * nt bytes (Np = nt * TC_TN >= N). */
+ * qf: scratch of D * Np floats, ks: scratch of nt * D int32 (Np = nt * TC_TN >= N, nt tiles).
+ * Per sample: the signed codes of each component's live tiles (any code non-zero) as floats,
+ * and per tile the list of its live components; then, tile by tile (its live rows of qf stay
+ * in L1 across the row groups), every output row group of the tile. */
 void tc_reconstruct_u8(const uint8_t *u, int64_t n, int64_t D, int64_t N, const float *At,
-                       const float *mu, float eps, int linear, float *qf, uint8_t *live,
+                       const float *mu, float eps, int linear, float *qf, int32_t *ks,
                        float *out)
 {
     const int64_t nt = (N + TC_TN - 1) / TC_TN, Np = nt * TC_TN;
     for (int64_t s = 0; s < n; s++) {
         const uint8_t *us = u + s * D * N;
         float *os = out + s * D * N;
+        int32_t cnt[nt];
+        for (int64_t t = 0; t < nt; t++) cnt[t] = 0;
         for (int64_t k = 0; k < D; k++) {
             const uint8_t *uk = us + k * N;
             float *qk = qf + k * Np;
-            for (int64_t j = 0; j < N; j++) {
-                int32_t c = uk[j];
-                qk[j] = (float)((c >> 1) ^ -(c & 1));
-            }
-            for (int64_t j = N; j < Np; j++) qk[j] = 0.0f;
             for (int64_t t = 0; t < nt; t++) {
                 const int64_t a = t * TC_TN, b = a + TC_TN < N ? a + TC_TN : N;
                 uint8_t any = 0;
                 for (int64_t j = a; j < b; j++) any |= uk[j];
-                live[k * nt + t] = any != 0;
+                if (!any) continue;
+                ks[t * D + cnt[t]++] = (int32_t)k;
+                for (int64_t j = a; j < b; j++) {
+                    int32_t c = uk[j];
+                    qk[j] = (float)((c >> 1) ^ -(c & 1));
+                }
+                for (int64_t j = b; j < a + TC_TN; j++) qk[j] = 0.0f;
             }
         }
-        int64_t d0 = 0;
-        for (; d0 + TC_ROWS <= D; d0 += TC_ROWS)
-            for (int64_t t = 0; t < nt; t++)
-                tile(TC_ROWS, qf, live, At, mu, D, Np, nt, d0, t, linear, eps, os, N);
-        const int rest = (int)(D - d0);
-        for (int64_t t = 0; t < nt && rest; t++) {
-            switch (rest) { /* constant R per case: each specialised */
-            case 1: tile(1, qf, live, At, mu, D, Np, nt, d0, t, linear, eps, os, N); break;
-            case 2: tile(2, qf, live, At, mu, D, Np, nt, d0, t, linear, eps, os, N); break;
+        for (int64_t t = 0; t < nt; t++) {
+            const int32_t *kt = ks + t * D;
+            const int64_t c0 = t * TC_TN;
+            int64_t d0 = 0;
+            for (; d0 + TC_ROWS <= D; d0 += TC_ROWS)
+                tile(TC_ROWS, qf, kt, cnt[t], At, mu, D, Np, d0, c0, linear, eps, os, N);
+            switch ((int)(D - d0)) { /* constant R per case: each specialised */
+            case 1: tile(1, qf, kt, cnt[t], At, mu, D, Np, d0, c0, linear, eps, os, N); break;
+            case 2: tile(2, qf, kt, cnt[t], At, mu, D, Np, d0, c0, linear, eps, os, N); break;
 #if TC_ROWS > 3
-            case 3: tile(3, qf, live, At, mu, D, Np, nt, d0, t, linear, eps, os, N); break;
+            case 3: tile(3, qf, kt, cnt[t], At, mu, D, Np, d0, c0, linear, eps, os, N); break;
 #endif
 #if TC_ROWS > 4
-            case 4: tile(4, qf, live, At, mu, D, Np, nt, d0, t, linear, eps, os, N); break;
+            case 4: tile(4, qf, kt, cnt[t], At, mu, D, Np, d0, c0, linear, eps, os, N); break;
 #endif
 #if TC_ROWS > 5
-            case 5: tile(5, qf, live, At, mu, D, Np, nt, d0, t, linear, eps, os, N); break;
+            case 5: tile(5, qf, kt, cnt[t], At, mu, D, Np, d0, c0, linear, eps, os, N); break;
+#endif
+#if TC_ROWS > 6
+            case 6: tile(6, qf, kt, cnt[t], At, mu, D, Np, d0, c0, linear, eps, os, N); break;
+#endif
+#if TC_ROWS > 7
+            case 7: tile(7, qf, kt, cnt[t], At, mu, D, Np, d0, c0, linear, eps, os, N); break;
+#endif
+#if TC_ROWS > 8
+            case 8: tile(8, qf, kt, cnt[t], At, mu, D, Np, d0, c0, linear, eps, os, N); break;
+#endif
+#if TC_ROWS > 9
+            case 9: tile(9, qf, kt, cnt[t], At, mu, D, Np, d0, c0, linear, eps, os, N); break;
+#endif
+#if TC_ROWS > 10
+            case 10: tile(10, qf, kt, cnt[t], At, mu, D, Np, d0, c0, linear, eps, os, N); break;
+#endif
+#if TC_ROWS > 11
+            case 11: tile(11, qf, kt, cnt[t], At, mu, D, Np, d0, c0, linear, eps, os, N); break;
 #endif
             default: break;
             }
@@ -198,8 +237,10 @@ void tc_reconstruct_u8(const uint8_t *u, int64_t n, int64_t D, int64_t N, const 
  *   q = clamp(floor((2Z + s) / (2s)), -32767, 32767)   one correctly rounded division
  *   u = (q << 1) ^ (q >> 31)
  */
+#define TQ_ROWS TC_ROWS_ /* the encoder's tile: its own constants */
+#define TQ_NV TC_NV_
 #define TD_VL (TC_VB / 8)
-#define TD_TN (TD_VL * TC_NV)
+#define TD_TN (TD_VL * TQ_NV)
 typedef double vd __attribute__((vector_size(TC_VB)));
 typedef double vdu __attribute__((vector_size(TC_VB), aligned(8)));
 typedef int64_t vl __attribute__((vector_size(TC_VB)));
@@ -229,19 +270,19 @@ static inline __attribute__((always_inline)) void qtile(
     int R, const double *Yd, const double *A, const double *s, int64_t D, int64_t Np,
     int64_t d0, int64_t c0, int64_t N, uint16_t *u, int32_t *umax)
 {
-    vd acc[TC_ROWS][TC_NV];
+    vd acc[TQ_ROWS][TQ_NV];
     for (int r = 0; r < R; r++)
-        for (int v = 0; v < TC_NV; v++) acc[r][v] = vdsplat(0.0);
+        for (int v = 0; v < TQ_NV; v++) acc[r][v] = vdsplat(0.0);
     for (int64_t k = 0; k < D; k++) {
         const double *row = Yd + k * Np + c0;
-        vd y[TC_NV];
+        vd y[TQ_NV];
         _Pragma("GCC unroll 8")
-        for (int v = 0; v < TC_NV; v++) y[v] = *(const vdu *)(row + v * TD_VL);
+        for (int v = 0; v < TQ_NV; v++) y[v] = *(const vdu *)(row + v * TD_VL);
         _Pragma("GCC unroll 8")
         for (int r = 0; r < R; r++) {
             vd a = vdsplat(A[(d0 + r) * D + k]);
             _Pragma("GCC unroll 8")
-            for (int v = 0; v < TC_NV; v++) acc[r][v] += a * y[v];
+            for (int v = 0; v < TQ_NV; v++) acc[r][v] += a * y[v];
         }
     }
     int64_t w = N - c0 < TD_TN ? N - c0 : TD_TN;
@@ -255,7 +296,7 @@ static inline __attribute__((always_inline)) void qtile(
         uint16_t *ur = u + (d0 + r) * N + c0;
         vh mx = vhsplat(0);
         int32_t zz[TD_TN];
-        for (int v = 0; v < TC_NV; v++) {
+        for (int v = 0; v < TQ_NV; v++) {
             vd t = (acc[r][v] * two + sd) / s2;
             vd rn = (t + magic) - magic;
             vl gt = rn > t;                          /* -1 where rounding went up */
@@ -300,21 +341,21 @@ void tc_quantize(const float *x, int64_t n, int64_t D, int64_t N, float eps,
         uint16_t *us = u + i * D * N;
         int32_t m = 0;
         int64_t d0 = 0;
-        for (; d0 + TC_ROWS <= D; d0 += TC_ROWS)
+        for (; d0 + TQ_ROWS <= D; d0 += TQ_ROWS)
             for (int64_t t = 0; t < nt; t++)
-                qtile(TC_ROWS, Yd, A, s, D, Np, d0, t * TD_TN, N, us, &m);
+                qtile(TQ_ROWS, Yd, A, s, D, Np, d0, t * TD_TN, N, us, &m);
         const int rest = (int)(D - d0);
         for (int64_t t = 0; t < nt && rest; t++) {
             switch (rest) {
             case 1: qtile(1, Yd, A, s, D, Np, d0, t * TD_TN, N, us, &m); break;
             case 2: qtile(2, Yd, A, s, D, Np, d0, t * TD_TN, N, us, &m); break;
-#if TC_ROWS > 3
+#if TQ_ROWS > 3
             case 3: qtile(3, Yd, A, s, D, Np, d0, t * TD_TN, N, us, &m); break;
 #endif
-#if TC_ROWS > 4
+#if TQ_ROWS > 4
             case 4: qtile(4, Yd, A, s, D, Np, d0, t * TD_TN, N, us, &m); break;
 #endif
-#if TC_ROWS > 5
+#if TQ_ROWS > 5
             case 5: qtile(5, Yd, A, s, D, Np, d0, t * TD_TN, N, us, &m); break;
 #endif
             default: break;
