@@ -136,9 +136,16 @@ def _independent_decode(blob: bytes, rec: dict) -> np.ndarray:
     magic, version, width, D, H, W, fingerprint = struct.unpack_from("<2sBBHHHI", blob, 0)
     assert magic == b"TC" and version == rec["version"] and fingerprint == rec["fingerprint"]
     assert zlib.crc32(blob[:-4]) == int.from_bytes(blob[-4:], "little")
-    raw = blosc.decompress(blob[14:-4])
+    start, live = 14, np.ones(D, dtype=bool)
+    if version >= 2:  # the bitmap of the components the chunk holds (bit k of byte k // 8)
+        nmap = (D + 7) // 8
+        bits = np.frombuffer(blob[14:14 + nmap], dtype=np.uint8)
+        live = ((bits[np.arange(D) // 8] >> (np.arange(D) % 8)) & 1).astype(bool)
+        start += nmap
+    raw = blosc.decompress(blob[start:-4]) if live.any() else b""
     u = np.frombuffer(raw, dtype=np.uint8 if width == 1 else "<u2").astype(np.int64)
-    q = np.where(u % 2 == 0, u // 2, -(u + 1) // 2).reshape(D, H * W)
+    q = np.zeros((D, H * W), dtype=np.int64)
+    q[live] = np.where(u % 2 == 0, u // 2, -(u + 1) // 2).reshape(-1, H * W)
     A = np.array(rec["matrix"], dtype=np.float64) / 2 ** rec["matrix_bits"]
     step = np.array(rec["steps"], dtype=np.float64) / 2 ** (rec["log_bits"] + rec["matrix_bits"])
     mean = np.array(rec["mean"], dtype=np.float64) / 2 ** rec["log_bits"]
@@ -186,8 +193,26 @@ def test_format_version_1_blobs_still_decode_and_a_v1_record_encodes_v1():
 def test_version_2_bit_shuffles_pairs_of_codes(coeffs, codec50):
     assert codec50.version == FORMAT_VERSION == 2 and codec50.to_json()["entropy"] == ENTROPY[2]
     blobs = codec50.encode(coeffs[0])
-    for b in blobs:  # header byte 2: version; blosc header: flags (0x4 bit-shuffle), typesize
-        assert (b[2], b[14 + 2] & 0x4, b[14 + 3]) == (2, 0x4, 2)
+    D = codec50.shape[0] * codec50.shape[1]
+    nmap = (D + 7) // 8
+    codes = codec50.decode_codes(blobs).reshape(len(blobs), D, -1)
+    n_live = []
+    for b, c in zip(blobs, codes):  # header byte 2: version; the live-component bitmap; blosc
+        # header after it: flags (0x4 bit-shuffle), typesize, then nbytes = live codes only
+        assert b[2] == 2
+        live = np.unpackbits(np.frombuffer(b[14:14 + nmap], np.uint8), count=D, bitorder="little")
+        np.testing.assert_array_equal(live.astype(bool), (c != 0).any(axis=1))
+        assert 0 < live.sum() <= D
+        n_live.append(int(live.sum()))
+        assert (b[14 + nmap + 2] & 0x4, b[14 + nmap + 3]) == (0x4, 2)
+        assert int.from_bytes(b[14 + nmap + 4:14 + nmap + 8], "little") == live.sum() * c.shape[1]
+    assert min(n_live) < D, n_live  # on these photos some samples leave components out
+    # a sample whose codes are all zero (coefficients at the decoded mean) has an empty chunk
+    at_mean = codec50.reconstruct(np.zeros((1, D, *codec50.shape[2:]), np.int8))
+    b0 = codec50.encode(at_mean)[0]
+    assert b0[14:14 + nmap] == bytes(nmap)
+    np.testing.assert_allclose(codec50.decode([b0]), at_mean, rtol=1e-6)
+    np.testing.assert_allclose(_independent_decode(b0, codec50.to_json())[None], at_mean, rtol=1e-6)
     # decoding into a caller's buffer (the loader's recycled batches) gives the same values
     buf = np.full((len(blobs), *codec50.shape), np.nan, dtype=np.float32)
     res = codec50.decode(blobs, out=buf)

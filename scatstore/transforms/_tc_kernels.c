@@ -1,6 +1,7 @@
 /* Reconstruction kernel of the coefficient codec (scatstore/transforms/coefcodec.py).
  *
- * One sample: zigzag codes u (D components x N positions, component-major, uint8) ->
+ * One sample: zigzag codes u (D components x N positions, component-major, uint8; the
+ * all-zero components left out, as format version 2 stores them) ->
  *
  *     q  = (u >> 1) ^ -(u & 1)                       signed codes
  *     y  = mu + At . q        (At: D x D float32, row d = output channel d, steps folded in)
@@ -152,14 +153,16 @@ static inline __attribute__((always_inline)) void tile(
     }
 }
 
-/* Reconstruct n samples. u: n x D x N zigzag codes (uint8); out: n x D x N float32;
- * qf: scratch of D * Np floats, ks: scratch of nt * D int32 (Np = nt * TC_TN >= N, nt tiles).
- * Per sample: the signed codes of each component's live tiles (any code non-zero) as floats,
- * and per tile the list of its live components; then, tile by tile (its live rows of qf stay
- * in L1 across the row groups), every output row group of the tile. */
-void tc_reconstruct_u8(const uint8_t *u, int64_t n, int64_t D, int64_t N, const float *At,
-                       const float *mu, float eps, int linear, float *qf, int32_t *ks,
-                       float *out)
+/* Reconstruct n samples. Sample s holds the zigzag codes (uint8) of nlive[s] components,
+ * comps[s*D .. s*D+nlive[s]) (increasing; the others are all zero), one row of N each, at
+ * u + s*D*N; out: n x D x N float32; qf: scratch of D * Np floats, ks: scratch of nt * D int32
+ * (Np = nt * TC_TN >= N, nt tiles). Per sample: the signed codes of each component's live
+ * tiles (any code non-zero) as floats, and per tile the list of its live components; then,
+ * tile by tile (its live rows of qf stay in L1 across the row groups), every output row
+ * group of the tile. */
+void tc_reconstruct_u8(const uint8_t *u, int64_t n, int64_t D, int64_t N, const int32_t *nlive,
+                       const int32_t *comps, const float *At, const float *mu, float eps,
+                       int linear, float *qf, int32_t *ks, float *out)
 {
     const int64_t nt = (N + TC_TN - 1) / TC_TN, Np = nt * TC_TN;
     for (int64_t s = 0; s < n; s++) {
@@ -167,8 +170,10 @@ void tc_reconstruct_u8(const uint8_t *u, int64_t n, int64_t D, int64_t N, const 
         float *os = out + s * D * N;
         int32_t cnt[nt];
         for (int64_t t = 0; t < nt; t++) cnt[t] = 0;
-        for (int64_t k = 0; k < D; k++) {
-            const uint8_t *uk = us + k * N;
+        const int32_t *cs = comps + s * D;
+        for (int64_t i = 0; i < nlive[s]; i++) {
+            const int64_t k = cs[i];
+            const uint8_t *uk = us + i * N;
             float *qk = qf + k * Np;
             for (int64_t t = 0; t < nt; t++) {
                 const int64_t a = t * TC_TN, b = a + TC_TN < N ? a + TC_TN : N;

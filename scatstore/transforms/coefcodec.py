@@ -90,7 +90,7 @@ def kernel_library(level: str | None = None):
         flags=lambda: ["-O3", "-fno-math-errno", "-std=gnu99", *_cbuild.march_flags(level)],
         signatures={"tc_kernel": ([], ctypes.c_char_p), "tc_tile_columns": ([], i64),
                     "tc_quantize_tile_columns": ([], i64),
-                    "tc_reconstruct_u8": [vp, i64, i64, i64, vp, vp, ctypes.c_float,
+                    "tc_reconstruct_u8": [vp, i64, i64, i64, vp, vp, vp, vp, ctypes.c_float,
                                           ctypes.c_int, vp, vp, vp],
                     "tc_quantize": [vp, i64, i64, i64, ctypes.c_float, vp, vp, vp, vp, vp, vp,
                                     vp]},
@@ -475,30 +475,37 @@ class CoefficientCodec:
         from numcodecs import blosc
 
         C, K, H, W = self.shape
-        D = C * K
+        D, N = C * K, H * W
         u, umax = self._zigzag_codes(x)
         ent = ENTROPY[self.version]
         cname = ent["cname"].encode()
+        packed = self.version >= 2
         out = []
         for i in range(u.shape[0]):
             width = 2 if umax[i] > 255 else 1
             raw = np.ascontiguousarray(u[i], dtype="<u2" if width == 2 else np.uint8)
+            head = HEADER.pack(MAGIC, self.version, width, D, H, W, self.fingerprint)
+            if packed:  # v2: the bitmap of live components, then their codes only
+                live = raw.reshape(D, N).any(axis=1)
+                head += np.packbits(live, bitorder="little").tobytes()
+                raw = np.ascontiguousarray(raw.reshape(D, N)[live]).reshape(-1)
             if ent.get("typesize") == 2 and width == 1 and raw.size % 2 == 0:
                 raw = raw.view("<u2")  # bit-shuffled as 16-bit elements (same bytes)
-            payload = blosc.compress(raw, cname, ent["clevel"], BLOSC_SHUFFLE, 0)
-            blob = HEADER.pack(MAGIC, self.version, width, D, H, W, self.fingerprint) + payload
+            blob = head + blosc.compress(raw, cname, ent["clevel"], BLOSC_SHUFFLE, 0)
             out.append(blob + zlib.crc32(blob).to_bytes(4, "little"))
         return out
 
     # -------------------------------------------------------------- decode
 
-    def _checked_body(self, i: int, blob) -> tuple[int, memoryview]:
-        """Check one blob's header, CRC32, parameters and blosc sizes; ``(width, blosc chunk)``."""
+    def _checked_body(self, i: int, blob) -> tuple[int, np.ndarray | None, memoryview]:
+        """Check one blob's header, CRC32, parameters and blosc sizes; ``(width, live, blosc
+        chunk)``: ``live`` the indices (int32) of the components the chunk holds, in order
+        (version 2), ``None`` for all of them (version 1)."""
         C, K, H, W = self.shape
         D = C * K
-        n = D * H * W
         mv = memoryview(blob)
-        if len(mv) < HEADER.size + BLOSC_HEADER.size + TRAILER:
+        nmap = -(-D // 8) if self.version >= 2 else 0
+        if len(mv) < HEADER.size + nmap + BLOSC_HEADER.size + TRAILER:
             raise CorruptCoefficientsError(f"sample {i}: {len(mv)} bytes, shorter than any blob")
         magic, ver, width, d, h, w, fp = HEADER.unpack_from(mv)
         if magic != MAGIC:
@@ -512,46 +519,65 @@ class CoefficientCodec:
             raise CorruptCoefficientsError(
                 f"sample {i}: coded with other parameters (D,H,W={d},{h},{w}, "
                 f"fingerprint {fp:#010x}; this codec {D},{H},{W}, {self.fingerprint:#010x})")
-        body = mv[HEADER.size:-TRAILER]
+        live = None
+        n_live = D
+        if nmap:
+            bits = np.frombuffer(mv[HEADER.size:HEADER.size + nmap], dtype=np.uint8)
+            live = np.flatnonzero(np.unpackbits(bits, count=D, bitorder="little")).astype(np.int32)
+            if D % 8 and bits[-1] >> (D % 8):
+                raise CorruptCoefficientsError(f"sample {i}: live-component bitmap names components past D={D}")
+            n_live = len(live)
+        body = mv[HEADER.size + nmap:-TRAILER]
         _, _, _, typesize, nbytes, _, cbytes = BLOSC_HEADER.unpack_from(body)
+        n = n_live * H * W * width
         # version 1: blosc typesize = code width; version 2: 2 (or 1 for an odd byte count)
-        ts_ok = typesize == width if self.version == 1 else (
-            typesize == 2 if (n * width) % 2 == 0 else typesize == 1)
-        if nbytes != n * width or not ts_ok or cbytes != len(body):
+        ts_ok = typesize == width if self.version == 1 else typesize == (2 if n % 2 == 0 else 1)
+        if nbytes != n or not ts_ok or cbytes != len(body):
             raise CorruptCoefficientsError(
                 f"sample {i}: blosc payload of {cbytes} bytes holding {nbytes} (typesize "
-                f"{typesize}) in a {len(body)}-byte body; expected {n * width} bytes of "
-                f"{width}-byte codes (format version {self.version})")
-        return width, body
+                f"{typesize}) in a {len(body)}-byte body; expected {n} bytes of {width}-byte "
+                f"codes of {n_live} components (format version {self.version})")
+        return width, live, body
 
     def _unpack_into(self, blobs: Sequence[bytes], q: np.ndarray, start: int) -> None:
         """Check and entropy-decode ``blobs`` into the signed codes ``q[start:start+len]``."""
         from numcodecs import blosc
 
         C, K, H, W = self.shape
-        n = C * K * H * W
+        D, N = C * K, H * W
         wide = q.dtype == np.int16
-        buf8 = np.empty(n, dtype=np.uint8)
-        buf16 = np.empty(n, dtype="<u2")
+        buf8 = np.empty(D * N, dtype=np.uint8)
+        buf16 = np.empty(D * N, dtype="<u2")
         for j, blob in enumerate(blobs):
             i = start + j
-            width, body = self._checked_body(i, blob)
+            width, live, body = self._checked_body(i, blob)
             if width == 2 and not wide:
                 raise _NeedWide
-            row = q[i].reshape(n)
+            m = D if live is None else len(live)
+            row = q[i].reshape(D, N)
+            rows = row if live is None else np.empty((m, N), dtype=q.dtype)
             # zigzag inverse q = (u >> 1) ^ -(u & 1), on bytes when the batch is int8
             if width == 1:
-                blosc.decompress(body, buf8)
+                b8 = buf8[:m * N]
+                if m:
+                    blosc.decompress(body, b8)
+                b8 = b8.reshape(m, N)
                 if wide:
-                    row[:] = buf8 >> 1
-                    row ^= -(buf8 & 1).astype(np.int16)
+                    rows[:] = b8 >> 1
+                    rows ^= -(b8 & 1).astype(np.int16)
                 else:
-                    np.right_shift(buf8, 1, out=row.view(np.uint8))
-                    row ^= -(buf8 & 1).view(np.int8)
+                    np.right_shift(b8, 1, out=rows.view(np.uint8))
+                    rows ^= -(b8 & 1).view(np.int8)
             else:
-                blosc.decompress(body, buf16)
-                row[:] = (buf16 >> 1).view(np.int16)
-                row ^= -(buf16 & 1).view(np.int16)
+                b16 = buf16[:m * N]
+                if m:
+                    blosc.decompress(body, b16)
+                b16 = b16.reshape(m, N)
+                rows[:] = (b16 >> 1).view(np.int16)
+                rows ^= -(b16 & 1).view(np.int16)
+            if live is not None:  # the components the blob leaves out are all zero
+                row[:] = 0
+                row[live] = rows
 
     def decode_codes(self, blobs: Sequence[bytes], threads: int = 1) -> np.ndarray:
         """The entropy stage: blobs -> signed codes ``q`` ``(B, D, H, W)``, int8 when every
@@ -706,21 +732,29 @@ class CoefficientCodec:
         linear = 1 if domain == "linear" else 0
         eps = float(np.float32(self.eps))
 
+        every = np.arange(D, dtype=np.int32)
+
         def chunk(a: int, b: int) -> None:
             u = _scratch("u", (b - a) * D * N, np.uint8).reshape(b - a, D * N)
             qf = _scratch("qf", D * nt * tn, np.float32)
             ks = _scratch("ks", D * nt, np.int32)
+            nlive = _scratch("nlive", b - a, np.int32)
+            comps = _scratch("comps", (b - a) * D, np.int32).reshape(b - a, D)
             wide = []
             for j in range(a, b):
-                width, body = self._checked_body(j, blobs[j])
+                width, live, body = self._checked_body(j, blobs[j])
                 if width == 1:
-                    blosc.decompress(body, u[j - a])
+                    m = D if live is None else len(live)
+                    if m:  # (blosc refuses to decompress an empty chunk)
+                        blosc.decompress(body, u[j - a, :m * N])
+                    nlive[j - a] = m
+                    comps[j - a, :m] = every if live is None else live
                 else:  # 16-bit codes (rare): this sample alone through numpy, below
-                    u[j - a] = 0
+                    nlive[j - a] = 0
                     wide.append(j)
-            lib.tc_reconstruct_u8(u.ctypes.data, b - a, D, N, At.ctypes.data, mu.ctypes.data,
-                                  eps, linear, qf.ctypes.data, ks.ctypes.data,
-                                  flat[a:b].ctypes.data)
+            lib.tc_reconstruct_u8(u.ctypes.data, b - a, D, N, nlive.ctypes.data, comps.ctypes.data,
+                                  At.ctypes.data, mu.ctypes.data, eps, linear, qf.ctypes.data,
+                                  ks.ctypes.data, flat[a:b].ctypes.data)
             for j in wide:  # a sample's values depend on its own blob only, never its batch
                 out[j] = self.reconstruct(self.decode_codes([blobs[j]]), domain=domain)[0]
         self._map_chunks(len(blobs), threads, chunk)
