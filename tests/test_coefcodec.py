@@ -657,3 +657,40 @@ def test_tc_verify_checks_every_blob(damaged_tc):
         "checksum" in by_file["data.zarr/bits/000000"][0][1].lower()
     assert rep.damaged_shards == [0, 1]
     assert "shard 000001: data.zarr/bits/000001: sample 6 (" in rep.format()
+
+
+@pytest.mark.parametrize("fmt", ["wds", "h5"])
+def test_tc_damaged_blob_in_wds_and_h5(tc_src, tmp_path, fmt):
+    """A flipped byte inside one stored blob (no chunk checksums in these formats: the blob's
+    CRC32 is the check): verify names the sample, the loader skips exactly it."""
+    from scatstore.loaders.stream import loader
+    from scatstore.stores import StoreError, open_dataset, verify
+
+    out = tmp_path / "out"
+    m = _encode_tc(tc_src, out, format=fmt)
+    ds = open_dataset(out)
+    victim = 7
+    blob = ds.get(victim, raw=True)[0]
+    sh = int(ds._shard_of[victim])
+    rel = next(r for r in m["store"]["shards"][sh]["files"] if r.endswith((".tar", ".h5")))
+    data = bytearray((out / rel).read_bytes())
+    at = bytes(data).find(blob)
+    assert at > 0 and bytes(data).find(blob, at + 1) < 0
+    data[at + len(blob) // 2] ^= 0x08
+    (out / rel).write_bytes(bytes(data))
+    _refresh_checksums(out, rel)
+    rep = verify(out)
+    assert not rep.ok
+    assert rep.damaged == [(sh, rel, f"sample {victim} ({ds.keys[victim]!r}): CRC32 mismatch "
+                                     "(damaged bytes)")]
+    ref = open_dataset(out)
+    with pytest.raises(StoreError, match=rf"sample {ds.keys[victim]!r} \(index {victim}\) of "
+                                         rf"shard {sh:06d} is damaged: CRC32"):
+        for _ in loader(out, 4, shuffle=False)(0):
+            pass
+    L = loader(out, 4, shuffle=True, seed=2, drop_last=False, skip_damaged=True)
+    kept = [int(i) for i in L(0).plan.order if int(i) != victim]
+    rows = [r for xb, _ in L(0) for r in xb.numpy()]
+    assert len(rows) == len(kept) == len(ds) - 1 and L.reader.damaged == {victim}
+    for r, i in zip(rows, kept):
+        np.testing.assert_array_equal(r, ref[i][0].reshape(51, 16, 16))
