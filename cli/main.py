@@ -140,7 +140,7 @@ def verify_cmd(out):
         return
     for line in result.lines():
         click.echo(line, err=True)
-    click.echo(f"scatstore: error: {out}: {len(result.damaged)} damaged files, "
+    click.echo(f"scatstore: error: {out}: {len(result.damaged)} damaged files or samples, "
                f"{len(result.problems)} other problems", err=True)
     sys.exit(1)
 

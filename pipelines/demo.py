@@ -35,6 +35,7 @@ def run_demo(out: str | Path, n_per_class: int = 12, workers: int = 1, progress:
         "imagenet-scat1-J3": dict(src=imagenet, method="scat1", J=3, format="zarr"),
         "imagenet-raw": dict(src=imagenet, method="raw", format="zarr"),
         "imagenet-scat1-J3-uint8-wds": dict(src=imagenet, method="scat1", J=3, format="wds", dtype="uint8"),
+        "imagenet-scat1-J3-tc": dict(src=imagenet, method="scat1", J=3, format="zarr", dtype="tc"),
         "coco-scat1-J3": dict(src=coco, method="scat1", J=3, format="h5"),
     }
     reports = {}
@@ -50,10 +51,16 @@ def run_demo(out: str | Path, n_per_class: int = 12, workers: int = 1, progress:
             raise RuntimeError(f"demo store {store} failed verification: {result.damaged}")
         reports[name] = report(store)
         echo(format_report(reports[name]))
-    echo("\n== summary (bytes on disk vs raw uint8 pixels)")
+    echo("\n== summary (bytes on disk vs raw uint8 pixels, vs the source files, vs a q90 JPEG "
+         "of the stored frame)")
     for name, r in reports.items():
         echo(f"{name:<30} {r['count']:>4} samples  {r['bytes_per_sample'] / 1000:>8.1f} kB/sample  "
              f"coefficients {r['coefficient_ratio']:.3f}×  bytes {r['bytes_ratio']:.3f}×  "
+             f"vs source {_x(r['source_bytes_ratio'])}  vs q90 JPEG {_x(r['ratio_vs_jpeg_q90'])}  "
              f"{r['bits_per_pixel']:.2f} bpp")
     sys.stdout.flush()
     return reports
+
+
+def _x(v) -> str:
+    return "—" if v is None else f"{v:.3f}×"

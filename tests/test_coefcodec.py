@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
 import threading
 import zlib
@@ -302,9 +303,14 @@ def test_damaged_or_foreign_blobs_are_refused(coeffs, codec50):
                          (blob[:10], "shorter")):
         with pytest.raises(CorruptCoefficientsError, match=msg):
             codec50.decode([blob, damaged])
+        # check: every bad blob of a list, by index, without decoding
+        bad = codec50.check([blob, damaged, blob, damaged])
+        assert sorted(bad) == [1, 3] and re.search(msg, bad[1]) and not bad[1].startswith("sample")
+    assert codec50.check([blob, blob]) == {}
     other = CoefficientCodec.fit(fit, quality=40)
     with pytest.raises(CorruptCoefficientsError, match="other parameters"):
         other.decode([blob])
+    assert list(other.check([blob])) == [0] and "other parameters" in other.check([blob])[0]
     rec = codec50.to_json()
     with pytest.raises(ValueError, match="fingerprint"):
         CoefficientCodec.from_json({**rec, "eps": rec["eps"] * 2})
@@ -580,3 +586,187 @@ def test_tc_store_damage_is_a_store_error(tc_src, tmp_path):
     (out / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(StoreError, match="coefficient_codec"):
         open_dataset(out)
+
+
+# ------------------------------------------------------------------ damage: skip_damaged, verify
+
+
+def _zarr_shard_chunks(adir):
+    """``(chunk size, [(offset, nbytes)])`` of the inner chunks of ``adir/c/0`` (the zarr
+    sharding index at the end of the file: n x (offset, nbytes) little-endian uint64, crc32c)."""
+    meta = json.loads((adir / "zarr.json").read_text())
+    (shard,) = meta["chunk_grid"]["configuration"]["chunk_shape"]
+    (chunk,) = meta["codecs"][0]["configuration"]["chunk_shape"]
+    n = shard // chunk
+    data = (adir / "c" / "0").read_bytes()
+    idx = np.frombuffer(data[-(16 * n + 4):-4], "<u8").reshape(n, 2)
+    return chunk, [(int(a), int(b)) for a, b in idx]
+
+
+def _refresh_checksums(out, rel):
+    """The manifest's sha256 and size of ``rel`` recomputed (damage that verify's re-hash of
+    the files would not see: only the format's and the codec's checks can)."""
+    import hashlib
+
+    m = json.loads((out / "manifest.json").read_text())
+    for s in m["store"]["shards"]:
+        if rel in s["files"]:
+            s["files"][rel]["sha256"] = hashlib.sha256((out / rel).read_bytes()).hexdigest()
+    (out / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.fixture(scope="module")
+def damaged_tc(tc_src, tmp_path_factory):
+    """A zarr tc store (3 shards of 5, 5, 2 samples; bits inner chunks of <= 4 kB, so a shard
+    has several) and an intact copy; then in shard 1 one blob damaged with its chunk's crc32c
+    recomputed (only the codec's CRC32 sees it), in shard 0 one inner chunk failing its crc32c.
+    Returns (store, intact copy, {damaged dataset index: kind})."""
+    import shutil
+
+    import google_crc32c
+    import zarr
+
+    from scatstore.stores.formats.zarr import writer
+
+    base = tmp_path_factory.mktemp("damaged")
+    out, intact = base / "out", base / "intact"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(writer, "BITS_CHUNK_MAX", 4096)
+        _encode_tc(tc_src, out)
+    shutil.copytree(out, intact)
+    g = zarr.open_group(str(out / "data.zarr"), mode="r")
+    off = np.asarray(g["bits_offsets"][:], dtype=np.int64)
+    S = 5
+    damaged = {}
+    # blob level: sample 6 (second of shard 1), a payload byte; the chunk's crc32c made right
+    adir = out / "data.zarr" / "bits" / "000001"
+    chunk, chunks = _zarr_shard_chunks(adir)
+    assert len(chunks) >= 3
+    p = int((off[6] + off[7]) // 2 - off[S])
+    f = adir / "c" / "0"
+    data = bytearray(f.read_bytes())
+    c_off = chunks[p // chunk][0]
+    data[c_off + p % chunk] ^= 0x21
+    data[c_off + chunk:c_off + chunk + 4] = google_crc32c.value(
+        bytes(data[c_off:c_off + chunk])).to_bytes(4, "little")
+    f.write_bytes(bytes(data))
+    _refresh_checksums(out, "data.zarr/bits/000001/c/0")
+    damaged[6] = "blob"
+    # chunk level: shard 0's inner chunk 1; its samples are those whose bytes overlap it
+    adir = out / "data.zarr" / "bits" / "000000"
+    chunk, chunks = _zarr_shard_chunks(adir)
+    f = adir / "c" / "0"
+    data = bytearray(f.read_bytes())
+    data[chunks[1][0] + 7] ^= 0x40
+    f.write_bytes(bytes(data))
+    for i in range(S):
+        if off[i] < 2 * chunk and off[i + 1] > chunk:
+            damaged[i] = "chunk"
+    assert 0 < sum(v == "chunk" for v in damaged.values()) < S  # healthy samples share the shard
+    return out, intact, damaged
+
+
+def test_tc_loader_skip_damaged_leaves_out_exactly_the_damaged_samples(damaged_tc, caplog):
+    import logging
+
+    from scatstore.loaders.stream import loader
+    from scatstore.stores import StoreError, open_dataset
+
+    out, intact, damaged = damaged_tc
+    ds, ref = open_dataset(out), open_dataset(intact)
+    # without skip_damaged: one line naming the store, the sample and its shard
+    for shuffle in (False, True):
+        with pytest.raises(StoreError) as ei:
+            for _ in loader(out, 4, shuffle=shuffle, num_workers=2)(0):
+                pass
+        msg = str(ei.value)
+        assert "\n" not in msg and msg.startswith(f"{out}: sample ")
+        i = int(re.search(r"\(index (\d+)\) of shard (\d{6})", msg).group(1))
+        assert i in damaged and f"of shard {int(ds._shard_of[i]):06d} is damaged" in msg
+        assert ("crc32c" if damaged[i] == "chunk" else "CRC32") in msg
+    # with it: counted, logged once per chunk / blob, left out of their batches
+    caplog.set_level(logging.WARNING, logger="scatstore")
+    L = loader(out, 4, shuffle=True, seed=1, num_workers=2, drop_last=False, skip_damaged=True)
+    for epoch in (0, 1):
+        order = L(epoch).plan.order
+        kept = [int(i) for i in order if int(i) not in damaged]
+        rows, labels = [], []
+        for xb, yb in L(epoch):
+            assert xb.shape[1:] == (51, 16, 16) and len(xb) == len(yb) > 0
+            rows += list(xb.numpy())
+            labels += yb.tolist()
+        assert len(rows) == len(kept) == len(ds) - len(damaged)
+        for r, lab, i in zip(rows, labels, kept):
+            want = ds[i][0].reshape(51, 16, 16)  # the map-style reader of the damaged store
+            np.testing.assert_array_equal(r, want)
+            np.testing.assert_array_equal(r, ref[i][0].reshape(51, 16, 16))  # = intact store's
+            assert lab == ds.labels[i]
+        assert L.reader.damaged == set(damaged)
+        assert L.reader.damaged_chunks == 2
+        warnings = [r.getMessage() for r in caplog.records if "skip_damaged" in r.getMessage()]
+        assert len(warnings) == 2, warnings  # the second epoch logs nothing new
+    assert any("inner chunk 1 fails its crc32c" in w for w in warnings)
+    key6 = ds.keys[6]
+    assert any(f"sample {key6!r} (index 6) of shard 000001: CRC32 mismatch" in w for w in warnings)
+    # the map-style reader refuses the damaged samples and reads their shard-mates
+    for i, kind in damaged.items():
+        with pytest.raises(StoreError, match="crc32c" if kind == "chunk" else "CRC32"):
+            ds[i]
+
+
+def test_tc_verify_checks_every_blob(damaged_tc):
+    from scatstore.stores import open_dataset, verify
+
+    out, intact, damaged = damaged_tc
+    assert verify(intact).ok
+    rep = verify(out)
+    assert not rep.ok and rep.exit_code == 1
+    by_file = {}
+    for s, rel, why in rep.damaged:
+        by_file.setdefault(rel, []).append((s, why))
+    # shard 0: its bits fail their crc32c (and its sha256); shard 1: only the codec sees sample 6
+    assert by_file["data.zarr/bits/000001"] == [
+        (1, f"sample 6 ({open_dataset(intact).keys[6]!r}): CRC32 mismatch (damaged bytes)")]
+    assert "data.zarr/bits/000001/c/0" not in by_file  # its checksums were refreshed
+    assert [s for s, _ in by_file["data.zarr/bits/000000"]] == [0]
+    assert "crc32c" in by_file["data.zarr/bits/000000"][0][1].lower() or \
+        "checksum" in by_file["data.zarr/bits/000000"][0][1].lower()
+    assert rep.damaged_shards == [0, 1]
+    assert "shard 000001: data.zarr/bits/000001: sample 6 (" in rep.format()
+
+
+@pytest.mark.parametrize("fmt", ["wds", "h5"])
+def test_tc_damaged_blob_in_wds_and_h5(tc_src, tmp_path, fmt):
+    """A flipped byte inside one stored blob (no chunk checksums in these formats: the blob's
+    CRC32 is the check): verify names the sample, the loader skips exactly it."""
+    from scatstore.loaders.stream import loader
+    from scatstore.stores import StoreError, open_dataset, verify
+
+    out = tmp_path / "out"
+    m = _encode_tc(tc_src, out, format=fmt)
+    ds = open_dataset(out)
+    victim = 7
+    blob = ds.get(victim, raw=True)[0]
+    sh = int(ds._shard_of[victim])
+    rel = next(r for r in m["store"]["shards"][sh]["files"] if r.endswith((".tar", ".h5")))
+    data = bytearray((out / rel).read_bytes())
+    at = bytes(data).find(blob)
+    assert at > 0 and bytes(data).find(blob, at + 1) < 0
+    data[at + len(blob) // 2] ^= 0x08
+    (out / rel).write_bytes(bytes(data))
+    _refresh_checksums(out, rel)
+    rep = verify(out)
+    assert not rep.ok
+    assert rep.damaged == [(sh, rel, f"sample {victim} ({ds.keys[victim]!r}): CRC32 mismatch "
+                                     "(damaged bytes)")]
+    ref = open_dataset(out)
+    with pytest.raises(StoreError, match=rf"sample {ds.keys[victim]!r} \(index {victim}\) of "
+                                         rf"shard {sh:06d} is damaged: CRC32"):
+        for _ in loader(out, 4, shuffle=False)(0):
+            pass
+    L = loader(out, 4, shuffle=True, seed=2, drop_last=False, skip_damaged=True)
+    kept = [int(i) for i in L(0).plan.order if int(i) != victim]
+    rows = [r for xb, _ in L(0) for r in xb.numpy()]
+    assert len(rows) == len(kept) == len(ds) - 1 and L.reader.damaged == {victim}
+    for r, i in zip(rows, kept):
+        np.testing.assert_array_equal(r, ref[i][0].reshape(51, 16, 16))

@@ -724,7 +724,14 @@ class LoaderEpoch:
         decoded by the codec on ``num_workers`` threads (blosc and the reconstruction kernel
         run without the GIL), one batch ahead on a helper thread.
         On CUDA only the entropy stage runs on the CPU: the int8 codes go to the device and
-        are reconstructed there."""
+        are reconstructed there.
+        Damage (a chunk failing its crc32c, a blob failing the codec's checks) is found per
+        sample (:meth:`_tc_damage`): with ``skip_damaged`` a damaged sample decodes as zeros,
+        is recorded in ``loader.reader.damaged`` and left out of its batch after ``_finish``
+        (as on the other paths), so the healthy samples are those of an intact store."""
+        from scatstore.stores.errors import DamagedDataError, StoreError
+        from scatstore.transforms.coefcodec import CorruptCoefficientsError
+
         o = self.owner
         codec, B, plan = o.coef_codec, o.batch_size, self.plan
         order, wins = plan.order, plan.windows
@@ -737,18 +744,44 @@ class LoaderEpoch:
             a, b = int(wins[w]), int(wins[w + 1])
             self._prefetch_from(a)  # remote: this window's shards and the next ones
             u, inv = np.unique(order[a:b], return_inverse=True)
-            blobs = o.dataset.get_batch(u)["x"]
-            o._add_bytes(sum(len(x) for x in blobs))
+            try:
+                blobs = o.dataset.get_batch(u)["x"]
+            except DamagedDataError:
+                blobs = self._tc_read_damaged(u)
+            o._add_bytes(sum(len(x) for x in blobs if x is not None))
             return a, [blobs[i] for i in inv.tolist()]
+
+        def decode(blobs):
+            if cuda:
+                q = codec.decode_codes(blobs, threads=o.num_workers)
+                return codec.reconstruct(q, dtype=out_dt, device=o.device)
+            # into a recycled batch buffer (no page faults of a fresh 60 MB output)
+            x = o._out_pool.get((len(blobs), *o.out_shape), getattr(torch, out_dt))
+            codec.decode(blobs, dtype=out_dt, threads=o.num_workers, out=x.numpy())
+            return x.reshape(len(blobs), *codec.shape)
 
         def batch(step, a, blobs):
             lo, hi = step * B - a, min((step + 1) * B, T) - a
-            if cuda:
-                q = codec.decode_codes(blobs[lo:hi], threads=o.num_workers)
-                x = codec.reconstruct(q, dtype=out_dt, device=o.device)
-            else:  # into a recycled batch buffer (no page faults of a fresh 60 MB output)
-                x = o._out_pool.get((hi - lo, *o.out_shape), getattr(torch, out_dt))
-                codec.decode(blobs[lo:hi], dtype=out_dt, threads=o.num_workers, out=x.numpy())
+            mine = blobs[lo:hi]
+            ok = [b is not None for b in mine]
+            x = err = None
+            if all(ok):
+                try:
+                    x = decode(mine)
+                except CorruptCoefficientsError as e:
+                    err = e  # which samples: below
+            if x is None:
+                bad = codec.check([b if b is not None else b"" for b in mine])
+                if not bad:  # the codec refused a blob that its checks pass
+                    raise StoreError(f"{o.path}: {err}")
+                rows = order[step * B:step * B + len(mine)]
+                self._tc_damage([(int(rows[r]), why) for r, why in sorted(bad.items()) if ok[r]],
+                                blobs=True)
+                good = [r for r in range(len(mine)) if r not in bad]
+                x = torch.zeros((len(mine), *codec.shape), device=o.device,
+                                dtype=torch.float16 if out_dt == "float16" else torch.float32)
+                if good:
+                    x[torch.as_tensor(good, device=o.device)] = decode([mine[r] for r in good])
             if x.dtype != want:
                 x = x.to(want)
             return x.reshape(hi - lo, *o.out_shape)
@@ -770,27 +803,81 @@ class LoaderEpoch:
             for step in range(self.start_step, plan.n_batches):
                 a, blobs = window(int(np.searchsorted(wins, step * B, side="right") - 1))
                 fut = ex.submit(batch, step, a, blobs)
-                if pending is not None:
-                    yield self._tc_finish(*pending)
+                if pending is not None and (out := self._tc_finish(*pending)) is not None:
+                    yield out
                 pending = (step, fut)
-            if pending is not None:
-                yield self._tc_finish(*pending)
+            if pending is not None and (out := self._tc_finish(*pending)) is not None:
+                yield out
 
     def _tc_finish(self, step, fut):
+        """Batch ``step`` of :meth:`_iter_tc`, finished; ``None`` when all its samples are
+        damaged (``skip_damaged``)."""
         o = self.owner
-        from scatstore.stores.errors import StoreError
-        from scatstore.transforms.coefcodec import CorruptCoefficientsError
-
-        try:
-            x = fut.result()
-        except CorruptCoefficientsError as e:
-            raise StoreError(f"{o.path}: {e}") from None
+        x = fut.result()
         idx = self.batch_indices(step)
         y = torch.from_numpy(o.labels[idx]).to(o.device)
         xf, yy = o._finish(x, None, y, self.epoch, step, None, converted=True)
         if self.track:
             o._step = step + 1
+        if o.reader.damaged:
+            xf, yy = self._drop_damaged(xf, yy, step)
+            if not len(yy):
+                return None
         return xf, yy
+
+    def _tc_read_damaged(self, u: np.ndarray) -> list:
+        """The blobs of dataset indices ``u`` when a read of them met damaged bytes: shard by
+        shard, and sample by sample in a shard that fails, so that exactly the samples whose
+        bytes are damaged are found (``None`` in their place; :meth:`_tc_damage`)."""
+        from scatstore.stores.errors import DamagedDataError
+
+        ds = self.owner.dataset
+        blobs: list = [None] * len(u)
+        damaged = []
+        sh = ds._shard_of[u]
+        for s in np.unique(sh).tolist():
+            pos = np.flatnonzero(sh == s)
+            try:
+                got = ds.get_batch(u[pos])["x"]
+            except DamagedDataError:
+                got = []
+                for p in pos.tolist():
+                    try:
+                        got.append(ds.get_batch(u[p:p + 1])["x"][0])
+                    except DamagedDataError as e:
+                        got.append(None)
+                        damaged.append((int(u[p]), str(e)))
+            for p, b in zip(pos.tolist(), got):
+                blobs[p] = b
+        self._tc_damage(damaged)
+        return blobs
+
+    def _tc_damage(self, items: list, blobs: bool = False) -> None:
+        """Damaged samples ``[(dataset index, reason)]`` of a tc store (``blobs``: reasons of
+        the codec's blob checks, else of damaged stored bytes, which name their file): without
+        ``skip_damaged`` a one-line ``StoreError`` naming the store, the (first) sample and its
+        shard; with it, recorded in ``loader.reader.damaged`` with one warning per damaged
+        chunk (the samples that share a reason) or blob."""
+        from scatstore.stores.errors import StoreError
+
+        if not items:
+            return
+        o = self.owner
+        ds = o.dataset
+
+        def where(i):
+            return (f"{o.path}: sample {ds.keys[i]!r} (index {i}) of shard "
+                    f"{int(ds._shard_of[i]):06d}")
+        if not o.reader.skip_damaged:
+            i, why = items[0]
+            raise StoreError(f"{where(i)} is damaged: {why}")
+        by_reason: dict = {}
+        for i, why in items:
+            if blobs:  # a blob's own check: one line per sample
+                why = f"{where(i)}: {why}"
+            by_reason.setdefault(why, []).append(i)
+        for why, idx in by_reason.items():
+            o.reader.damaged_read(idx, [], why)
 
     def _prefetch_from(self, pos: int) -> None:
         """A remote store: fetch in the background the shards of this rank's samples from

@@ -5,3 +5,9 @@ from __future__ import annotations
 
 class StoreError(RuntimeError):
     """Anything wrong with a store: bad spec or batch, missing/corrupt files, unsupported manifest."""
+
+
+class DamagedDataError(StoreError):
+    """Stored bytes that fail their check (a chunk's crc32c, a shard index's): the samples they
+    hold are damaged, the rest of the store need not be (``skip_damaged`` readers leave exactly
+    those samples out)."""

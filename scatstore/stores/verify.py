@@ -214,3 +214,27 @@ def row_blocks(lo: int, hi: int, row_nbytes: int, target: int = 1 << 26, multipl
     step = max(1, target // max(1, row_nbytes)) // multiple * multiple or multiple
     for a in range(lo, hi, step):
         yield a, min(hi, a + step)
+
+
+def coefficient_codec(m: dict, report):
+    """The manifest's ``CoefficientCodec`` (``dtype tc`` stores), else ``None``; a record that
+    does not load is a problem of the report (and ``None``)."""
+    rec = m.get("coefficient_codec")
+    if rec is None:
+        return None
+    from scatstore.transforms.coefcodec import CoefficientCodec
+
+    try:
+        return CoefficientCodec.from_json(rec)
+    except (ValueError, KeyError, TypeError) as e:
+        report.problems.append(f"bad coefficient_codec in the manifest: {e}")
+        return None
+
+
+def check_blobs(report, codec, shard: int, rel: str, blobs, indices, keys) -> None:
+    """``dtype tc``: the blobs of one shard through the codec's own checks (header, CRC32,
+    parameters fingerprint, blosc sizes; ``CoefficientCodec.check``), each bad one a damaged
+    entry ``(shard, rel, "sample INDEX (KEY): reason")``, INDEX the dataset index
+    (``open_dataset(OUT)[INDEX]``)."""
+    for j, why in sorted(codec.check(blobs).items()):
+        report.damaged.append((shard, rel, f"sample {int(indices[j])} ({keys[j]!r}): {why}"))

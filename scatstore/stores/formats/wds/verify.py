@@ -2,7 +2,9 @@
 no unlisted ``.tar`` beside the shards (a plain ``shard-*.tar`` glob would read it), every member
 of every shard a regular file named ``KEY.EXT`` with a valid key and one of this store's
 extensions (no ``../`` paths, no ``.pyd``/``.pickle`` that ``webdataset``'s default decoders
-would unpickle), each sample's members complete and in order, the keys those of ``index.npy``."""
+would unpickle), each sample's members complete and in order, the keys those of ``index.npy``;
+for ``dtype tc`` stores, every ``KEY.bits`` blob through the codec's own checks
+(``verify.check_blobs``)."""
 from __future__ import annotations
 
 import tarfile
@@ -12,7 +14,7 @@ from pathlib import Path
 from ...base import StoreSpec
 from ...errors import StoreError
 from ...index_npy import load_index_npy, verify_index_npy
-from ...verify import data_files
+from ...verify import check_blobs, coefficient_codec, data_files
 from .tar import check_member_name, member_exts
 
 
@@ -26,14 +28,33 @@ def verify(root: Path, m: dict, report) -> None:
     except StoreError as e:
         report.problems.append(str(e))
         ix = None
+    codec = coefficient_codec(m, report)
+    index = {} if ix is None else {k.decode("ascii"): i for i, k in enumerate(ix["key"])}
     for s in m["store"]["shards"]:
         keys = None if ix is None else [k.decode("ascii") for k in ix["key"][ix["shard"] == s["index"]]]
         for rel in sorted(s["files"]):
             if rel.endswith(".tar"):
-                for why in member_problems(root / rel, exts, keys):
+                problems = member_problems(root / rel, exts, keys)
+                for why in problems:
                     report.damaged.append((s["index"], rel, why))
+                if codec is not None and not problems:
+                    blobs = _member_bytes(root / rel, ".bits")
+                    check_blobs(report, codec, s["index"], rel, [b for _, b in blobs],
+                                [index.get(k, -1) for k, _ in blobs], [k for k, _ in blobs])
     if ix is not None:
         verify_index_npy(root, m, report)
+
+
+def _member_bytes(path: Path, ext: str) -> list:
+    """``(key, bytes)`` of the members ``KEY.ext`` of a tar whose members passed
+    :func:`member_problems`."""
+    out = []
+    with tarfile.open(path, mode="r:") as tf:
+        for ti in tf:
+            key, e = check_member_name(ti.name)
+            if e == ext.lstrip("."):
+                out.append((key, tf.extractfile(ti).read()))
+    return out
 
 
 def member_problems(path: Path, exts: list, keys) -> list:

@@ -9,7 +9,7 @@ import threading
 import numpy as np
 
 from ...dataset import ScatDataset
-from ...errors import StoreError
+from ...errors import DamagedDataError, StoreError
 from ...safepath import check_key_array
 from .writer import GROUP
 
@@ -231,7 +231,7 @@ class _BitsShard:
         ilen = self.n * 16 + 4
         raw = os.pread(fd, ilen, size - ilen) if size >= ilen else b""
         if len(raw) != ilen or google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
-            raise StoreError(f"{self.path}: shard index damaged (crc32c) or truncated")
+            raise DamagedDataError(f"{self.path}: shard index damaged (crc32c) or truncated")
         a = np.frombuffer(raw[:-4], dtype="<u8").reshape(self.n, 2)
         present = a[:, 0] != np.uint64(2 ** 64 - 1)
         if (present & ((a[:, 0] + a[:, 1] > np.uint64(size - ilen)) |
@@ -258,7 +258,7 @@ class _BitsShard:
                     continue  # never written: fill value 0
                 raw = os.pread(fd, c + 4, int(self.off[ci]))
                 if len(raw) != c + 4 or google_crc32c.value(raw[:c]) != int.from_bytes(raw[c:], "little"):
-                    raise StoreError(f"{self.path}: inner chunk {ci} fails its crc32c check "
+                    raise DamagedDataError(f"{self.path}: inner chunk {ci} fails its crc32c check "
                                      "(damaged store)")
                 out[(ci - c0) * c:(ci - c0 + 1) * c] = np.frombuffer(raw, np.uint8, c)
         finally:
