@@ -179,6 +179,48 @@ def test_a_missing_object_is_a_one_line_error_naming_it(stores, s3, tmp_path):
         open_dataset("s3://bkt/nothing-here")
 
 
+@pytest.mark.parametrize("fmt,extra", [("zarr", "data.zarr/x/c/99/0/0/0"),
+                                       ("wds", "shard-000099.tar")])
+def test_verify_of_a_url_names_the_objects_the_manifest_does_not(stores, s3, fmt, extra):
+    _, url, _ = stores[fmt]
+    copy = f"bkt/extra-{fmt}"
+    s3.copy(url[5:], copy, recursive=True)
+    s3.pipe_file(f"{copy}/{extra}", b"not a shard of this store")
+    s3.invalidate_cache()
+    rep = verify(f"s3://{copy}")
+    assert not rep.ok and not rep.damaged
+    why = "zarr readers would open it" if fmt == "zarr" else "a plain shard-*.tar glob would read it"
+    assert rep.problems == [f"unlisted file {extra}: not part of the store ({why})"], rep.problems
+    s3.rm_file(f"{copy}/{extra}")
+    s3.invalidate_cache()
+    assert verify(f"s3://{copy}").ok
+
+
+def test_a_resume_against_the_bucket_keeps_committed_shards_without_downloading_them(
+        stores, s3, src, monkeypatch):
+    _, clean, _ = stores["zarr"]
+    url = "s3://bkt/resumed"
+    s3.copy(clean[5:], url[5:], recursive=True)   # the job, its notes, records and objects
+    s3.rm_file(f"{url[5:]}/manifest.json")          # killed before the manifest,
+    s3.rm_file(f"{url[5:]}/_store/shard-000003.json")  # before shard 3's commit marker,
+    x2 = [k for k in s3.find(f"{url[5:]}/data.zarr/x/c/2")]
+    assert len(x2) == 1
+    s3.pipe_file(x2[0], s3.cat_file(x2[0])[:-10])  # and shard 2's object is not the recorded one
+    s3.invalidate_cache()
+    fs = sfs.as_path(url).fs
+    read: list = []
+    for name in ("cat_file", "open", "get_file"):   # every way the library reads an object
+        orig = getattr(fs, name)
+        monkeypatch.setattr(fs, name, functools.partial(
+            lambda orig, path, *a, **k: (read.append(path), orig(path, *a, **k))[1], orig))
+    _, lines = _run(src, url, format="zarr", shard_size=8)
+    assert "resuming: 3/5 shards complete and verified, 2 to do" in lines
+    s3.invalidate_cache()
+    assert _objects(s3, url[5:]) == _objects(s3, clean[5:])
+    data = [p for p in read if "/data.zarr/x/c/" in p]
+    assert data == [], data                          # committed shards: sizes only (HEAD)
+
+
 class _Flaky(http.server.SimpleHTTPRequestHandler):
     """Serves a directory read-only, with ``Range`` requests (as object stores and web servers
     do; http.server alone has none); answers 503 to the first ``fail[path]`` requests of a path

@@ -7,13 +7,13 @@ from pathlib import Path
 
 from ...errors import StoreError
 from ...index_npy import load_index_npy, verify_index_npy
-from ...verify import data_files, row_blocks
+from ...verify import row_blocks
 
 
 def verify(root: Path, m: dict, report) -> None:
     import h5py
 
-    report.unlisted(root, data_files(root, "", (".h5", ".hdf5")), "not a shard of this store")
+    report.unlisted(root, report.data_files(root, "", (".h5", ".hdf5")), "not a shard of this store")
     try:
         ix = load_index_npy(root, m)
     except StoreError as e:

@@ -272,13 +272,15 @@ class ZarrWriter(StoreWriter):
                 enc = _encode(name, kw, assign)
             adir = self.root / name
             if isinstance(adir, RemotePath):  # objects: remove only those not rewritten now
-                for rel in adir.rglob_files():
+                for rel in (adir.rglob_files() if name in present else ()):
                     if f"{name}/{rel}" not in enc:
                         (adir / rel).unlink(missing_ok=True)
             elif adir.exists():
                 shutil.rmtree(adir)
             return {f"{GROUP}/{k}": atomic_write_bytes(self.root / k, enc[k]) for k in sorted(enc)}
 
+        # in an object store, one listing says which arrays an earlier finalize left
+        present = {p.name for p in self.root.iterdir()} if self.remote else set()
         global_files: dict = {}
         # every array at once in an object store (a request's round trip each), in order here
         for files in each_of(one, ("valid", "y", "key", "meta_json", "meta_offsets", "boxes",
