@@ -149,6 +149,28 @@ class ShardCache:
                 self._lru.pop(s, None)
                 self._lru[s] = None
 
+    def on_ready(self, shards, fn) -> None:
+        """Call ``fn(None)`` once every file of these shards is in the mirror (fetching what is
+        not, behind the fetches already queued), or ``fn(exc)`` with the first failure: at once
+        when all are there, else in the fetch thread that completes the last one."""
+        futs = [self._submit(rel, size) for s in shards
+                for rel, size in self.shard_files.get(int(s), {}).items()]
+        left = [len(futs)]
+        lock = threading.Lock()
+        if not futs:
+            fn(None)
+            return
+
+        def done(f: Future) -> None:
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                errs = [g.exception() for g in futs if g.exception() is not None]
+                fn(errs[0] if errs else None)
+        for f in futs:
+            f.add_done_callback(done)
+
     def _submit(self, rel: str, size: int) -> Future:
         path = self.root / rel
         if _size_is(path, size):
