@@ -224,9 +224,10 @@ def test_a_resume_against_the_bucket_keeps_committed_shards_without_downloading_
 class _Flaky(http.server.SimpleHTTPRequestHandler):
     """Serves a directory read-only, with ``Range`` requests (as object stores and web servers
     do; http.server alone has none); answers 503 to the first ``fail[path]`` requests of a path
-    (``-1``: always)."""
+    (``-1``: always); a GET of a path in ``hold`` waits for its event first (a slow object)."""
 
     fail: dict = {}
+    hold: dict = {}
     seen: dict = {}
     ranged: list = []
 
@@ -263,6 +264,9 @@ class _Flaky(http.server.SimpleHTTPRequestHandler):
         return False
 
     def do_GET(self):
+        hold = self.hold.get(self.path.split("?")[0])
+        if hold is not None:
+            hold.wait(30)
         if not self._maybe_503():
             super().do_GET()
 
@@ -279,7 +283,7 @@ def http_store(stores, monkeypatch):
     """The local wds store served over HTTP on 127.0.0.1 (read-only), through _Flaky."""
     local, _, _ = stores["wds"]
     monkeypatch.setattr(sfs, "BACKOFF_S", 0.01)
-    _Flaky.fail, _Flaky.seen, _Flaky.ranged = {}, {}, []
+    _Flaky.fail, _Flaky.seen, _Flaky.ranged, _Flaky.hold = {}, {}, [], {}
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
                                           functools.partial(_Flaky, directory=str(local)))
     th = threading.Thread(target=srv.serve_forever, daemon=True)
@@ -300,6 +304,29 @@ def test_a_webdataset_store_streams_over_http_through_transient_503s(http_store,
     _assert_same_batches(loader(url, 4, cache_dir=tmp_path / "l", shuffle=True),
                          loader(local, 4, shuffle=True), epochs=(0,))
     assert _Flaky.fail["/shard-000002.tar"] == 0       # its 503s were met and retried
+
+
+def test_a_slow_shard_does_not_hold_up_the_reads_of_the_shards_that_arrived(http_store,
+                                                                            tmp_path):
+    local, url = http_store
+    slow = _Flaky.hold["/shard-000000.tar"] = threading.Event()
+    # one window over every shard, one reader thread: the pieces of shard 0 come first
+    kw = dict(shuffle=False, buffer_size=1000, num_workers=1)
+    ld = loader(url, 4, cache_dir=tmp_path, **kw)
+    got: list = []
+    th = threading.Thread(target=lambda: got.extend(ld(0)), daemon=True)
+    th.start()
+    cache, others = ld.dataset.cache, set(range(1, len(ld.dataset.cache.shard_files)))
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not others <= set(cache._lru):
+        time.sleep(0.02)
+    read_meanwhile = set(cache._lru)                    # pieces read (their shards ensured)
+    slow.set()
+    th.join(30)
+    assert read_meanwhile == others, read_meanwhile     # all but the slow one, before it came
+    ref = list(loader(local, 4, **kw)(0))
+    assert len(got) == len(ref) and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+                                        for a, b in zip(got, ref))
 
 
 def test_a_503_storm_is_a_one_line_error_naming_the_object(http_store, tmp_path):

@@ -26,7 +26,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from pathlib import Path
 
 from .errors import StoreError
@@ -165,9 +165,10 @@ class ShardCache:
             with lock:
                 left[0] -= 1
                 last = left[0] == 0
-            if last:
-                errs = [g.exception() for g in futs if g.exception() is not None]
-                fn(errs[0] if errs else None)
+            if last:  # (a fetch cancelled by close() counts as failed)
+                errs = [CancelledError(f"fetch of {self.where} cancelled") if g.cancelled()
+                        else g.exception() for g in futs]
+                fn(next((e for e in errs if e is not None), None))
         for f in futs:
             f.add_done_callback(done)
 
