@@ -78,8 +78,8 @@ class ShardCache:
         self._protect: set = set()
         # with no size limit (nothing is ever evicted): the shards this process has seen whole
         # in the mirror, which prefetch, ensure and has_shard then skip without a stat per
-        # file (a warm epoch's every step asked for all the shards still ahead: 20k stats and
-        # ~10 % of a warm cae epoch's time)
+        # file (every step of a warm epoch asked for all the shards still ahead: ~20k stats
+        # per warm cae epoch, about a quarter of its time)
         self._have: set = set()
         self.fetched_bytes = 0
 
