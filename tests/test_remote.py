@@ -189,7 +189,8 @@ def test_verify_of_a_url_names_the_objects_the_manifest_does_not(stores, s3, fmt
     s3.invalidate_cache()
     rep = verify(f"s3://{copy}")
     assert not rep.ok and not rep.damaged
-    why = "zarr readers would open it" if fmt == "zarr" else "a plain shard-*.tar glob would read it"
+    why = ("zarr readers would open it" if fmt == "zarr"
+           else "a plain shard-*.tar glob would read it")
     assert rep.problems == [f"unlisted file {extra}: not part of the store ({why})"], rep.problems
     s3.rm_file(f"{copy}/{extra}")
     s3.invalidate_cache()

@@ -13,7 +13,8 @@ from ...verify import row_blocks
 def verify(root: Path, m: dict, report) -> None:
     import h5py
 
-    report.unlisted(root, report.data_files(root, "", (".h5", ".hdf5")), "not a shard of this store")
+    report.unlisted(root, report.data_files(root, "", (".h5", ".hdf5")),
+                    "not a shard of this store")
     try:
         ix = load_index_npy(root, m)
     except StoreError as e:
