@@ -179,12 +179,56 @@ def test_a_missing_object_is_a_one_line_error_naming_it(stores, s3, tmp_path):
         open_dataset("s3://bkt/nothing-here")
 
 
+@pytest.mark.parametrize("fmt,extra", [("zarr", "data.zarr/x/c/99/0/0/0"),
+                                       ("wds", "shard-000099.tar")])
+def test_verify_of_a_url_names_the_objects_the_manifest_does_not(stores, s3, fmt, extra):
+    _, url, _ = stores[fmt]
+    copy = f"bkt/extra-{fmt}"
+    s3.copy(url[5:], copy, recursive=True)
+    s3.pipe_file(f"{copy}/{extra}", b"not a shard of this store")
+    s3.invalidate_cache()
+    rep = verify(f"s3://{copy}")
+    assert not rep.ok and not rep.damaged
+    why = ("zarr readers would open it" if fmt == "zarr"
+           else "a plain shard-*.tar glob would read it")
+    assert rep.problems == [f"unlisted file {extra}: not part of the store ({why})"], rep.problems
+    s3.rm_file(f"{copy}/{extra}")
+    s3.invalidate_cache()
+    assert verify(f"s3://{copy}").ok
+
+
+def test_a_resume_against_the_bucket_keeps_committed_shards_without_downloading_them(
+        stores, s3, src, monkeypatch):
+    _, clean, _ = stores["zarr"]
+    url = "s3://bkt/resumed"
+    s3.copy(clean[5:], url[5:], recursive=True)   # the job, its notes, records and objects
+    s3.rm_file(f"{url[5:]}/manifest.json")          # killed before the manifest,
+    s3.rm_file(f"{url[5:]}/_store/shard-000003.json")  # before shard 3's commit marker,
+    x2 = [k for k in s3.find(f"{url[5:]}/data.zarr/x/c/2")]
+    assert len(x2) == 1
+    s3.pipe_file(x2[0], s3.cat_file(x2[0])[:-10])  # and shard 2's object is not the recorded one
+    s3.invalidate_cache()
+    fs = sfs.as_path(url).fs
+    read: list = []
+    for name in ("cat_file", "open", "get_file"):   # every way the library reads an object
+        orig = getattr(fs, name)
+        monkeypatch.setattr(fs, name, functools.partial(
+            lambda orig, path, *a, **k: (read.append(path), orig(path, *a, **k))[1], orig))
+    _, lines = _run(src, url, format="zarr", shard_size=8)
+    assert "resuming: 3/5 shards complete and verified, 2 to do" in lines
+    s3.invalidate_cache()
+    assert _objects(s3, url[5:]) == _objects(s3, clean[5:])
+    data = [p for p in read if "/data.zarr/x/c/" in p]
+    assert data == [], data                          # committed shards: sizes only (HEAD)
+
+
 class _Flaky(http.server.SimpleHTTPRequestHandler):
     """Serves a directory read-only, with ``Range`` requests (as object stores and web servers
     do; http.server alone has none); answers 503 to the first ``fail[path]`` requests of a path
-    (``-1``: always)."""
+    (``-1``: always); a GET of a path in ``hold`` waits for its event first (a slow object)."""
 
     fail: dict = {}
+    hold: dict = {}
     seen: dict = {}
     ranged: list = []
 
@@ -221,6 +265,9 @@ class _Flaky(http.server.SimpleHTTPRequestHandler):
         return False
 
     def do_GET(self):
+        hold = self.hold.get(self.path.split("?")[0])
+        if hold is not None:
+            hold.wait(30)
         if not self._maybe_503():
             super().do_GET()
 
@@ -237,7 +284,7 @@ def http_store(stores, monkeypatch):
     """The local wds store served over HTTP on 127.0.0.1 (read-only), through _Flaky."""
     local, _, _ = stores["wds"]
     monkeypatch.setattr(sfs, "BACKOFF_S", 0.01)
-    _Flaky.fail, _Flaky.seen, _Flaky.ranged = {}, {}, []
+    _Flaky.fail, _Flaky.seen, _Flaky.ranged, _Flaky.hold = {}, {}, [], {}
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
                                           functools.partial(_Flaky, directory=str(local)))
     th = threading.Thread(target=srv.serve_forever, daemon=True)
@@ -258,6 +305,29 @@ def test_a_webdataset_store_streams_over_http_through_transient_503s(http_store,
     _assert_same_batches(loader(url, 4, cache_dir=tmp_path / "l", shuffle=True),
                          loader(local, 4, shuffle=True), epochs=(0,))
     assert _Flaky.fail["/shard-000002.tar"] == 0       # its 503s were met and retried
+
+
+def test_a_slow_shard_does_not_hold_up_the_reads_of_the_shards_that_arrived(http_store,
+                                                                            tmp_path):
+    local, url = http_store
+    slow = _Flaky.hold["/shard-000000.tar"] = threading.Event()
+    # one window over every shard, one reader thread: the pieces of shard 0 come first
+    kw = dict(shuffle=False, buffer_size=1000, num_workers=1)
+    ld = loader(url, 4, cache_dir=tmp_path, **kw)
+    got: list = []
+    th = threading.Thread(target=lambda: got.extend(ld(0)), daemon=True)
+    th.start()
+    cache, others = ld.dataset.cache, set(range(1, len(ld.dataset.cache.shard_files)))
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not others <= set(cache._lru):
+        time.sleep(0.02)
+    read_meanwhile = set(cache._lru)                    # pieces read (their shards ensured)
+    slow.set()
+    th.join(30)
+    assert read_meanwhile == others, read_meanwhile     # all but the slow one, before it came
+    ref = list(loader(local, 4, **kw)(0))
+    assert len(got) == len(ref) and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+                                        for a, b in zip(got, ref))
 
 
 def test_a_503_storm_is_a_one_line_error_naming_the_object(http_store, tmp_path):

@@ -30,7 +30,7 @@ import threading
 import time
 from pathlib import Path
 
-from scatstore.stores.fs import RemotePath, as_path
+from scatstore.stores.fs import RemotePath, as_path, each_of
 
 from .options import EncodeError
 
@@ -317,16 +317,18 @@ class ObjectLock:
 
 def load_done(out: Path, writer, n_shards: int) -> dict[int, dict]:
     """Committed shards whose files still hash to their records: index -> {record, rejected,
-    quality}."""
-    done = {}
-    for index in range(n_shards):
+    quality}. In an object store the shards are checked concurrently, by their objects' sizes
+    (``StoreWriter.check_shard``: nothing is downloaded)."""
+    def check(index):
         notes = read_notes(out, index)
         if notes is None:
-            continue
+            return None
         record = writer.load_record(index)
         if record is not None and writer.check_shard(record):
-            done[index] = {"record": record.to_dict(), **notes}
-    return done
+            return {"record": record.to_dict(), **notes}
+        return None
+    found = each_of(check, range(n_shards), isinstance(as_path(out), RemotePath))
+    return {i: d for i, d in enumerate(found) if d is not None}
 
 
 def count_committed(out: Path, writer, n_shards: int) -> int:

@@ -53,11 +53,13 @@ def commit(cfg, index, method, spec, params, results: dict, writer, spec_codec=N
     manifest's ``coefficient_codec``."""
     from scatstore.stores import ShardRecord
     from scatstore.stores.base import atomic_write_bytes
+    from scatstore.stores.fs import each_of
 
     records = [ShardRecord.from_dict(results[s]["record"]) for s in sorted(results)]
     rejected = sorted((r for s in results for r in results[s]["rejected"]), key=lambda r: r["slot"])
-    atomic_write_bytes(cfg.out / REJECTED_FILE, _jsonl(rejected))
-    atomic_write_bytes(cfg.out / SKIPPED_FILE, _jsonl(index.skipped()))
+    each_of(lambda nd: atomic_write_bytes(cfg.out / nd[0], nd[1]),
+            [(REJECTED_FILE, _jsonl(rejected)), (SKIPPED_FILE, _jsonl(index.skipped()))],
+            writer.remote)
     # Source bytes of the images actually stored, for an honest "vs source files" ratio.
     accepted = {r.get("source_key") for rec in records for r in rec.meta}
     item_bytes = {}

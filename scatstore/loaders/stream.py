@@ -58,7 +58,7 @@ import os
 import queue
 import threading
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -584,12 +584,13 @@ class LoaderEpoch:
         shard_of = o.dataset._shard_of
 
         def fetching(w, u):
-            """The read function of window ``w`` (dataset indices ``u``): local stores read at
-            once; a remote one first has the shards of each piece in its cache, while the
-            shards of later windows are fetched in the background (all of the epoch's with an
-            unlimited cache, else ``fetch_ahead`` windows), in the order they are needed."""
+            """The submit function of window ``w``'s reads (dataset indices ``u``; it returns a
+            future): local stores read at once; a remote one first has the shards of each piece
+            in its cache, while the shards of later windows are fetched in the background (all
+            of the epoch's with an unlimited cache, else ``fetch_ahead`` windows), in the order
+            they are needed."""
             if cache is None:
-                return lambda fn, *a: fn(*a)
+                return pool.submit
             mine = np.unique(shard_of[u])
             last = n_w if cache.cache_bytes is None else min(n_w, w + 1 + o.fetch_ahead)
             later = [np.unique(shard_of[order[int(wins[v]):int(wins[v + 1])]])
@@ -602,7 +603,30 @@ class LoaderEpoch:
             def run(fn, uu, *a):
                 cache.ensure(np.unique(shard_of[uu]).tolist(), protect=protect)
                 return fn(uu, *a)
-            return run
+
+            def piece(fn, uu, *a):
+                """The read of ``uu`` handed to the readers once its shards are cached: the
+                readers take pieces (of this window and the next) in the order their shards
+                arrive instead of waiting in turn for each."""
+                out: Future = Future()
+
+                def done(f):
+                    if f.exception() is not None:
+                        out.set_exception(f.exception())
+                    else:
+                        out.set_result(f.result())
+
+                def go(err):
+                    if err is not None:
+                        out.set_exception(err)
+                        return
+                    try:
+                        pool.submit(run, fn, uu, *a).add_done_callback(done)
+                    except RuntimeError as e:  # the readers are shut down: the epoch ended
+                        out.set_exception(e)
+                cache.on_ready(np.unique(shard_of[uu]).tolist(), go)
+                return out
+            return piece
 
         def submit(w):
             a, b = max(int(wins[w]), p0), int(wins[w + 1])
@@ -644,11 +668,11 @@ class LoaderEpoch:
             run = fetching(w, u)
             if mapped:
                 uaddr = addr[first]
-                futs = [pool.submit(run, o.reader.read_f32, u[c0:c1], uaddr[c0:c1], gather)
+                futs = [run(o.reader.read_f32, u[c0:c1], uaddr[c0:c1], gather)
                         for c0, c1 in zip(cuts[:-1], cuts[1:]) if c1 > c0]
             else:
                 udst = [dst[i] for i in first.tolist()]
-                futs = [pool.submit(run, o.reader.read, u[c0:c1], udst[c0:c1],
+                futs = [run(o.reader.read, u[c0:c1], udst[c0:c1],
                                     qb[c0:c1] if qb is not None else None)
                         for c0, c1 in zip(cuts[:-1], cuts[1:]) if c1 > c0]
             dup = np.setdiff1d(np.arange(len(seg)), first) if len(first) < len(seg) else None

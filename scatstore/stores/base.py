@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .errors import StoreError
-from .fs import as_path
+from .fs import RemotePath, as_path, each_of
 from .files import atomic_write_bytes, json_bytes, remove_tmp_files, sha256_file
 from .manifest import build_manifest, write_manifest
 from .registry import format_names
@@ -310,6 +310,12 @@ class StoreWriter:
     def __reduce__(self):
         return (type(self), (str(self.out), self.spec))
 
+    @property
+    def remote(self) -> bool:
+        """Whether the store is in an object store (independent requests then run concurrently,
+        ``fs.each_of``)."""
+        return isinstance(self.out, RemotePath)
+
     # ---------------------------------------------------------------- prepare
     @property
     def state_dir(self) -> Path:
@@ -377,10 +383,23 @@ class StoreWriter:
         return rec if rec.index == shard_index else None
 
     def check_shard(self, record: ShardRecord) -> bool:
-        """True when every file of the record exists with its recorded size and sha256."""
+        """True when every file of the record exists with its recorded size and sha256.
+
+        In an object store, with its recorded size only (one HEAD per object, nothing
+        downloaded): an object appears whole or not at all, and the record is written after
+        the shard's objects, so a record names complete objects; ``verify`` re-hashes them."""
         try:
             if record.count != len(record.slots) or not 0 <= record.index < self.spec.n_shards:
                 return False
+            if self.remote:
+                def size_ok(item):
+                    rel, info = item
+                    try:
+                        return inside(self.out, rel, "shard record file").stat().st_size \
+                            == info["bytes"]
+                    except FileNotFoundError:
+                        return False
+                return all(each_of(size_ok, sorted(record.files.items())))
             for rel, info in record.files.items():
                 p = inside(self.out, rel, "shard record file")  # records are read from OUT too
                 if p.is_symlink() or not p.is_file() or p.stat().st_size != info["bytes"]:
@@ -404,7 +423,7 @@ class StoreWriter:
             if any(not lo <= s < hi for s in r.slots) or len(r.slots) != r.count:
                 raise StoreError(f"record of shard {r.index} is inconsistent with the spec")
         # the records under _store/ are resume state; keep them equal to what is committed
-        for r in records:
+        def keep(r):
             data = json_bytes(r.to_dict())
             p = self.record_path(r.index)
             try:
@@ -413,6 +432,7 @@ class StoreWriter:
                 same = False
             if not same:
                 atomic_write_bytes(p, data)
+        each_of(keep, records, self.remote)
         global_files, store_extra = self._finalize_index(records)
         full = build_manifest(manifest, self.spec, self.layout, records, global_files, store_extra)
         write_manifest(self.out, full)

@@ -38,6 +38,9 @@ class VerifyReport:
     files_checked: int = 0
     bytes_checked: int = 0
     listed: set = field(default_factory=set)      # files the manifest lists (relative)
+    # a store at a URL: every object under its prefix (relative), listed there; the format's
+    # checks look for unlisted files among these instead of the local mirror's
+    remote_names: list | None = None
 
     @property
     def exit_code(self) -> int:
@@ -64,6 +67,21 @@ class VerifyReport:
         for rel in sorted(rels):
             if rel not in self.listed:
                 self.problems.append(f"unlisted file {rel}: not part of the store ({why})")
+
+    def data_files(self, root: Path, sub: str = "", suffixes: tuple = ()) -> list:
+        """:func:`data_files` of the store being verified: of ``root`` on disk, or of the
+        objects of the remote store (``remote_names``) whose mirror ``root`` is."""
+        if self.remote_names is None:
+            return data_files(root, sub, suffixes)
+        base = f"{sub}/" if sub else ""
+        out = []
+        for rel in self.remote_names:
+            if not rel.startswith(base):
+                continue
+            if suffixes and ("/" in rel[len(base):] or not rel.endswith(suffixes)):
+                continue
+            out.append(rel)
+        return out
 
     def lines(self) -> list:
         out = [f"damaged: {'global' if s < 0 else f'shard {s}'}: {f}: {why}"
@@ -108,7 +126,8 @@ def _files(store: dict):
 
 def verify(path) -> VerifyReport:
     """A store at a URL is downloaded into a fresh temporary mirror (every object, sizes checked
-    on the way, :mod:`scatstore.stores.cache`) and the mirror is verified: the report names the
+    on the way, :mod:`scatstore.stores.cache`) and the mirror is verified, the unlisted files of
+    the format's data area looked for among the objects under the URL: the report names the
     URL."""
     from .fs import RemotePath, as_path
 
@@ -145,6 +164,9 @@ def _verify_remote(url, rep: VerifyReport) -> None:
             root = ds.cache.root
         finally:
             ds.close()
+        # objects under the prefix that the manifest does not name: the mirror holds only the
+        # listed ones, so the format's checks look at the prefix's listing
+        rep.remote_names = sorted(url.rglob_files())
         _verify(root, rep)
 
 

@@ -6,17 +6,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ...errors import StoreError
-from ...index_npy import load_index_npy, verify_index_npy
 import numpy as np
 
-from ...verify import check_blobs, coefficient_codec, data_files, row_blocks
+from ...errors import StoreError
+from ...index_npy import load_index_npy, verify_index_npy
+from ...verify import check_blobs, coefficient_codec, row_blocks
 
 
 def verify(root: Path, m: dict, report) -> None:
     import h5py
 
-    report.unlisted(root, data_files(root, "", (".h5", ".hdf5")), "not a shard of this store")
+    report.unlisted(root, report.data_files(root, "", (".h5", ".hdf5")),
+                    "not a shard of this store")
     try:
         ix = load_index_npy(root, m)
     except StoreError as e:

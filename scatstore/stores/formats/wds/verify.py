@@ -14,12 +14,12 @@ from pathlib import Path
 from ...base import StoreSpec
 from ...errors import StoreError
 from ...index_npy import load_index_npy, verify_index_npy
-from ...verify import check_blobs, coefficient_codec, data_files
+from ...verify import check_blobs, coefficient_codec
 from .tar import check_member_name, member_exts
 
 
 def verify(root: Path, m: dict, report) -> None:
-    report.unlisted(root, data_files(root, "", (".tar", ".tar.gz", ".tgz", ".tar.zst")),
+    report.unlisted(root, report.data_files(root, "", (".tar", ".tar.gz", ".tgz", ".tar.zst")),
                     "a plain shard-*.tar glob would read it")
     spec = StoreSpec.from_dict(m["store"]["spec"])
     exts = member_exts(spec)

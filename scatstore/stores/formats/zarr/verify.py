@@ -10,14 +10,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ...verify import check_blobs, coefficient_codec, data_files, row_blocks
+from ...verify import check_blobs, coefficient_codec, row_blocks
 from .writer import GROUP
 
 
 def verify(root: Path, m: dict, report) -> None:
     import zarr
 
-    report.unlisted(root, data_files(root, GROUP), "zarr readers would open it")
+    report.unlisted(root, report.data_files(root, GROUP), "zarr readers would open it")
     store = m["store"]
     ss = store["shard_size"]
     g = zarr.open_group(str(root / GROUP), mode="r")

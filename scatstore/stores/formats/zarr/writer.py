@@ -25,7 +25,7 @@ import numpy as np
 from ...base import ShardBatch, StoreSpec, StoreWriter, parse_compression, records_arrays
 from ...errors import StoreError
 from ...files import atomic_write_bytes, sha256_file
-from ...fs import RemotePath
+from ...fs import RemotePath, each_of
 
 LAYOUT = "scatstore-zarr-v1"
 GROUP = "data.zarr"
@@ -149,15 +149,16 @@ class ZarrWriter(StoreWriter):
 
     def _prepare_layout(self) -> None:
         spec = self.spec
-        self._write_if_changed(self.root / "zarr.json", _group_json(spec))
+        meta = [(self.root / "zarr.json", _group_json(spec))]
         for name, kw in _array_defs(spec).items():
             enc = _encode(name, kw)
-            self._write_if_changed(self.root / name / "zarr.json", enc[f"{name}/zarr.json"])
+            meta.append((self.root / name / "zarr.json", enc[f"{name}/zarr.json"]))
         if spec.dtype == "bytes":
             import zarr
             store, d = _mem()
             zarr.create_group(store, path="bits", attributes={"scatstore": "one uint8 array per shard"})
-            self._write_if_changed(self.root / "bits" / "zarr.json", d["bits/zarr.json"].to_bytes())
+            meta.append((self.root / "bits" / "zarr.json", d["bits/zarr.json"].to_bytes()))
+        each_of(lambda pd: self._write_if_changed(*pd), meta, self.remote)
 
     def _shard_paths(self, name: str, kw: dict, index: int) -> str:
         return "/".join([name, "c", str(index)] + ["0"] * (len(kw["shape"]) - 1))
@@ -252,27 +253,39 @@ class ZarrWriter(StoreWriter):
             bo = np.zeros(n + 1, dtype=np.int64)
             bo[1:] = np.cumsum(lens)
             arrays["bits_offsets"] = bo
-        global_files: dict = {}
-        for name in ("valid", "y", "key", "meta_json", "meta_offsets", "boxes", "box_category",
-                     "box_offsets", "bits_offsets"):
-            adir = self.root / name
-            if adir.exists():
-                shutil.rmtree(adir)
-            if name not in arrays:
-                continue
-            a = arrays[name]
-            c0 = META_CHUNK if name == "meta_json" else GLOBAL_CHUNK
-            if a.ndim == 2:
-                c0 = max(1, c0 // a.shape[1])
-            kw = dict(shape=a.shape, dtype=a.dtype, chunks=(max(1, min(len(a), c0)), *a.shape[1:]),
-                      compressors=_compressors(spec, False))
+        def one(name) -> dict:
+            """The files of global array ``name`` (none when the store has no such array),
+            replacing what an earlier finalize of this OUT left there."""
+            enc: dict = {}
+            if name in arrays:
+                a = arrays[name]
+                c0 = META_CHUNK if name == "meta_json" else GLOBAL_CHUNK
+                if a.ndim == 2:
+                    c0 = max(1, c0 // a.shape[1])
+                kw = dict(shape=a.shape, dtype=a.dtype,
+                          chunks=(max(1, min(len(a), c0)), *a.shape[1:]),
+                          compressors=_compressors(spec, False))
 
-            def assign(arr, a=a):
-                if a.size:
-                    arr[...] = a
-            enc = _encode(name, kw, assign)
-            for k in sorted(enc):
-                global_files[f"{GROUP}/{k}"] = atomic_write_bytes(self.root / k, enc[k])
+                def assign(arr, a=a):
+                    if a.size:
+                        arr[...] = a
+                enc = _encode(name, kw, assign)
+            adir = self.root / name
+            if isinstance(adir, RemotePath):  # objects: remove only those not rewritten now
+                for rel in (adir.rglob_files() if name in present else ()):
+                    if f"{name}/{rel}" not in enc:
+                        (adir / rel).unlink(missing_ok=True)
+            elif adir.exists():
+                shutil.rmtree(adir)
+            return {f"{GROUP}/{k}": atomic_write_bytes(self.root / k, enc[k]) for k in sorted(enc)}
+
+        # in an object store, one listing says which arrays an earlier finalize left
+        present = {p.name for p in self.root.iterdir()} if self.remote else set()
+        global_files: dict = {}
+        # every array at once in an object store (a request's round trip each), in order here
+        for files in each_of(one, ("valid", "y", "key", "meta_json", "meta_offsets", "boxes",
+                                   "box_category", "box_offsets", "bits_offsets"), self.remote):
+            global_files.update(files)
         for rel in ("zarr.json",):
             global_files[f"{GROUP}/{rel}"] = self._info(self.root / rel)
         for name in list(_array_defs(spec)) + (["bits"] if spec.dtype == "bytes" else []):
