@@ -1,4 +1,4 @@
-"""The C kernels built for aarch64 (NEON, and SVE) with Debian's cross compiler and run under
+"""The C kernels (scattering, and the coefficient codec's) built for aarch64 (NEON, and SVE) with Debian's cross compiler and run under
 qemu-user, against references computed on the host with NumPy (correctness only: timings under
 an emulator mean nothing). Skipped when ``aarch64-linux-gnu-gcc`` or ``qemu-aarch64`` is absent
 (``apt-get install gcc-aarch64-linux-gnu qemu-user``)."""
@@ -130,3 +130,96 @@ def test_lowpass(harnesses, level, res, tmp_path):
                 U.astype(np.float32).ravel(), ra, ca, rb, cb, off], tmp_path)
     ref = (A @ U @ B.T)[::-1]
     assert _rel(got.reshape(3, Mo, No), ref) < 1e-5
+
+
+# ------------------------------------------------------------------ coefficient codec kernels
+
+TC_HARNESS = Path(__file__).with_name("native") / "tc_harness.c"
+
+
+@pytest.fixture(scope="module")
+def tc_harnesses(tmp_path_factory):
+    from scatstore import _cbuild
+
+    out = {}
+    d = tmp_path_factory.mktemp("cross-tc")
+    for level in LEVELS:
+        exe = d / f"tc-{level}"
+        proc = subprocess.run([CC, "-O3", "-fno-math-errno", "-std=gnu99",
+                               *_cbuild.march_flags(level), "-static", str(TC_HARNESS), "-o",
+                               str(exe), "-lm"], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        out[level] = exe
+    return out
+
+
+@pytest.fixture(scope="module")
+def tc_case():
+    """scat1 J=2 coefficients of three photographs at 64², a codec fitted on them (quality 50)."""
+    import scatstore
+    from scatstore.transforms.coefcodec import CoefficientCodec
+
+    imgs = [load_image(n)[:256, :256] for n in ("astronaut", "coffee", "chelsea")]
+    x = np.stack([im[::4, ::4].transpose(2, 0, 1) for im in imgs]).astype(np.float32) / 255
+    import torch
+
+    S = scatstore.Scattering2D(J=2, shape=(64, 64), L=8, max_order=1)
+    c = S(torch.from_numpy(x)).numpy().astype(np.float32)  # (3, 3, 17, 16, 16)
+    return c, CoefficientCodec.fit(c, quality=50)
+
+
+def _qemu(exe: Path, mode: str, payload: bytes, tmp_path: Path) -> bytes:
+    src, dst = tmp_path / "tc-in.bin", tmp_path / "tc-out.bin"
+    src.write_bytes(payload)
+    proc = subprocess.run([QEMU, str(exe), mode, str(src), str(dst)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return dst.read_bytes()
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_tc_quantize_gives_the_exact_codes(tc_harnesses, tc_case, level, tmp_path):
+    """The encoder's codes are exact integers: the aarch64 kernel gives numpy's, bit for bit."""
+    from scatstore.transforms import coefcodec as cc
+
+    c, codec = tc_case
+    n, (C, K, H, W) = len(c), codec.shape
+    D, N = C * K, H * W
+    payload = (np.array([n, D, N], "<i8").tobytes() + np.float32(codec.eps).tobytes()
+               + c.astype("<f4").tobytes() + cc._LOG2_TABLE.astype("<i4").tobytes()
+               + codec._m32.astype("<i4").tobytes() + codec._a64.astype("<f8").tobytes()
+               + codec._s64.astype("<f8").tobytes())
+    raw = _qemu(tc_harnesses[level], "quantize", payload, tmp_path)
+    u = np.frombuffer(raw[:2 * n * D * N], "<u2").reshape(n, D * N)
+    umax = np.frombuffer(raw[2 * n * D * N:], "<i4")
+    want = cc._zigzag(codec.quantize(c).reshape(n, -1))
+    np.testing.assert_array_equal(u, want)
+    np.testing.assert_array_equal(umax, want.max(axis=1))
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_tc_reconstruct_matches_numpy(tc_harnesses, tc_case, level, tmp_path):
+    """Format-v2 samples (only the live components stored) reconstructed on aarch64 agree with
+    the numpy reconstruction to float32 rounding, in both domains."""
+    c, codec = tc_case
+    blobs = codec.encode(c)
+    q = codec.decode_codes(blobs).reshape(len(c), -1)  # int8 (B, D*H*W)
+    n, (C, K, H, W) = len(c), codec.shape
+    D, N = C * K, H * W
+    u8 = ((q.astype(np.int32) << 1) ^ (q.astype(np.int32) >> 31)).astype(np.uint8).reshape(n, D, N)
+    live = (u8 != 0).any(axis=2)
+    packed = np.zeros((n, D * N), np.uint8)
+    comps = np.zeros((n, D), "<i4")
+    for i in range(n):
+        k = np.flatnonzero(live[i])
+        packed[i, :len(k) * N] = u8[i, k].ravel()
+        comps[i, :len(k)] = k
+    At, mu = codec._decoder_constants()
+    assert live.sum() < live.size  # some components left out: the packed path is exercised
+    for domain, linear in (("linear", 1), ("log", 0)):
+        payload = (np.array([n, D, N, linear], "<i8").tobytes() + np.float32(codec.eps).tobytes()
+                   + packed.tobytes() + live.sum(axis=1).astype("<i4").tobytes() + comps.tobytes()
+                   + At.astype("<f4").tobytes() + mu.astype("<f4").ravel().tobytes())
+        got = np.frombuffer(_qemu(tc_harnesses[level], "reconstruct", payload, tmp_path), "<f4")
+        want = codec.reconstruct(q.reshape(n, D, H, W), domain=domain).reshape(-1)
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6 if domain == "linear" else 1e-5)
