@@ -1,7 +1,8 @@
 """The C kernels (scattering, and the coefficient codec's) built for aarch64 (NEON, and SVE)
-with Debian's cross compiler and run under qemu-user, against references computed on the host with NumPy (correctness only: timings under
-an emulator mean nothing). Skipped when ``aarch64-linux-gnu-gcc`` or ``qemu-aarch64`` is absent
-(``apt-get install gcc-aarch64-linux-gnu qemu-user``)."""
+with Debian's cross compiler and run under qemu-user, against references computed on the host
+with NumPy (correctness only: timings under an emulator mean nothing). Skipped when
+``aarch64-linux-gnu-gcc`` or ``qemu-aarch64`` is absent (``apt-get install
+gcc-aarch64-linux-gnu qemu-user``)."""
 from __future__ import annotations
 
 import shutil
