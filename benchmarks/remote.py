@@ -68,6 +68,21 @@ def start_s3():
     return srv, fs
 
 
+class CpuClock:
+    """CPU seconds (user + system) of this process and of the S3 server's process together: on
+    a 2-core machine the server's work and the loader's share the cores, so the cold epoch's
+    wall time has a floor of (server + client + loader CPU) / cores."""
+
+    def __init__(self, server_pid: int):
+        import psutil
+
+        self.server = psutil.Process(server_pid)
+
+    def __call__(self) -> float:
+        t = self.server.cpu_times()
+        return time.process_time() + t.user + t.system
+
+
 def raw_read(fs, prefix: str, manifest: dict) -> tuple[float, int]:
     """Seconds and bytes of one concurrent s3fs read of every object the store lists."""
     store = manifest["store"]
@@ -127,13 +142,13 @@ def main(argv=None) -> int:
     print(machine_header())
     srv, fs = start_s3()
     try:
-        return _run(args, work, fs)
+        return _run(args, work, fs, CpuClock(srv.pid))
     finally:
         srv.kill()
         srv.wait()
 
 
-def _run(args, work: Path, fs) -> int:
+def _run(args, work: Path, fs, cpu) -> int:
     from scatstore import loader
     from scatstore.pipelines.encode import EncodeConfig, encode
     from scatstore.stores import read_manifest
@@ -165,16 +180,28 @@ def _run(args, work: Path, fs) -> int:
     for r in range(args.rounds):
         for name, (loc, url) in stores.items():
             m = read_manifest(loc)
+            c0 = cpu()
             dt, nbytes = raw_read(fs, url[5:], m)
+            raw_cpu = cpu() - c0
             cache = work / f"cache-{r}-{name.split()[0]}"
             shutil.rmtree(cache, ignore_errors=True)
             kw = dict(shuffle=True, seed=r, num_workers=2, drop_last=False, variants="all")
+            c0 = cpu()
             cold, n = epoch_rate(lambda: loader(url, args.batch, cache_dir=cache, **kw), args.batch)
+            cold_cpu = cpu() - c0
+            c0 = cpu()
             warm, _ = epoch_rate(lambda: loader(url, args.batch, cache_dir=cache, **kw), args.batch,
                                  steady=3)
+            warm_cpu = (cpu() - c0) / 4  # per epoch (the untimed first one included)
             disk, _ = epoch_rate(lambda: loader(loc, args.batch, **kw), args.batch, steady=3)
             shutil.rmtree(cache, ignore_errors=True)
-            row = rows.setdefault(name, {k: [] for k in ("raw", "raw_mbs", "cold", "warm", "disk")})
+            row = rows.setdefault(name, {k: [] for k in ("raw", "raw_mbs", "cold", "warm", "disk",
+                                                         "raw_cpu", "cold_cpu", "floor")})
+            row["raw_cpu"].append(raw_cpu)
+            row["cold_cpu"].append(cold_cpu)
+            # the cold epoch's floor on these cores: the raw read's CPU (server + client) plus a
+            # warm epoch's loader CPU, spread over every core, with no idle moment
+            row["floor"].append(n / ((raw_cpu + warm_cpu) / (os.cpu_count() or 1)))
             row["raw"].append(n / dt)
             row["raw_mbs"].append(nbytes / dt / 2**20)
             row["cold"].append(cold)
@@ -197,8 +224,12 @@ def _run(args, work: Path, fs) -> int:
           f"medians of {args.rounds} rounds (samples/s)")
     print(f"{'store':30} {'raw s3fs':>10} {'MiB/s':>7} {'cold':>8} {'cold/raw':>9} "
           f"{'warm':>8} {'disk':>8} {'warm/disk':>9}")
+    floors = []
     for name in stores:
         v = {k: med(xs) for k, xs in rows[name].items()}
+        floors.append((name, v["raw_cpu"], v["cold_cpu"],
+                       med([c / f for c, f in zip(rows[name]["cold"], rows[name]["floor"])]),
+                       med([min(f, a) / a for f, a in zip(rows[name]["floor"], rows[name]["raw"])])))
         cold_raw = med([c / a for c, a in zip(rows[name]["cold"], rows[name]["raw"])])
         warm_disk = med([w / dk for w, dk in zip(rows[name]["warm"], rows[name]["disk"])])
         bound = med([c / min(a, dk) for c, a, dk in zip(rows[name]["cold"], rows[name]["raw"],
@@ -206,6 +237,11 @@ def _run(args, work: Path, fs) -> int:
         print(f"{name:30} {v['raw']:10,.0f} {v['raw_mbs']:7.0f} {v['cold']:8,.0f} "
               f"{cold_raw:9.0%} {v['warm']:8,.0f} {v['disk']:8,.0f} {warm_disk:9.0%}"
               + (f"   cold / min(raw, disk) {bound:.0%}" if bound != cold_raw else ""))
+    print(f"\nCPU (this process + the S3 server's, s per epoch) and the cold epoch against its floor "
+          f"on {os.cpu_count()} cores, (raw read CPU + warm loader CPU) / cores:")
+    print(f"{'store':30} {'raw CPU':>8} {'cold CPU':>9} {'cold/floor':>11} {'best cold/raw':>14}")
+    for name, rc, cc, cf, best in floors:
+        print(f"{name:30} {rc:8.2f} {cc:9.2f} {cf:11.0%} {best:14.0%}")
     e = rows["encode"]
     ratio = med([a / b for a, b in zip(e["s3"], e["local"])])
     print(f"\nencode scat1 J=3 defaults, {args.images} images, shard 128 (img/s): into s3:// "
