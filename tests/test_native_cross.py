@@ -24,18 +24,22 @@ pytestmark = pytest.mark.skipif(not (shutil.which(CC) and shutil.which(QEMU)),
 LEVELS = ("aarch64-neon", "aarch64-sve")
 
 
-@pytest.fixture(scope="module")
-def harnesses(tmp_path_factory):
+def _cross_build(d: Path, name: str, source: Path, flags) -> dict:
+    """``source`` cross-compiled (static) for every level of LEVELS with ``flags(level)``."""
     out = {}
-    d = tmp_path_factory.mktemp("cross")
     for level in LEVELS:
-        exe = d / f"harness-{level}"
-        flags = [f for f in _native.build_flags(level) if f != "-fopenmp-simd"]
-        proc = subprocess.run([CC, *flags, "-static", str(HARNESS), "-o", str(exe), "-lm"],
+        exe = d / f"{name}-{level}"
+        proc = subprocess.run([CC, *flags(level), "-static", str(source), "-o", str(exe), "-lm"],
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr
         out[level] = exe
     return out
+
+
+@pytest.fixture(scope="module")
+def harnesses(tmp_path_factory):
+    return _cross_build(tmp_path_factory.mktemp("cross"), "harness", HARNESS,
+                        lambda lv: [f for f in _native.build_flags(lv) if f != "-fopenmp-simd"])
 
 
 def _run(exe: Path, kernel: str, arrays: list[np.ndarray], tmp_path: Path) -> np.ndarray:
@@ -140,18 +144,9 @@ TC_HARNESS = Path(__file__).with_name("native") / "tc_harness.c"
 
 @pytest.fixture(scope="module")
 def tc_harnesses(tmp_path_factory):
-    from scatstore import _cbuild
+    from scatstore.transforms.coefcodec import kernel_flags
 
-    out = {}
-    d = tmp_path_factory.mktemp("cross-tc")
-    for level in LEVELS:
-        exe = d / f"tc-{level}"
-        proc = subprocess.run([CC, "-O3", "-fno-math-errno", "-std=gnu99",
-                               *_cbuild.march_flags(level), "-static", str(TC_HARNESS), "-o",
-                               str(exe), "-lm"], capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr
-        out[level] = exe
-    return out
+    return _cross_build(tmp_path_factory.mktemp("cross-tc"), "tc", TC_HARNESS, kernel_flags)
 
 
 @pytest.fixture(scope="module")

@@ -49,12 +49,13 @@
 #define TC_KERNEL "generic-vec4"
 #endif
 
-#ifndef TC_ROWS
+#ifndef TC_ROWS /* -DTC_ROWS=R -DTC_NV=V: other tiles, for tuning (R <= 6) */
 #define TC_ROWS TC_ROWS_
 #endif
 #ifndef TC_NV
 #define TC_NV TC_NV_
 #endif
+_Static_assert(TC_ROWS >= 1 && TC_ROWS <= 6, "the remainder rows below cover TC_ROWS <= 6");
 #define TC_VL (TC_VB / 4)     /* floats per vector */
 #define TC_TN (TC_VL * TC_NV) /* columns per tile */
 
@@ -195,35 +196,19 @@ void tc_reconstruct_u8(const uint8_t *u, int64_t n, int64_t D, int64_t N, const 
             for (; d0 + TC_ROWS <= D; d0 += TC_ROWS)
                 tile(TC_ROWS, qf, kt, cnt[t], At, mu, D, Np, d0, c0, linear, eps, os, N);
             switch ((int)(D - d0)) { /* constant R per case: each specialised */
-            case 1: tile(1, qf, kt, cnt[t], At, mu, D, Np, d0, c0, linear, eps, os, N); break;
-            case 2: tile(2, qf, kt, cnt[t], At, mu, D, Np, d0, c0, linear, eps, os, N); break;
+#define TC_REST(R) case R: tile(R, qf, kt, cnt[t], At, mu, D, Np, d0, c0, linear, eps, os, N); break
+            TC_REST(1);
+            TC_REST(2);
 #if TC_ROWS > 3
-            case 3: tile(3, qf, kt, cnt[t], At, mu, D, Np, d0, c0, linear, eps, os, N); break;
+            TC_REST(3);
 #endif
 #if TC_ROWS > 4
-            case 4: tile(4, qf, kt, cnt[t], At, mu, D, Np, d0, c0, linear, eps, os, N); break;
+            TC_REST(4);
 #endif
 #if TC_ROWS > 5
-            case 5: tile(5, qf, kt, cnt[t], At, mu, D, Np, d0, c0, linear, eps, os, N); break;
+            TC_REST(5);
 #endif
-#if TC_ROWS > 6
-            case 6: tile(6, qf, kt, cnt[t], At, mu, D, Np, d0, c0, linear, eps, os, N); break;
-#endif
-#if TC_ROWS > 7
-            case 7: tile(7, qf, kt, cnt[t], At, mu, D, Np, d0, c0, linear, eps, os, N); break;
-#endif
-#if TC_ROWS > 8
-            case 8: tile(8, qf, kt, cnt[t], At, mu, D, Np, d0, c0, linear, eps, os, N); break;
-#endif
-#if TC_ROWS > 9
-            case 9: tile(9, qf, kt, cnt[t], At, mu, D, Np, d0, c0, linear, eps, os, N); break;
-#endif
-#if TC_ROWS > 10
-            case 10: tile(10, qf, kt, cnt[t], At, mu, D, Np, d0, c0, linear, eps, os, N); break;
-#endif
-#if TC_ROWS > 11
-            case 11: tile(11, qf, kt, cnt[t], At, mu, D, Np, d0, c0, linear, eps, os, N); break;
-#endif
+#undef TC_REST
             default: break;
             }
         }

@@ -77,6 +77,13 @@ TRANSFORMS = ("pca", "fixed", "identity")
 _KERNEL_SOURCE = __import__("pathlib").Path(__file__).with_name("_tc_kernels.c")
 
 
+def kernel_flags(level: str | None = None) -> list[str]:
+    """Compiler flags of the kernel for ISA ``level`` (default: the CPU's own)."""
+    from scatstore import _cbuild
+
+    return ["-O3", "-fno-math-errno", "-std=gnu99", *_cbuild.march_flags(level)]
+
+
 def kernel_library(level: str | None = None):
     """The (lazily built) reconstruction kernel for ISA ``level`` (default: the CPU's own, chosen
     from its features by :func:`scatstore._cbuild.isa_level`)."""
@@ -87,7 +94,7 @@ def kernel_library(level: str | None = None):
     vp, i64 = ctypes.c_void_p, ctypes.c_int64
     return _cbuild.NativeLibrary(
         _KERNEL_SOURCE, name=f"scattc-{level or 'auto'}",
-        flags=lambda: ["-O3", "-fno-math-errno", "-std=gnu99", *_cbuild.march_flags(level)],
+        flags=lambda: kernel_flags(level),
         signatures={"tc_kernel": ([], ctypes.c_char_p), "tc_tile_columns": ([], i64),
                     "tc_quantize_tile_columns": ([], i64),
                     "tc_reconstruct_u8": [vp, i64, i64, i64, vp, vp, vp, vp, ctypes.c_float,
