@@ -294,6 +294,25 @@ def test_hostile_inputs(coeffs, codec50):
     assert codec50.decode_codes(blobs[:1]).dtype == np.int8
 
 
+def test_16_bit_codes_decode_in_the_kernel_as_numpy_does(coeffs):
+    """At a high quality real photos need 16-bit codes (|q| > 127): the C kernel reads them
+    (no per-sample numpy fallback) and agrees with the numpy reconstruction, also in a batch
+    that mixes 8- and 16-bit samples."""
+    test, fit = coeffs
+    hi = CoefficientCodec.fit(fit, quality=80)
+    lo = CoefficientCodec.from_json({**{k: v for k, v in hi.to_json().items() if k != "fingerprint"},
+                                     "steps": (hi.steps * 16).tolist()})  # same basis, coarser
+    wide = hi.encode(test)
+    assert all(b[3] == 2 for b in wide)
+    ref = hi.reconstruct(hi.decode_codes(wide))
+    np.testing.assert_allclose(hi.decode(wide), ref, rtol=2e-5, atol=1e-7)
+    assert [b[3] for b in lo.encode(test)] == [1] * len(test)
+    mixed = [*hi.encode(test[:2]), *hi.encode(np.zeros_like(test[:2]))]
+    got = hi.decode(mixed, threads=2)
+    np.testing.assert_allclose(got, hi.reconstruct(hi.decode_codes(mixed)), rtol=2e-5, atol=1e-7)
+    np.testing.assert_array_equal(got[0], hi.decode(mixed[:1])[0])
+
+
 def test_damaged_or_foreign_blobs_are_refused(coeffs, codec50):
     test, fit = coeffs
     blob = codec50.encode(test[:1])[0]

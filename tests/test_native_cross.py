@@ -194,27 +194,39 @@ def test_tc_quantize_gives_the_exact_codes(tc_harnesses, tc_case, level, tmp_pat
 
 
 @pytest.mark.parametrize("level", LEVELS)
-def test_tc_reconstruct_matches_numpy(tc_harnesses, tc_case, level, tmp_path):
-    """Format-v2 samples (only the live components stored) reconstructed on aarch64 agree with
-    the numpy reconstruction to float32 rounding, in both domains."""
+@pytest.mark.parametrize("finer", [1, 16])
+def test_tc_reconstruct_matches_numpy(tc_harnesses, tc_case, level, finer, tmp_path):
+    """Format-v2 samples (only the live components stored; 8-bit codes, or 16-bit with steps 16x
+    finer) reconstructed on aarch64 agree with the numpy reconstruction to float32 rounding, in
+    both domains."""
+    from scatstore.transforms.coefcodec import CoefficientCodec
+
     c, codec = tc_case
+    if finer > 1:
+        rec = {k: v for k, v in codec.to_json().items() if k != "fingerprint"}
+        codec = CoefficientCodec.from_json({**rec, "steps": [max(1, v // finer) for v in rec["steps"]]})
     blobs = codec.encode(c)
-    q = codec.decode_codes(blobs).reshape(len(c), -1)  # int8 (B, D*H*W)
+    q = codec.decode_codes(blobs).astype(np.int32).reshape(len(c), -1)
     n, (C, K, H, W) = len(c), codec.shape
     D, N = C * K, H * W
-    u8 = ((q.astype(np.int32) << 1) ^ (q.astype(np.int32) >> 31)).astype(np.uint8).reshape(n, D, N)
-    live = (u8 != 0).any(axis=2)
-    packed = np.zeros((n, D * N), np.uint8)
+    zz = ((q << 1) ^ (q >> 31)).reshape(n, D, N)
+    width = np.array([b[3] for b in blobs], "<i4")
+    assert set(width.tolist()) == ({2} if finer > 1 else {1})
+    live = (zz != 0).any(axis=2)
+    stride = 2 * D * N
+    packed = np.zeros((n, stride), np.uint8)
     comps = np.zeros((n, D), "<i4")
     for i in range(n):
         k = np.flatnonzero(live[i])
-        packed[i, :len(k) * N] = u8[i, k].ravel()
+        rows = zz[i, k].astype(np.uint8 if width[i] == 1 else "<u2").tobytes()
+        packed[i, :len(rows)] = np.frombuffer(rows, np.uint8)
         comps[i, :len(k)] = k
     At, mu = codec._decoder_constants()
-    assert live.sum() < live.size  # some components left out: the packed path is exercised
+    assert finer > 1 or live.sum() < live.size  # some left out: the packed path is exercised
     for domain, linear in (("linear", 1), ("log", 0)):
-        payload = (np.array([n, D, N, linear], "<i8").tobytes() + np.float32(codec.eps).tobytes()
-                   + packed.tobytes() + live.sum(axis=1).astype("<i4").tobytes() + comps.tobytes()
+        payload = (np.array([n, D, N, linear, stride], "<i8").tobytes()
+                   + np.float32(codec.eps).tobytes() + packed.tobytes() + width.tobytes()
+                   + live.sum(axis=1).astype("<i4").tobytes() + comps.tobytes()
                    + At.astype("<f4").tobytes() + mu.astype("<f4").ravel().tobytes())
         got = np.frombuffer(_qemu(tc_harnesses[level], "reconstruct", payload, tmp_path), "<f4")
         want = codec.reconstruct(q.reshape(n, D, H, W), domain=domain).reshape(-1)

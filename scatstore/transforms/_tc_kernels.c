@@ -1,6 +1,6 @@
 /* Reconstruction kernel of the coefficient codec (scatstore/transforms/coefcodec.py).
  *
- * One sample: zigzag codes u (D components x N positions, component-major, uint8; the
+ * One sample: zigzag codes u (D components x N positions, component-major, uint8 or uint16; the
  * all-zero components left out, as format version 2 stores them) ->
  *
  *     q  = (u >> 1) ^ -(u & 1)                       signed codes
@@ -154,38 +154,53 @@ static inline __attribute__((always_inline)) void tile(
     }
 }
 
-/* Reconstruct n samples. Sample s holds the zigzag codes (uint8) of nlive[s] components,
+/* Reconstruct n samples. Sample s holds the zigzag codes (width[s] bytes each: uint8, or
+ * uint16 in the host's byte order, little endian on every target) of nlive[s] components,
  * comps[s*D .. s*D+nlive[s]) (increasing; the others are all zero), one row of N each, at
- * u + s*D*N; out: n x D x N float32; qf: scratch of D * Np floats, ks: scratch of nt * D int32
+ * u + s*stride (even); out: n x D x N float32; qf: scratch of D * Np floats, ks: scratch of nt * D int32
  * (Np = nt * TC_TN >= N, nt tiles). Per sample: the signed codes of each component's live
  * tiles (any code non-zero) as floats, and per tile the list of its live components; then,
  * tile by tile (its live rows of qf stay in L1 across the row groups), every output row
  * group of the tile. */
-void tc_reconstruct_u8(const uint8_t *u, int64_t n, int64_t D, int64_t N, const int32_t *nlive,
-                       const int32_t *comps, const float *At, const float *mu, float eps,
-                       int linear, float *qf, int32_t *ks, float *out)
+/* one tile of a component's zigzag codes (element type T) -> signed float codes; 0 if all zero */
+#define TC_CONVERT(T, uk, qk, a, b, live)                                                     \
+    do {                                                                                      \
+        const T *u_ = (const T *)(uk);                                                        \
+        T any_ = 0;                                                                           \
+        for (int64_t j = a; j < b; j++) any_ |= u_[j];                                        \
+        live = any_ != 0;                                                                     \
+        if (live)                                                                             \
+            for (int64_t j = a; j < b; j++) {                                                 \
+                int32_t c = u_[j];                                                            \
+                (qk)[j] = (float)((c >> 1) ^ -(c & 1));                                       \
+            }                                                                                 \
+    } while (0)
+
+void tc_reconstruct(const uint8_t *u, int64_t stride, const int32_t *width, int64_t n, int64_t D,
+                    int64_t N, const int32_t *nlive, const int32_t *comps, const float *At,
+                    const float *mu, float eps, int linear, float *qf, int32_t *ks, float *out)
 {
     const int64_t nt = (N + TC_TN - 1) / TC_TN, Np = nt * TC_TN;
     for (int64_t s = 0; s < n; s++) {
-        const uint8_t *us = u + s * D * N;
+        const uint8_t *us = u + s * stride;
+        const int64_t wb = width[s]; /* bytes per code: 1, or 2 (uint16, little-endian host) */
         float *os = out + s * D * N;
         int32_t cnt[nt];
         for (int64_t t = 0; t < nt; t++) cnt[t] = 0;
         const int32_t *cs = comps + s * D;
         for (int64_t i = 0; i < nlive[s]; i++) {
             const int64_t k = cs[i];
-            const uint8_t *uk = us + i * N;
+            const uint8_t *uk = us + i * N * wb;
             float *qk = qf + k * Np;
             for (int64_t t = 0; t < nt; t++) {
                 const int64_t a = t * TC_TN, b = a + TC_TN < N ? a + TC_TN : N;
-                uint8_t any = 0;
-                for (int64_t j = a; j < b; j++) any |= uk[j];
-                if (!any) continue;
+                int live;
+                if (wb == 1)
+                    TC_CONVERT(uint8_t, uk, qk, a, b, live);
+                else
+                    TC_CONVERT(uint16_t, uk, qk, a, b, live);
+                if (!live) continue;
                 ks[t * D + cnt[t]++] = (int32_t)k;
-                for (int64_t j = a; j < b; j++) {
-                    int32_t c = uk[j];
-                    qk[j] = (float)((c >> 1) ^ -(c & 1));
-                }
                 for (int64_t j = b; j < a + TC_TN; j++) qk[j] = 0.0f;
             }
         }

@@ -97,8 +97,8 @@ def kernel_library(level: str | None = None):
         flags=lambda: kernel_flags(level),
         signatures={"tc_kernel": ([], ctypes.c_char_p), "tc_tile_columns": ([], i64),
                     "tc_quantize_tile_columns": ([], i64),
-                    "tc_reconstruct_u8": [vp, i64, i64, i64, vp, vp, vp, vp, ctypes.c_float,
-                                          ctypes.c_int, vp, vp, vp],
+                    "tc_reconstruct": [vp, i64, vp, i64, i64, i64, vp, vp, vp, vp, ctypes.c_float,
+                                       ctypes.c_int, vp, vp, vp],
                     "tc_quantize": [vp, i64, i64, i64, ctypes.c_float, vp, vp, vp, vp, vp, vp,
                                     vp]},
         what="coefficient-codec reconstruction kernel", fallback="numpy reconstruction")
@@ -706,8 +706,8 @@ class CoefficientCodec:
         :meth:`reconstruct` (see there for the arguments). float32 on the CPU runs both stages
         fused per chunk of 8 samples in the C kernel (``_tc_kernels.c``: zigzag bytes straight
         from blosc into one register-tiled product and ``exp2``, without the GIL) when it is
-        built; the numpy path otherwise (and for float16, ``device``, a sample of 16-bit
-        codes). Either way a sample's values depend on its own blob only.
+        built (8- and 16-bit codes); the numpy path otherwise (and for float16 or
+        ``device``). Either way a sample's values depend on its own blob only.
 
         ``out``: a C-contiguous numpy array of ``len(blobs) * C*K*H*W`` elements of ``dtype``
         (CPU only) to decode into, e.g. a recycled batch buffer (fresh 60 MB outputs cost page
@@ -755,28 +755,24 @@ class CoefficientCodec:
         every = np.arange(D, dtype=np.int32)
 
         def chunk(a: int, b: int) -> None:
-            u = _scratch("u", (b - a) * D * N, np.uint8).reshape(b - a, D * N)
+            stride = 2 * D * N  # bytes per sample: room for 16-bit codes
+            u = _scratch("u", (b - a) * stride, np.uint8).reshape(b - a, stride)
             qf = _scratch("qf", D * nt * tn, np.float32)
             ks = _scratch("ks", D * nt, np.int32)
             nlive = _scratch("nlive", b - a, np.int32)
+            width = _scratch("width", b - a, np.int32)
             comps = _scratch("comps", (b - a) * D, np.int32).reshape(b - a, D)
-            wide = []
             for j in range(a, b):
-                width, live, body = self._checked_body(j, blobs[j])
-                if width == 1:
-                    m = D if live is None else len(live)
-                    if m:  # (blosc refuses to decompress an empty chunk)
-                        blosc.decompress(body, u[j - a, :m * N])
-                    nlive[j - a] = m
-                    comps[j - a, :m] = every if live is None else live
-                else:  # 16-bit codes (rare): this sample alone through numpy, below
-                    nlive[j - a] = 0
-                    wide.append(j)
-            lib.tc_reconstruct_u8(u.ctypes.data, b - a, D, N, nlive.ctypes.data, comps.ctypes.data,
-                                  At.ctypes.data, mu.ctypes.data, eps, linear, qf.ctypes.data,
-                                  ks.ctypes.data, flat[a:b].ctypes.data)
-            for j in wide:  # a sample's values depend on its own blob only, never its batch
-                out[j] = self.reconstruct(self.decode_codes([blobs[j]]), domain=domain)[0]
+                w, live, body = self._checked_body(j, blobs[j])
+                m = D if live is None else len(live)
+                if m:  # (blosc refuses to decompress an empty chunk)
+                    blosc.decompress(body, u[j - a, :m * N * w])
+                nlive[j - a], width[j - a] = m, w
+                comps[j - a, :m] = every if live is None else live
+            lib.tc_reconstruct(u.ctypes.data, stride, width.ctypes.data, b - a, D, N,
+                               nlive.ctypes.data, comps.ctypes.data, At.ctypes.data,
+                               mu.ctypes.data, eps, linear, qf.ctypes.data, ks.ctypes.data,
+                               flat[a:b].ctypes.data)
         self._map_chunks(len(blobs), threads, chunk)
         return out
 

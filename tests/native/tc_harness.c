@@ -1,7 +1,8 @@
 /* Test harness of the coefficient codec's kernels (scatstore/transforms/_tc_kernels.c) for a
  * cross-built target run under qemu (tests/test_native_cross.py). Usage:
- *   tc_harness reconstruct IN OUT    IN: int64 n, D, N, linear; float32 eps; uint8 u[n*D*N];
- *                                    int32 nlive[n], comps[n*D]; float32 At[D*D], mu[D]
+ *   tc_harness reconstruct IN OUT    IN: int64 n, D, N, linear, stride; float32 eps;
+ *                                    uint8 u[n*stride]; int32 width[n], nlive[n], comps[n*D];
+ *                                    float32 At[D*D], mu[D]
  *                                    OUT: float32 out[n*D*N]
  *   tc_harness quantize IN OUT       IN: int64 n, D, N; float32 eps; float32 x[n*D*N];
  *                                    int32 table[8192], M[D]; float64 A[D*D], s[D]
@@ -26,16 +27,17 @@ int main(int argc, char **argv)
     FILE *f = fopen(argv[2], "rb"), *g = fopen(argv[3], "wb");
     if (!f || !g) return 2;
     if (!strcmp(argv[1], "reconstruct")) {
-        int64_t *h = take(f, 4 * 8), n = h[0], D = h[1], N = h[2];
+        int64_t *h = take(f, 5 * 8), n = h[0], D = h[1], N = h[2], stride = h[4];
         float *eps = take(f, 4);
-        uint8_t *u = take(f, (size_t)(n * D * N));
-        int32_t *nlive = take(f, 4 * n), *comps = take(f, 4 * n * D);
+        uint8_t *u = take(f, (size_t)(n * stride));
+        int32_t *width = take(f, 4 * n), *nlive = take(f, 4 * n), *comps = take(f, 4 * n * D);
         float *At = take(f, 4 * D * D), *mu = take(f, 4 * D);
         const int64_t nt = (N + tc_tile_columns() - 1) / tc_tile_columns();
         float *qf = calloc((size_t)(D * nt * tc_tile_columns()), 4);
         int32_t *ks = calloc((size_t)(D * nt), 4);
         float *out = calloc((size_t)(n * D * N), 4);
-        tc_reconstruct_u8(u, n, D, N, nlive, comps, At, mu, *eps, (int)h[3], qf, ks, out);
+        tc_reconstruct(u, stride, width, n, D, N, nlive, comps, At, mu, *eps, (int)h[3], qf, ks,
+                       out);
         fwrite(out, 4, (size_t)(n * D * N), g);
     } else if (!strcmp(argv[1], "quantize")) {
         int64_t *h = take(f, 3 * 8), n = h[0], D = h[1], N = h[2];
