@@ -126,7 +126,7 @@ class ShardCache:
 
     # ---------------------------------------------------------------- shards
     def has_shard(self, shard: int) -> bool:
-        if self.cache_bytes is None and int(shard) in self._have:
+        if int(shard) in self._have:  # (only ever filled without a size limit)
             return True
         whole = all(_size_is(self.root / rel, size)
                     for rel, size in self.shard_files.get(int(shard), {}).items())
@@ -137,7 +137,7 @@ class ShardCache:
     def prefetch(self, shards) -> None:
         """Start fetching these shards (in this order) in the background."""
         for s in shards:
-            if self.cache_bytes is None and int(s) in self._have:
+            if int(s) in self._have:
                 continue
             for rel, size in self.shard_files.get(int(s), {}).items():
                 self._submit(rel, size)
@@ -147,8 +147,7 @@ class ShardCache:
         shards = [int(s) for s in shards]
         if protect is not None:
             self._protect = {int(s) for s in protect} | set(shards)
-        skip = self._have if self.cache_bytes is None else ()
-        futs = [self._submit(rel, size) for s in shards if s not in skip
+        futs = [self._submit(rel, size) for s in shards if s not in self._have
                 for rel, size in self.shard_files.get(s, {}).items()]
         for f in futs:
             f.result()
